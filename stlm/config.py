@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   tr.eval_batches = 20           # 0 = the whole validation split
   tr.ckpt_every = 1000
   tr.keep_checkpoints = 3
+  tr.restore_fallback = True     # a damaged newest checkpoint: move it aside, resume the previous
+  tr.nonfinite_policy = 'stop'   # stop | skip (drop a step whose loss/grad norm is NaN or inf)
+  tr.max_consecutive_skips = 10  # skip policy: stop after this many non-finite steps in a row
   tr.final_eval_benchmarks = ''  # comma list run by stlm.eval after training ('' = none)
   tr.final_eval_data_dir = ''    # benchmark release files for final_eval_benchmarks
 

@@ -21,13 +21,14 @@ _CHOICES = {
     'data.split_by': ('auto', 'file', 'blank_line', 'eot', 'line'),
     'data.decode_errors': ('strict', 'replace'),
     'train.schedule': ('cosine', 'linear', 'constant'),
+    'train.nonfinite_policy': ('stop', 'skip'),
 }
 
 _POSITIVE_INTS = (
     'model.num_layers', 'model.hidden_dim', 'model.num_heads', 'model.num_kv_heads',
     'model.ffn_dim', 'model.max_len', 'model.vocab_size', 'train.batch_size', 'train.grad_accum',
     'train.steps', 'train.log_every', 'train.eval_every',
-    'train.ckpt_every', 'train.keep_checkpoints',
+    'train.ckpt_every', 'train.keep_checkpoints', 'train.max_consecutive_skips',
 )
 
 

@@ -2,12 +2,22 @@
 
 A workdir belongs to one config: resuming with a config that differs in anything but the
 keys below stops with the differing keys named, and nothing in the workdir is overwritten.
+
+Integrity: saves are atomic (Orbax writes <step>.orbax-checkpoint-tmp-* and renames it once
+every file is written, so a kill mid-save leaves no step directory). Once a save has finished,
+each process records the size of every file it wrote in <step>/stlm_files.process_<i>.json. On
+restore a checkpoint is damaged when a listed file is missing or has another size, a required
+Orbax file is missing or empty, a JSON item does not parse, or the restore itself fails reading
+it; the message names the step and the file. With train.restore_fallback the damaged step is
+moved aside to <step>.damaged (never deleted) and the previous one is tried.
 """
 
 import json
 import os
 
 import grain
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -16,12 +26,115 @@ RESUMABLE_KEYS = frozenset({
     'train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
     'train.ckpt_every', 'train.keep_checkpoints', 'train.final_eval_benchmarks',
     'train.final_eval_data_dir', 'data.num_workers', 'data.num_threads', 'data.data_dir', 'mesh.shape',
-    'model.attention_impl',
+    'model.attention_impl', 'train.nonfinite_policy', 'train.max_consecutive_skips',
+    'train.restore_fallback',
 })
+
+# Files every complete checkpoint of this layout has (relative to <step>/), and the JSON ones.
+_REQUIRED = ('_CHECKPOINT_METADATA', 'state/_METADATA', 'state/manifest.ocdbt', 'config/metadata')
+_JSON_FILES = ('_CHECKPOINT_METADATA', 'state/_METADATA', 'config/metadata')
+_MANIFEST = 'stlm_files.process_{}.json'
+DAMAGED_SUFFIX = '.damaged'
 
 
 class CheckpointMismatchError(ValueError):
   """The workdir holds checkpoints of a different config."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint whose files are missing, truncated or unreadable; names step and file."""
+
+  def __init__(self, step: int, path: str, why: str):
+    super().__init__(f'checkpoint {step} is damaged: {path}: {why}')
+    self.step, self.path, self.why = step, path, why
+
+
+def _all_files(step_dir: str) -> dict[str, int]:
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, step_dir)
+      if not (name.startswith('stlm_files.') and root == step_dir):
+        out[rel] = os.path.getsize(full)
+  return out
+
+
+def write_file_manifest(step_dir: str) -> None:
+  """Records this process's view of a finished checkpoint: {relative path: size}."""
+  path = os.path.join(step_dir, _MANIFEST.format(jax.process_index()))
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(_all_files(step_dir), f, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def verify_files(step: int, step_dir: str) -> None:
+  """Raises DamagedCheckpointError naming the first bad file of a checkpoint directory."""
+  for rel in _REQUIRED:
+    full = os.path.join(step_dir, rel)
+    if not os.path.isfile(full):
+      raise DamagedCheckpointError(step, full, 'missing')
+    if os.path.getsize(full) == 0:
+      raise DamagedCheckpointError(step, full, 'empty')
+  data_dir = os.path.join(step_dir, 'data')
+  jsons = [os.path.join(step_dir, rel) for rel in _JSON_FILES]
+  if os.path.isdir(data_dir):
+    jsons += [os.path.join(data_dir, n) for n in sorted(os.listdir(data_dir))
+              if n.endswith('.json')]
+  for full in jsons:
+    try:
+      with open(full, encoding='utf-8') as f:
+        json.load(f)
+    except FileNotFoundError:
+      raise DamagedCheckpointError(step, full, 'missing') from None
+    except (ValueError, UnicodeDecodeError) as e:
+      raise DamagedCheckpointError(step, full, f'not valid JSON ({e})') from None
+  manifest = os.path.join(step_dir, _MANIFEST.format(jax.process_index()))
+  if not os.path.isfile(manifest):
+    return  # killed between the commit and the manifest: only the checks above apply
+  try:
+    with open(manifest, encoding='utf-8') as f:
+      expected = json.load(f)
+  except ValueError:
+    return  # a manifest cut short says nothing about the checkpoint itself
+  for rel, size in sorted(expected.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.isfile(full):
+      raise DamagedCheckpointError(step, full, 'missing')
+    actual = os.path.getsize(full)
+    if actual != size:
+      raise DamagedCheckpointError(step, full, f'{actual} bytes, {size} were written')
+
+
+def _first_line(e: BaseException) -> str:
+  """The most specific line of a (chained) restore error: tensorstore's names the array."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = str(e).strip().splitlines()
+  return (text[0] if text else type(e).__name__)[:300]
+
+
+# Status words of tensorstore / file errors that mean "this file's content is bad".
+_DAMAGE_MARKERS = ('DATA_LOSS', 'OUT_OF_RANGE', 'FAILED_PRECONDITION', 'NOT_FOUND',
+                   'Error reading', 'Truncated', 'corrupt', 'checksum')
+
+
+def _looks_like_damage(e: BaseException) -> bool:
+  seen = 0
+  while e is not None and seen < 10:
+    if isinstance(e, (OSError, json.JSONDecodeError, UnicodeDecodeError)):
+      return True
+    if any(m in str(e) for m in _DAMAGE_MARKERS):
+      return True
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return False
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(int(ok)).all())
 
 
 def flatten_config(cfg) -> dict:
@@ -53,6 +166,7 @@ class RunCheckpoints:
   def __init__(self, workdir: str, config, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.config = config
+    self._unrecorded = []  # saved steps whose file manifest is not written yet
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
@@ -66,12 +180,32 @@ class RunCheckpoints:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _first_intact_looking(self):
+    """(newest step whose files pass verify_files, [DamagedCheckpointError of newer ones])."""
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        verify_files(step, self.step_dir(step))
+        ok = True
+      except DamagedCheckpointError as e:
+        damaged.append(e)
+        ok = False
+      if _all_processes_ok(ok):
+        return step, damaged
+    return None, damaged
+
   def check_config(self) -> None:
-    """Raises CheckpointMismatchError if the latest checkpoint was made by another config."""
-    step = self.latest_step()
+    """Raises CheckpointMismatchError if the newest readable checkpoint is of another config."""
+    step, _ = self._first_intact_looking()
     if step is None:
       return
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    try:
+      saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception:  # pylint: disable=broad-exception-caught
+      return  # unreadable: restore() reports it as damaged
     diffs = config_differences(saved['config'], self.config)
     if diffs:
       raise CheckpointMismatchError(
@@ -80,23 +214,77 @@ class RunCheckpoints:
           + '\n  '.join(diffs))
 
   def restore(self, abstract_state, data_iter):
-    """Restores state (onto the shardings in abstract_state) and the data iterator in place."""
-    step = self.latest_step()
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored['state']
+    """Restores the latest checkpoint (no fallback): the state; the data iterator in place."""
+    return self.restore_intact(abstract_state, data_iter, fallback=False)[0]
+
+  def restore_intact(self, abstract_state, data_iter, *, fallback: bool = True, log=print):
+    """Restores the newest intact checkpoint: (state, step), or (None, 0) if there is none.
+
+    The data iterator is restored in place. A damaged checkpoint raises DamagedCheckpointError,
+    or with `fallback` is moved aside to <step>.damaged (reported through `log`) and the
+    previous one is tried.
+    """
+    while True:
+      step, damaged = self._first_intact_looking()
+      error = damaged[0] if damaged else None
+      if error is None and step is not None:
+        try:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=grain.checkpoint.CheckpointRestore(data_iter)))
+          ok = True
+        except Exception as e:  # pylint: disable=broad-exception-caught
+          if not _looks_like_damage(e):
+            raise  # a bug, not a bad file: moving checkpoints aside would not help
+          error = DamagedCheckpointError(step, os.path.join(self.step_dir(step), 'state'),
+                                         f'restore failed: {_first_line(e)}')
+          ok = False
+        if _all_processes_ok(ok):
+          return restored['state'], step
+      if error is None:
+        return None, 0
+      if not fallback:
+        raise DamagedCheckpointError(
+            error.step, error.path, error.why + '; set config.train.restore_fallback=true to '
+            'resume from the newest intact checkpoint instead') from None
+      aside = self._move_aside(error.step)
+      log(f'{error}; moved it aside to {aside} and falling back to the previous checkpoint')
+
+  def _move_aside(self, step: int) -> str:
+    src = self.step_dir(step)
+    dst, n = src + DAMAGED_SUFFIX, 1
+    while os.path.exists(dst):
+      dst, n = f'{src}{DAMAGED_SUFFIX}.{n}', n + 1
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'stlm: checkpoint {step} moved aside')
+    self.manager.reload()
+    return dst
+
+  def _record_finished(self) -> None:
+    """Writes the file manifest of every save that has finished (call after waiting)."""
+    for step in self._unrecorded:
+      if os.path.isdir(self.step_dir(step)):   # not garbage-collected by max_to_keep
+        write_file_manifest(self.step_dir(step))
+    self._unrecorded = []
 
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
+    # Orbax waits for the previous async save before starting this one anyway.
+    self.wait()
+    saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter),
         config=ocp.args.JsonSave(json.loads(self.config.to_json()))), force=force)
+    if saved:
+      self._unrecorded.append(step)
+    return saved
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    self._record_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import math
 import os
+import tempfile
 import time
 from typing import Callable
 
@@ -21,8 +22,10 @@ from stlm.data import pipeline
 from stlm.data import tfds_builders
 from stlm.models import factory
 from stlm.train import checkpoint
+from stlm.train import divergence
 from stlm.train import metrics as metrics_lib
 from stlm.train import optimizer as optimizer_lib
+from stlm.train import preemption
 from stlm.train import sharding
 from stlm.train import step as step_lib
 
@@ -87,6 +90,37 @@ def _check_batch(config, mesh) -> None:
     sharding.process_batch_rows(mesh, config.train.batch_size)
 
 
+def _make_mesh_checked(config):
+  """The mesh, with a mesh or batch that cannot fit the devices reported as bad config."""
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    _check_batch(config, mesh)
+  except ValueError as e:
+    raise config_validate.ConfigError(str(e)) from None
+  return mesh
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir that is a file, or cannot be written, stops the run before any work."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_validate.ConfigError(f'--workdir={workdir} is a file, not a directory')
+  probe_dir = workdir
+  while not os.path.exists(probe_dir):   # the nearest existing ancestor must be writable
+    probe_dir = os.path.dirname(probe_dir)
+  if not os.path.isdir(probe_dir):
+    raise config_validate.ConfigError(f'--workdir={workdir}: {probe_dir} is a file')
+  try:   # a real write: permission bits do not tell (root, read-only mounts)
+    os.rmdir(tempfile.mkdtemp(prefix='.stlm_probe_', dir=probe_dir))
+  except OSError as e:
+    raise config_validate.ConfigError(
+        f'--workdir={workdir}: cannot write in {probe_dir} ({e.strerror})') from None
+
+
+def _target_unit(config) -> str:
+  # TODO(registry): kinds.get_kind(config.model.kind).target_unit once the registry lands.
+  return 'chunks' if config.model.kind == 'byte_pool' else 'tokens'
+
+
 def _stack(batches):
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
@@ -123,6 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked private copy
   config_validate.validate(config)
   workdir = os.path.abspath(workdir)
+  check_workdir(workdir)
   # Data first: a bad corpus must stop the run before anything is created in workdir, and a
   # sentencepiece tokenizer is trained on the prepared train split.
   _prepare_data(config)
@@ -130,8 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config.model.vocab_size = tokenizer.vocab_size
   config_validate.validate(config)
 
-  mesh = sharding.make_mesh(config.mesh)
-  _check_batch(config, mesh)
+  mesh = _make_mesh_checked(config)
   model = factory.build_model(config.model)
   featurizer = featurize.make_featurizer(config, tokenizer)
   proc, nproc = jax.process_index(), jax.process_count()
@@ -144,16 +178,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      process_index=proc, process_count=nproc)
   train_step = build_train_step(config, model, mesh)
   train_fn, state = train_step.step, train_step.init()
+  unit = _target_unit(config)
   # The mesh plus the logical axis rules: the models' activation constraints resolve to it.
   with sharding.mesh_context(mesh):
-    start_step = 0
+    start_step, fallback_notes = 0, []
     if ckpts.latest_step() is not None:
-      state = ckpts.restore(train_step.abstract_state, train_iter)
-      start_step = int(state.step)
+      restored, start_step = ckpts.restore_intact(
+          train_step.abstract_state, train_iter, fallback=config.train.restore_fallback,
+          log=fallback_notes.append)
+      if restored is not None:
+        state = restored
+      else:   # every checkpoint was damaged (and moved aside): the data iterator restarts too
+        train_iter = pipeline.make_train_iter(config, featurizer, 'train',
+                                              process_index=proc, process_count=nproc)
 
     breakdown = factory.param_breakdown(state.params, config.model)
-    writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step)
+    writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step, unit=unit)
+    for note in fallback_notes:
+      writer.message(f'warning: {note}')
     writer.message(_describe(config, state.params, breakdown, mesh, workdir, start_step))
+    writer.message(f'metrics: {os.path.join(workdir, "metrics.jsonl")}; TensorBoard: '
+                   f'tensorboard --logdir {os.path.join(workdir, "tensorboard")}')
     peak, peak_source = metrics_lib.peak_flops_per_device()
     flops_per_unit = metrics_lib.flops_per_unit(config, breakdown)
 
@@ -163,40 +208,56 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
                     config.train.eval_batches or None)
       writer.write(0, 'validation', ev)
+      writer.message(_eval_line(0, ev))
+    guard = divergence.DivergenceGuard(config.train.nonfinite_policy,
+                                       config.train.max_consecutive_skips, start_step)
     last_time, last_step = time.perf_counter(), start_step
-    final_eval = None
-    for step in range(start_step + 1, config.train.steps + 1):
-      micro = [next(train_iter) for _ in range(config.train.grad_accum)]
-      state, m = train_fn(state, sharding.global_batch(_stack(micro), mesh, True))
-      if step % config.train.log_every == 0 or step == config.train.steps:
-        m = jax.device_get(m)
-        now = time.perf_counter()
-        rate = float(m['targets']) * (step - last_step) / (now - last_time)
-        mfu = rate * flops_per_unit / (peak * jax.device_count())
-        writer.write(step, 'train', {**m, 'targets_per_s': rate, 'mfu': mfu})
-        writer.progress(step, {'loss': m['loss'], 'bpb': m['bits_per_byte'],
-                               'tok/s': rate, 'mfu': mfu})
-        if not np.isfinite(m['loss']):
-          raise FloatingPointError(f'loss became {m["loss"]} at step {step}; stopping before '
-                                   'a checkpoint of the diverged state is written')
-        last_time, last_step = time.perf_counter(), step
-      if step % config.train.eval_every == 0 or step == config.train.steps:
-        ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
-                      config.train.eval_batches or None)
-        writer.write(step, 'validation', ev)
-        writer.message(f'step {step}: validation loss {ev["loss"]:.4f}, '
-                       f'bits/byte {ev["bits_per_byte"]:.4f}')
-        final_eval = ev
-        last_time = time.perf_counter()  # evaluation time is not training throughput
-      if step % config.train.ckpt_every == 0 or step == config.train.steps:
-        ckpts.save(step, state, train_iter, force=step == config.train.steps)
-    ckpts.close()
+    final_eval, stopped_at = None, None
+    with preemption.PreemptionWatcher() as watcher:
+      for step in range(start_step + 1, config.train.steps + 1):
+        micro = [next(train_iter) for _ in range(config.train.grad_accum)]
+        state, m = train_fn(state, sharding.global_batch(_stack(micro), mesh, True))
+        guard.observe(m)   # device-side: no host sync
+        if step % config.train.log_every == 0 or step == config.train.steps:
+          m = jax.device_get(m)
+          now = time.perf_counter()
+          rate = float(m['targets']) * (step - last_step) / (now - last_time)
+          mfu = rate * flops_per_unit / (peak * jax.device_count())
+          m = {k: v for k, v in m.items() if k != 'nonfinite'}
+          writer.write(step, 'train', {**m, 'skipped': guard.interval_skips(),
+                                       'targets_per_s': rate, 'mfu': mfu})
+          writer.progress(step, {'loss': m['loss'], 'bpb': m['bits_per_byte'],
+                                 f'{unit}/s': rate, 'mfu': mfu})
+          guard.check(state.params)
+          last_time, last_step = time.perf_counter(), step
+        if step % config.train.eval_every == 0 or step == config.train.steps:
+          ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
+                        config.train.eval_batches or None)
+          writer.write(step, 'validation', ev)
+          writer.message(_eval_line(step, ev))
+          final_eval = ev
+          last_time = time.perf_counter()  # evaluation time is not training throughput
+        preempted = watcher.stop_requested(step)
+        if preempted or step % config.train.ckpt_every == 0 or step == config.train.steps:
+          guard.check(state.params, f'saving checkpoint {step}')
+          ckpts.save(step, state, train_iter, force=preempted or step == config.train.steps)
+        if preempted and step < config.train.steps:
+          stopped_at = step
+          break
+      ckpts.close()   # waits for the async save: a preempted run exits only once it is on disk
     writer.end_progress()
+    if stopped_at is not None:
+      writer.message(f'{watcher.signal_name}: stopped after step {stopped_at} of '
+                     f'{config.train.steps}; checkpoint saved in '
+                     f'{ckpts.step_dir(stopped_at)}. Run the same command again to resume.')
+      writer.close()
+      return {'stopped_at': stopped_at}
     writer.message(f'MFU is relative to {peak / 1e12:.3g} TFLOP/s per device ({peak_source}).')
 
     if final_eval is None:  # resumed at the last step: nothing left to train
       final_eval = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
                             config.train.eval_batches or None)
+    guard.check(state.params, 'exporting')
     export_dir = os.path.join(workdir, 'export')
     export_lib.save_export(export_dir, state.params, config)
     writer.message(f'exported params + config to {export_dir}')
@@ -241,8 +302,9 @@ def build_train_step(config, model, mesh) -> TrainStep:
       return jitted_init()
 
   batch_sharding = sharding.batch_sharding(mesh, leading_microbatch_axis=True)
-  train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
-                                       schedule=schedule),
+  train_fn = jax.jit(functools.partial(
+      step_lib.train_step, model=model, tx=tx, schedule=schedule,
+      skip_nonfinite=config.train.get('nonfinite_policy', 'stop') == 'skip'),
                      in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, None), donate_argnums=0)
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -259,6 +321,11 @@ def _state_shardings(model, config, mesh, tx, init_state):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_sh = sharding.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
   return step_lib.TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+
+
+def _eval_line(step: int, ev: dict) -> str:
+  return (f'step {step}: validation loss {ev["loss"]:.4f}, '
+          f'bits/byte {ev["bits_per_byte"]:.4f}')
 
 
 def _describe(config, params, breakdown, mesh, workdir, start_step) -> str:

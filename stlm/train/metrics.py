@@ -1,6 +1,7 @@
 """Metrics out of the train loop: metrics.jsonl, TensorBoard events, a progress bar, MFU."""
 
 import json
+import math
 import os
 import time
 
@@ -52,36 +53,85 @@ def flops_per_unit(config, breakdown: dict) -> float:
   return 6 * (breakdown['core'] + m.vocab_size * m.hidden_dim) + attention
 
 
-class MetricsWriter:
-  """Appends to <workdir>/metrics.jsonl and TensorBoard; silent on processes other than 0."""
+def _json_value(v):
+  """NaN and inf become None (JSON null): bare NaN is not JSON."""
+  v = float(np.asarray(v))
+  return v if math.isfinite(v) else None
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True):
+
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Keeps only the rows of `path` with step <= last_step (and parseable); returns rows dropped.
+
+  Run at start-up: after a resume from the checkpoint of step s, the rows a killed run wrote
+  past s are about to be written again, so each step must appear once. The file is rewritten
+  to a temporary name and renamed over the old one, so a kill here loses nothing.
+  """
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a row cut short by a kill mid-write
+    if isinstance(row, dict) and isinstance(row.get('step'), int) and row['step'] <= last_step:
+      kept.append(line)
+  if len(kept) == len(lines):
+    return 0
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(''.join(line + '\n' for line in kept))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
+class MetricsWriter:
+  """Writes <workdir>/metrics.jsonl and TensorBoard; silent on processes other than 0.
+
+  A run that starts at step s (0 = fresh) first drops whatever an earlier, killed run logged
+  after s: rows of metrics.jsonl past s (the step-0 rows too when s is 0, since step 0 is
+  evaluated again), and TensorBoard events at steps > s via tensorboardX's purge_step, which
+  writes a marker that makes TensorBoard hide the older events at steps >= purge_step.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True,
+               unit: str = 'tok'):
     self.enabled = enabled and jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     self._bar = None
+    self.unit = unit
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb_dir = os.path.join(workdir, 'tensorboard')
+    truncate_jsonl(self.jsonl_path, initial_step if initial_step else -1)
+    self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = SummaryWriter(self.tb_dir, purge_step=initial_step + 1 if initial_step else 0)
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
                           desc='train', mininterval=1.0)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.enabled:
       return
-    clean = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({'step': step, 'split': split, **clean}) + '\n')
+    clean = {k: _json_value(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({'step': step, 'split': split, **clean}, allow_nan=False)
+                      + '\n')
     self._jsonl.flush()
     for k, v in clean.items():
-      self._tb.add_scalar(f'{split}/{k}', v, step)
+      self._tb.add_scalar(f'{split}/{k}', float('nan') if v is None else v, step)
 
   def progress(self, step: int, postfix: dict) -> None:
+    """Moves the bar to `step`, showing this interval's values (set before the redraw)."""
     if self.enabled and self._bar is not None:
-      self._bar.update(step - self._bar.n)
       self._bar.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
+      self._bar.update(step - self._bar.n)
 
   def message(self, text: str) -> None:
     if self.enabled:

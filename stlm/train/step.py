@@ -38,11 +38,13 @@ def loss_sums(model: nn.Module, params, batch, *, rng=None, train: bool = False)
 
 
 def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule=None):
+               schedule=None, skip_nonfinite: bool = False):
   """One optimizer update over grad_accum micro-batches (leading axis of every batch leaf).
 
   Gradients of the summed nll are accumulated and divided by the total number of predicted
-  units, so accumulation gives exactly the gradient of one big batch.
+  units, so accumulation gives exactly the gradient of one big batch. metrics['nonfinite'] is
+  1 when the loss or the global gradient norm is not finite (checked here, on device, every
+  step); with skip_nonfinite that update is dropped (params and optimizer state kept).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -67,10 +69,16 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  loss, grad_norm = sums['nll'] / denom, optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   metrics = {
-      'loss': sums['nll'] / denom,
+      'loss': loss,
       'bits_per_byte': sums['nll'] / LN2 / jnp.maximum(sums['bytes'], 1.0),
-      'grad_norm': optax.tree.norm(grads),
+      'grad_norm': grad_norm,
+      'nonfinite': 1.0 - finite.astype(jnp.float32),
       'units': sums['units'],
       'targets': sums['targets'],
   }
