@@ -204,47 +204,53 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
 
-    if start_step == 0:  # the untrained reference every learning curve is read against
-      ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
-                    config.train.eval_batches or None)
-      writer.write(0, 'validation', ev)
-      writer.message(_eval_line(0, ev))
     guard = divergence.DivergenceGuard(config.train.nonfinite_policy,
                                        config.train.max_consecutive_skips, start_step)
-    last_time, last_step = time.perf_counter(), start_step
     final_eval, stopped_at = None, None
+    # From here a SIGTERM/SIGINT stops after the next step with a checkpoint (before, there is
+    # nothing to save and the default handlers end the process at once).
     with preemption.PreemptionWatcher() as watcher:
-      for step in range(start_step + 1, config.train.steps + 1):
-        micro = [next(train_iter) for _ in range(config.train.grad_accum)]
-        state, m = train_fn(state, sharding.global_batch(_stack(micro), mesh, True))
-        guard.observe(m)   # device-side: no host sync
-        if step % config.train.log_every == 0 or step == config.train.steps:
-          m = jax.device_get(m)
-          now = time.perf_counter()
-          rate = float(m['targets']) * (step - last_step) / (now - last_time)
-          mfu = rate * flops_per_unit / (peak * jax.device_count())
-          m = {k: v for k, v in m.items() if k != 'nonfinite'}
-          writer.write(step, 'train', {**m, 'skipped': guard.interval_skips(),
-                                       'targets_per_s': rate, 'mfu': mfu})
-          writer.progress(step, {'loss': m['loss'], 'bpb': m['bits_per_byte'],
-                                 f'{unit}/s': rate, 'mfu': mfu})
-          guard.check(state.params)
-          last_time, last_step = time.perf_counter(), step
-        if step % config.train.eval_every == 0 or step == config.train.steps:
-          ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
-                        config.train.eval_batches or None)
-          writer.write(step, 'validation', ev)
-          writer.message(_eval_line(step, ev))
-          final_eval = ev
-          last_time = time.perf_counter()  # evaluation time is not training throughput
-        preempted = watcher.stop_requested(step)
-        if preempted or step % config.train.ckpt_every == 0 or step == config.train.steps:
-          guard.check(state.params, f'saving checkpoint {step}')
-          ckpts.save(step, state, train_iter, force=preempted or step == config.train.steps)
-        if preempted and step < config.train.steps:
-          stopped_at = step
-          break
-      ckpts.close()   # waits for the async save: a preempted run exits only once it is on disk
+      if start_step == 0:  # the untrained reference every learning curve is read against
+        ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
+                      config.train.eval_batches or None)
+        writer.write(0, 'validation', ev)
+        writer.message(_eval_line(0, ev))
+      last_time, last_step = time.perf_counter(), start_step
+      try:
+        for step in range(start_step + 1, config.train.steps + 1):
+          micro = [next(train_iter) for _ in range(config.train.grad_accum)]
+          state, m = train_fn(state, sharding.global_batch(_stack(micro), mesh, True))
+          guard.observe(m)   # device-side: no host sync
+          if step % config.train.log_every == 0 or step == config.train.steps:
+            m = jax.device_get(m)
+            now = time.perf_counter()
+            rate = float(m['targets']) * (step - last_step) / (now - last_time)
+            mfu = rate * flops_per_unit / (peak * jax.device_count())
+            m = {k: v for k, v in m.items() if k != 'nonfinite'}
+            writer.write(step, 'train', {**m, 'skipped': guard.interval_skips(),
+                                         'targets_per_s': rate, 'mfu': mfu})
+            writer.progress(step, {'loss': m['loss'], 'bpb': m['bits_per_byte'],
+                                   f'{unit}/s': rate, 'mfu': mfu})
+            guard.check(state.params)
+            last_time, last_step = time.perf_counter(), step
+          if step % config.train.eval_every == 0 or step == config.train.steps:
+            ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
+                          config.train.eval_batches or None)
+            writer.write(step, 'validation', ev)
+            writer.message(_eval_line(step, ev))
+            final_eval = ev
+            last_time = time.perf_counter()  # evaluation time is not training throughput
+          preempted = watcher.stop_requested(step)
+          if preempted or step % config.train.ckpt_every == 0 or step == config.train.steps:
+            guard.check(state.params, f'saving checkpoint {step}')
+            ckpts.save(step, state, train_iter, force=preempted or step == config.train.steps)
+          if preempted and step < config.train.steps:
+            stopped_at = step
+            break
+      finally:
+        # Waits for the async save: a preempted run exits only once its checkpoint is on
+        # disk, and a run stopped by the divergence guard keeps its last (finite) save.
+        ckpts.close()
     writer.end_progress()
     if stopped_at is not None:
       writer.message(f'{watcher.signal_name}: stopped after step {stopped_at} of '

@@ -1,0 +1,277 @@
+"""Reliability end to end: preemption, divergence guard, damaged checkpoints, bad input, metrics.
+
+One small baseline (1 layer, hidden 32, bytes tokenizer, builtin corpus) trained in-process
+for 6 steps is the uninterrupted reference every interrupted run is compared with; only what
+needs a real process (signals, the one-line messages of main.py) runs main.py.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import baseline  # pylint: disable=g-bad-import-order
+from stlm import config_validate
+from stlm.train import checkpoint
+from stlm.train import divergence
+from stlm.train import loop
+from stlm.train import metrics as metrics_lib
+from tests.conftest import REPO_ROOT
+
+STEPS = 6
+OVERRIDES = {
+    'tokenizer.kind': 'bytes', 'model.num_layers': 1, 'model.hidden_dim': 32,
+    'model.num_heads': 2, 'model.num_kv_heads': 1, 'model.ffn_dim': 64, 'model.max_len': 32,
+    'train.batch_size': 2, 'train.warmup_steps': 1, 'train.steps': STEPS, 'train.log_every': 1,
+    'train.eval_every': 3, 'train.eval_batches': 1, 'train.ckpt_every': 2,
+    'train.keep_checkpoints': 3,
+}
+
+
+def make_config(data_dir, **extra):
+  c = baseline.get_config('tiny')
+  for key, value in {**OVERRIDES, 'data.data_dir': str(data_dir), **extra}.items():
+    node, *path = key.split('.')
+    target = c[node]
+    for p in path[:-1]:
+      target = target[p]
+    target[path[-1]] = value
+  return ml_collections.ConfigDict(c.to_dict())
+
+
+def flags_of(data_dir, **extra):
+  return ['--config=configs/baseline.py'] + [
+      f'--config.{k}={v}' for k, v in {**OVERRIDES, 'data.data_dir': str(data_dir),
+                                        **extra}.items()]
+
+
+def env():
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+
+
+def rows(workdir, split='train'):
+  lines = pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r['split'] == split]
+
+
+def losses(workdir, split='train'):
+  return {r['step']: r['loss'] for r in rows(workdir, split)}
+
+
+def export_params(workdir):
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(workdir, 'export', 'params'))
+
+
+def assert_same_params(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def assert_each_step_once(workdir):
+  for split in ('train', 'validation'):
+    steps = [r['step'] for r in rows(workdir, split)]
+    assert steps == sorted(set(steps)), (split, steps)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('tfds')
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+  """The uninterrupted run: checkpoints 2, 4, 6, metrics and export."""
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  loop.train(make_config(data_dir), str(workdir))
+  return workdir
+
+
+def spawn(data_dir, workdir, *extra_flags):
+  return subprocess.Popen(
+      [sys.executable, 'main.py', f'--workdir={workdir}', *flags_of(data_dir), *extra_flags],
+      cwd=REPO_ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def signal_when(proc, marker, sig):
+  """Sends `sig` once `marker` shows in the output; returns all output and the exit code."""
+  out = []
+  for line in proc.stdout:
+    out.append(line)
+    if marker in line:
+      proc.send_signal(sig)
+      break
+  out.append(proc.stdout.read())
+  return ''.join(out), proc.wait(timeout=600)
+
+
+def test_sigterm_saves_exits_zero_and_resume_equals_uninterrupted(reference, data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  # The step-0 validation line comes before step 1: the signal lands during step 1.
+  out, rc = signal_when(spawn(data_dir, workdir), 'step 0: validation', signal.SIGTERM)
+  assert rc == 0, out[-3000:]
+  assert 'SIGTERM: stopped after step 1 of 6' in out, out[-3000:]
+  assert (workdir / 'checkpoints' / '1').is_dir() and not (workdir / 'export').exists()
+  loop.train(make_config(data_dir), str(workdir))
+  assert losses(workdir) == losses(reference)          # every step, exactly
+  assert losses(workdir, 'validation') == losses(reference, 'validation')
+  assert_same_params(export_params(workdir), export_params(reference))
+  assert_each_step_once(workdir)
+
+
+def test_sigkill_then_resume_logs_each_step_once(reference, data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  out, rc = signal_when(spawn(data_dir, workdir), 'step 3: validation', signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out[-2000:]
+  loop.train(make_config(data_dir), str(workdir))
+  assert_each_step_once(workdir)
+  assert losses(workdir) == losses(reference)
+  assert_same_params(export_params(workdir), export_params(reference))
+
+
+def _state_leaves(step_dir):
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.restore(os.path.join(step_dir, 'state'))
+  return [np.asarray(x) for x in jax.tree.leaves(tree['params'])] + [
+      np.asarray(x) for x in jax.tree.leaves(tree['opt_state'])
+      if np.issubdtype(np.asarray(x).dtype, np.floating)]
+
+
+@pytest.mark.parametrize('policy', ['stop', 'skip'])
+def test_forced_nan_never_reaches_a_checkpoint_or_export(data_dir, tmp_path, policy):
+  workdir = tmp_path / 'run'
+  config = make_config(data_dir, **{'train.lr': 1e30, 'train.nonfinite_policy': policy,
+                                    'train.max_consecutive_skips': 2, 'train.ckpt_every': 1,
+                                    'train.log_every': 3, 'train.eval_every': 100})
+  with pytest.raises(divergence.DivergenceError) as e:
+    loop.train(config, str(workdir))
+  msg = str(e.value)
+  if policy == 'stop':
+    assert 'non-finite at step' in msg and 'first non-finite parameter group: ' in msg, msg
+  else:
+    assert 'consecutive steps had a non-finite loss' in msg, msg
+    assert any(r['skipped'] > 0 for r in rows(workdir)), rows(workdir)
+  assert not (workdir / 'export').exists()
+  saved = [d for d in (workdir / 'checkpoints').iterdir() if d.name.isdigit()]
+  assert saved   # the steps before the blow-up were saved, all finite
+  for d in saved:
+    assert all(np.isfinite(x).all() for x in _state_leaves(d)), d
+  text = (workdir / 'metrics.jsonl').read_text()
+  assert 'NaN' not in text and 'Infinity' not in text
+  assert [json.loads(line) for line in text.splitlines()]   # valid JSON, NaN as null
+
+
+def _damage(step_dir: pathlib.Path, kind: str) -> pathlib.Path:
+  data_files = sorted((step_dir / 'state').glob('ocdbt.process_0/d/*'),
+                      key=lambda p: p.stat().st_size)
+  if kind == 'truncated data file':
+    path = data_files[-1]
+    with open(path, 'r+b') as f:
+      f.truncate(path.stat().st_size // 2)
+  elif kind == 'missing data file':
+    path = data_files[-1]
+    path.unlink()
+  elif kind == 'missing _METADATA':
+    path = step_dir / 'state' / '_METADATA'
+    path.unlink()
+  else:   # an empty JSON item
+    path = step_dir / 'config' / 'metadata'
+    path.write_text('')
+  return path
+
+
+@pytest.mark.parametrize('kind', ['truncated data file', 'missing data file',
+                                  'missing _METADATA', 'empty JSON item'])
+def test_damaged_checkpoint_is_named_moved_aside_and_previous_resumes(
+    reference, data_dir, tmp_path, capsys, kind):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  damaged = _damage(workdir / 'checkpoints' / '6', kind)
+  with pytest.raises(checkpoint.DamagedCheckpointError, match='checkpoint 6 is damaged'):
+    checkpoint.verify_files(6, str(workdir / 'checkpoints' / '6'))
+  capsys.readouterr()
+  loop.train(make_config(data_dir), str(workdir))
+  out = capsys.readouterr().out
+  assert f'checkpoint 6 is damaged: {damaged}' in out, out
+  assert 'falling back to the previous checkpoint' in out and 'resuming at step 4' in out
+  assert (workdir / 'checkpoints' / '6.damaged').is_dir()    # kept, never deleted
+  assert losses(workdir) == losses(reference)                # steps 5 and 6 trained again
+  assert_each_step_once(workdir)
+  assert_same_params(export_params(workdir), export_params(reference))
+
+
+def test_damaged_checkpoint_without_fallback_stops_naming_it(reference, data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  _damage(workdir / 'checkpoints' / '6', 'empty JSON item')
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=r'checkpoint 6 is damaged: .*config/metadata: not valid JSON'):
+    loop.train(make_config(data_dir, **{'train.restore_fallback': False}), str(workdir))
+  assert (workdir / 'checkpoints' / '6').is_dir()
+
+
+def run_main(*args, env_extra=None):
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=600, env={**env(), **(env_extra or {})})
+
+
+def assert_one_line_error(proc, *fragments):
+  out = proc.stdout + proc.stderr
+  assert proc.returncode != 0
+  assert 'Traceback' not in out, out[-3000:]
+  errors = [l for l in out.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1, out[-3000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.parametrize('args,fragments', [
+    (['--config.train.lrr=1'], ['--config.train.lrr', 'did you mean lr?']),
+    (['--config=configs/no_such_config.py'], ['configs/no_such_config.py']),
+    (['--config=configs/baseline.py:huge'], ["Unknown size preset 'huge'"]),
+])
+def test_bad_flags_give_one_line(args, fragments, tmp_path):
+  assert_one_line_error(run_main(*args, f'--workdir={tmp_path / "run"}'), *fragments)
+
+
+def test_bad_run_inputs_give_one_line(reference, data_dir, tmp_path):
+  del reference  # prepares the data
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  base = flags_of(data_dir)
+  assert_one_line_error(run_main(*base, f'--workdir={a_file}'), str(a_file), 'is a file')
+  assert_one_line_error(run_main(*base, '--workdir=/proc/stlm_run'), 'cannot write in /proc')
+  assert_one_line_error(run_main(*base, f'--workdir={tmp_path / "m"}', '--config.mesh.shape=(2,1,1)'),
+                        'config.mesh.shape', 'needs 2 devices')
+  assert_one_line_error(
+      run_main(*base, f'--workdir={tmp_path / "b"}', '--config.train.batch_size=3',
+               env_extra={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}),
+      'config.train.batch_size=3', 'divisible')
+
+
+def test_in_process_bad_workdir_is_a_config_error(tmp_path):
+  a_file = tmp_path / 'f'
+  a_file.write_text('')
+  with pytest.raises(config_validate.ConfigError, match='is a file'):
+    loop.check_workdir(str(a_file))
+
+
+def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': s, 'split': 'train', 'loss': 1.0}) + '\n'
+                          for s in range(6)) + '{"step": 6, "spl')   # cut by a kill
+  assert metrics_lib.truncate_jsonl(str(path), 3) == 3
+  assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == [0, 1, 2, 3]
+  writer = metrics_lib.MetricsWriter(str(tmp_path), 10, 3)
+  writer.write(4, 'train', {'loss': float('nan'), 'x': np.float32(np.inf), 'y': 2})
+  writer.close()
+  last = json.loads(path.read_text().splitlines()[-1])
+  assert last == {'step': 4, 'split': 'train', 'loss': None, 'x': None, 'y': 2.0}
