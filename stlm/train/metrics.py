@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from stlm.models import kinds
+
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets; MFU is relative to these.
 _PEAK_FLOPS = {
     'h100': 989e12, 'h200': 989e12, 'a100': 312e12, 'l4': 121e12, 'a10': 125e12,
@@ -39,18 +41,8 @@ def peak_flops_per_device() -> tuple[float, str]:
 
 
 def flops_per_unit(config, breakdown: dict) -> float:
-  """Training FLOPs per target (token or chunk): 6 x matmul params + attention scores.
-
-  For the baseline the head matmul counts even when tied (it runs once per token); for the
-  byte-pool model the byte encoder and decoder run once per byte slot of a chunk.
-  """
-  m = config.model
-  attention = 12 * m.num_layers * m.max_len * m.hidden_dim / 2  # causal: half the score matrix
-  if m.kind == 'byte_pool':
-    per_chunk = m.byte_pool.max_bytes_per_chunk + 1
-    return 6 * (breakdown['core'] + per_chunk * (breakdown['embedding'] + breakdown['head'])) \
-        + attention
-  return 6 * (breakdown['core'] + m.vocab_size * m.hidden_dim) + attention
+  """Training FLOPs per target (token or chunk), as the model kind counts them."""
+  return kinds.get_kind(config.model.kind).flops_per_target(config.model, breakdown)
 
 
 def _json_value(v):
@@ -98,13 +90,11 @@ class MetricsWriter:
   writes a marker that makes TensorBoard hide the older events at steps >= purge_step.
   """
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True,
-               unit: str = 'tok'):
+  def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True):
     self.enabled = enabled and jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     self._bar = None
-    self.unit = unit
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
