@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from stlm.models import depth
+
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
@@ -67,6 +69,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f'(model.position_table_len={m.position_table_len})')
   if not 0.0 <= m.dropout < 1.0:
     _fail('model.dropout', m.dropout, 'must be in [0, 1)')
+  try:
+    depth.validate(m)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+  for key in ('pause_every', 'pause_before_continuation'):
+    if not isinstance(m[key], int) or m[key] < 0:
+      _fail(f'model.{key}', m[key], 'must be an integer >= 0 (0 = off)')
+  if not isinstance(m.pause_count, int) or m.pause_count < 1:
+    _fail('model.pause_count', m.pause_count, 'must be a positive integer')
   if m.kind == 'byte_pool':
     b = m.byte_pool
     if b.max_bytes_per_chunk < 1:
