@@ -124,7 +124,12 @@ class Router(nn.Module):
   cfg: Any
 
   @nn.compact
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, real_BxT, *, cache_L=None, cache_index=None, write_cache=True):
+    """(router score, predictor logit, inference choice, its cache B x L or None), all BxT.
+
+    The inference choice is the predictor's (logit > 0, real tokens only). With cache_L
+    (decoding) the choices of every cached slot are kept in the 'cache' collection.
+    """
     cfg = self.cfg
     D = cfg.hidden_dim
     x = x_BxTxD.astype(jnp.float32)
@@ -139,16 +144,15 @@ class Router(nn.Module):
                            cfg)
     b2 = layers.make_param(self, 'predictor_bias', nn.initializers.zeros, (1,), (None,), cfg)
     pred_BxT = (jnp.einsum('bth,hk->btk', nn.gelu(h @ w1), w2) + b2)[..., 0]
-    return score_BxT, pred_BxT
-
-  def selected_cache(self, sel_BxT, cache_index, L, write):
-    """Processed-flags of every cached slot B x L (decode), this call's T included."""
-    B = sel_BxT.shape[0]
-    var = self.variable('cache', 'selected', lambda: jnp.zeros((B, L), bool))
-    sel_BxL = jax.lax.dynamic_update_slice(var.value, sel_BxT, (0, cache_index))
-    if write:
-      var.value = sel_BxL
-    return sel_BxL
+    sel_BxT = (pred_BxT > 0.0) & real_BxT
+    sel_BxL = None
+    if cache_L is not None:
+      B = sel_BxT.shape[0]
+      var = self.variable('cache', 'selected', lambda: jnp.zeros((B, cache_L), bool))
+      sel_BxL = jax.lax.dynamic_update_slice(var.value, sel_BxT, (0, cache_index))
+      if write_cache:
+        var.value = sel_BxL
+    return score_BxT, pred_BxT, sel_BxT, sel_BxL
 
 
 def routed_block(block, router: Router, x_BxTxD, segment_ids_BxT, positions_BxT, *,
@@ -157,9 +161,12 @@ def routed_block(block, router: Router, x_BxTxD, segment_ids_BxT, positions_BxT,
   """One mixture-of-depths block: returns (x_BxTxD, token stats, token aux loss) dicts."""
   cfg = block.cfg
   B, T, _ = x_BxTxD.shape
-  score_BxT, pred_BxT = router(x_BxTxD)
-  gate_BxT = jax.nn.sigmoid(score_BxT)
   real_BxT = segment_ids_BxT > 0
+  cache_L = None if decode_mask_Bx1xTxL is None else decode_mask_Bx1xTxL.shape[-1]
+  score_BxT, pred_BxT, sel_BxT, sel_BxL = router(x_BxTxD, real_BxT, cache_L=cache_L,
+                                                 cache_index=cache_index,
+                                                 write_cache=write_cache)
+  gate_BxT = jax.nn.sigmoid(score_BxT)
   if not deterministic:
     # Training: top-k of the row (padding never chosen), gathered in order so causal
     # attention over the chosen tokens is causal in the original order.
@@ -178,10 +185,7 @@ def routed_block(block, router: Router, x_BxTxD, segment_ids_BxT, positions_BxT,
     label = sel_BxT.astype(jnp.float32)
     bce_BxT = optax_sigmoid_bce(pred_BxT, label)
   else:
-    sel_BxT = (pred_BxT > 0.0) & real_BxT
     if decode_mask_Bx1xTxL is not None:
-      L = decode_mask_Bx1xTxL.shape[-1]
-      sel_BxL = router.selected_cache(sel_BxT, cache_index, L, write_cache)
       # Processed queries see processed keys only; the others keep the plain mask (their
       # output is discarded, but a row must not be empty).
       mask = decode_mask_Bx1xTxL & (sel_BxL[:, None, None, :] | ~sel_BxT[:, None, :, None])
