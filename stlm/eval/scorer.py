@@ -201,7 +201,9 @@ class Scorer:
     # document's per-position arrays (inputs[t + 1] is targets[t]).
     full = {k: np.concatenate([w[k] for w in windows]) for k in windows[0]}
     n = len(full['targets'])
-    return [_Span(full, lo, hi, np.arange(lo, hi) >= a, owner)
+    # Positions that predict nothing (loss_mask 0, e.g. before a pause) are not targets.
+    real = full['loss_mask'] > 0
+    return [_Span(full, lo, hi, (np.arange(lo, hi) >= a) & real[lo:hi], owner)
             for lo, hi, a, _ in cover(n, 0, self.max_len, stride)]
 
   def loglikelihood_rolling(self, texts: Iterable[str], stride: int | None = None,
