@@ -204,3 +204,26 @@ def test_depth_config_errors_name_the_key():
       bad.model.early_exit_layers = '1'
     with pytest.raises(config_validate.ConfigError, match=needle):
       config_validate.validate(bad)
+
+
+def test_scorer_reports_layers_used_and_threshold_zero_scores_like_the_full_model():
+  from stlm.data.featurize import TokenFeaturizer  # pylint: disable=g-import-not-at-top
+  from stlm.eval import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
+  from stlm.tokenizers import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  feat = TokenFeaturizer(ByteTokenizer(), 16)
+  reqs = [('The cat sat on the', ' mat.'), ('Once', ' upon a time.')]
+  results = {}
+  for threshold in (0.0, 1e-9):
+    cfg = model_cfg('baseline', vocab_size=257, early_exit_layers='1',
+                    early_exit_threshold=threshold)
+    model = factory.build_model(cfg)
+    params = fill_like(nn.unbox(factory.abstract_params(model, cfg)))
+    scorer = scorer_lib.Scorer(model, params, feat, batch_size=2)
+    results[threshold] = [r.logprob for r in scorer.loglikelihood(reqs)]
+    results[threshold, 'layers'] = scorer.stats['model_stats']['layers_used']
+  plain_cfg = model_cfg('baseline', vocab_size=257)
+  plain = scorer_lib.Scorer(factory.build_model(plain_cfg), params, feat, batch_size=2)
+  assert results[0.0] == [r.logprob for r in plain.loglikelihood(reqs)]
+  assert 'model_stats' not in plain.stats
+  assert results[0.0, 'layers'] == 3.0 and results[1e-9, 'layers'] == 1.0
+  assert results[1e-9] != results[0.0]
