@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stlm.data import chunking
+from stlm.data import pauses
 
 
 class ContextTruncated(UserWarning):
@@ -55,25 +56,48 @@ def sample_logits(rng, logits_xV, *, temperature=1.0, top_k=0, top_p=1.0):
 class CachedContext:
   """Feeds units (token ids, or chunk rows) through a model's cached core, window-aware.
 
-  `step(cache, units_1xT, seg_1xT, pos_1xT) -> (out_1xTx..., cache)`; `prefill` and `feed`
-  return the output at the last unit. Positions continue from the cache. Units go in
-  blocks of PREFILL_BLOCK, then one at a time, so only two shapes are ever compiled.
-  A full cache is rebuilt from the last half of the context.
+  `step(cache, units_1xT, seg_1xT, pos_1xT) -> ((out_1xTx..., layers_1xT), cache)`, layers
+  being the core layers each unit used (early exit); `prefill` and `feed` return the output
+  at the last unit. Positions continue from the cache. Units go in blocks of PREFILL_BLOCK,
+  then one at a time, so only two shapes are ever compiled. A full cache is rebuilt from
+  the last half of the context. With pause_every = k, `pause_count` pause units follow every
+  k-th real unit (as the pause featurizer puts them in training), and `pause(n)` appends n
+  more (before a continuation); the output is then read at the last pause.
   """
   PREFILL_BLOCK = 32
 
-  def __init__(self, step_fn, empty_cache, max_len):
+  def __init__(self, step_fn, empty_cache, max_len, *, pause_every=0, pause_count=1,
+               pause_unit=None):
     self._step, self._empty, self.max_len = step_fn, empty_cache, int(max_len)
     self.units, self.cache, self.n_cached = [], empty_cache, 0
+    self.pause_every, self.pause_count, self.pause_unit = (int(pause_every), int(pause_count),
+                                                           pause_unit)
+    self.n_real = 0
+    self.layers_sum, self.units_run = 0.0, 0  # core layers used, over every unit run
 
   def _run(self, units):
     arr = np.asarray(units, np.int32)[None]
     T = arr.shape[1]
     seg = np.ones((1, T), np.int32)
     pos = (self.n_cached + np.arange(T, dtype=np.int32))[None]
-    out, self.cache = self._step(self.cache, arr, seg, pos)
+    (out, layers), self.cache = self._step(self.cache, arr, seg, pos)
     self.n_cached += T
+    self.layers_sum += float(np.asarray(layers).sum())
+    self.units_run += T
     return out[0, -1]
+
+  @property
+  def layers_per_unit(self) -> float:
+    """Average core layers used per unit run so far (num_layers without early exit)."""
+    return self.layers_sum / max(self.units_run, 1)
+
+  def _with_pauses(self, units, first_index):
+    out = []
+    for i, u in enumerate(units, start=first_index):
+      out.append(u)
+      if self.pause_every and (i + 1) % self.pause_every == 0:
+        out += [self.pause_unit] * self.pause_count
+    return out
 
   def _encode_all(self):
     self.cache, self.n_cached = self._empty, 0
@@ -89,6 +113,8 @@ class CachedContext:
     units = list(units)
     if not units:
       raise ValueError('prefill needs at least one unit (the end-of-text start)')
+    self.n_real = len(units)
+    units = self._with_pauses(units, 0)
     if len(units) > self.max_len:
       warnings.warn(f'prompt of {len(units)} units is longer than the context '
                     f'(model.max_len={self.max_len}); keeping its last {self.max_len}',
@@ -97,15 +123,28 @@ class CachedContext:
     self.units = units
     return self._encode_all()
 
-  def feed(self, unit):
-    self.units.append(unit)
-    if self.n_cached + 1 > self.max_len:
+  def _append(self, new):
+    self.units += new
+    if self.n_cached + len(new) > self.max_len:
       keep = max(self.max_len // 2, 1)
       warnings.warn(f'context full ({self.max_len} units): re-encoding the last {keep}',
                     ContextTruncated, stacklevel=2)
       self.units = self.units[-keep:]
       return self._encode_all()
-    return self._run([unit])
+    for u in new:
+      out = self._run([u])
+    return out
+
+  def feed(self, unit):
+    new = self._with_pauses([unit], self.n_real)
+    self.n_real += 1
+    return self._append(new)
+
+  def pause(self, n: int):
+    """Appends n pause units; returns the output at the last one."""
+    if n <= 0 or self.pause_unit is None:
+      raise ValueError(f'pause({n}) needs n > 0 and a model with pause tokens')
+    return self._append([self.pause_unit] * n)
 
 
 # Jitted functions per model (class + config), so repeated calls compile once.
@@ -147,16 +186,23 @@ def _step_fn(model, method):
 def _context(model, params, model_cfg, method, unit_shape) -> CachedContext:
   step = _step_fn(model, method)
   empty = _cached(model, ('empty', method), lambda: _empty_cache(model, method, unit_shape))
-  return CachedContext(functools.partial(step, params), empty, model_cfg.max_len)
+  every = int(model_cfg.get('pause_every', 0))
+  pause_unit = None
+  if every or int(model_cfg.get('pause_before_continuation', 0)):
+    pause_unit = pauses.pause_input(np.zeros(unit_shape, np.int32))
+    pause_unit = int(pause_unit) if not unit_shape else pause_unit
+  return CachedContext(functools.partial(step, params), empty, model_cfg.max_len,
+                       pause_every=every, pause_count=int(model_cfg.get('pause_count', 1)),
+                       pause_unit=pause_unit)
 
 
 def byte_pool_context(model, params, model_cfg) -> CachedContext:
   width = chunking.chunk_width(model_cfg.byte_pool.max_bytes_per_chunk)
-  return _context(model, params, model_cfg, 'core_step', (width,))
+  return _context(model, params, model_cfg, 'core_step_and_layers', (width,))
 
 
 def baseline_context(model, params, model_cfg) -> CachedContext:
-  return _context(model, params, model_cfg, 'logits', ())
+  return _context(model, params, model_cfg, 'logits_and_layers', ())
 
 
 def chunk_sampler(model, params, width, **sampling):
