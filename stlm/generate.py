@@ -240,8 +240,12 @@ def prompt_bytes(prompt) -> bytes:
 
 
 def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0) -> bytes:
-  """The bytes generated after `prompt` (at most max_bytes; stops at end-of-text)."""
+             top_k=0, top_p=1.0, seed=0, stats: dict | None = None) -> bytes:
+  """The bytes generated after `prompt` (at most max_bytes; stops at end-of-text).
+
+  `stats`, when given, receives `layers_per_unit`: the core layers each unit (prompt and
+  generated, pauses included) used on average; below model.num_layers under early exit.
+  """
   sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
   rng = jax.random.key(seed)
   data = prompt_bytes(prompt)
@@ -257,6 +261,8 @@ def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, te
     ctx = byte_pool_context(model, params, m)
     sampler = chunk_sampler(model, params, width, **sampling)
     y = ctx.prefill(list(np.concatenate([eot_row, rows])))
+    if m.get('pause_before_continuation', 0):
+      y = ctx.pause(m.pause_before_continuation)
     for i in range(max_bytes):  # every chunk adds >= 1 byte
       ids = np.asarray(sampler(y, jax.random.fold_in(rng, i)))
       chunk, is_eot = chunking.decode_chunk_ids(ids)
@@ -271,6 +277,8 @@ def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, te
     ctx = baseline_context(model, params, m)
     logits = ctx.prefill([tokenizer.eot_id] + tokenizer.encode(
         data.decode('utf-8', errors='replace')))
+    if m.get('pause_before_continuation', 0):
+      logits = ctx.pause(m.pause_before_continuation)
     for i in range(max_bytes):
       token = int(_pick_token(jax.random.fold_in(rng, i), logits, **sampling))
       if token == tokenizer.eot_id:
@@ -281,6 +289,8 @@ def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, te
       logits = ctx.feed(token)
   else:
     raise ValueError(f'model.kind {m.kind!r} unknown; choose baseline or byte_pool')
+  if stats is not None:
+    stats['layers_per_unit'] = ctx.layers_per_unit
   return bytes(out[:max_bytes])
 
 
@@ -317,8 +327,13 @@ def run(checkpoint, prompt='', max_bytes=256, temperature=0.8, top_k=0, top_p=1.
     raise app.UsageError(f'--max_bytes must be >= 1, got {max_bytes}')
   if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
     raise app.UsageError('need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1')
-  text = generate_text(export.load_export(checkpoint), prompt, max_bytes=max_bytes,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+  exported = export.load_export(checkpoint)
+  stats = {}
+  text = generate_text(exported, prompt, max_bytes=max_bytes, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, stats=stats)
+  if float(exported.config.model.get('early_exit_threshold', 0.0)) > 0:
+    print(f'early exit: {stats["layers_per_unit"]:.2f} of {exported.config.model.num_layers} '
+          'core layers per unit on average', file=sys.stderr)
   out = prompt + text + '\n'
   # Encoded by hand so a non-UTF-8 terminal (LANG=C) or stray surrogates cannot crash it.
   if hasattr(sys.stdout, 'buffer'):

@@ -227,3 +227,24 @@ def test_scorer_reports_layers_used_and_threshold_zero_scores_like_the_full_mode
   assert 'model_stats' not in plain.stats
   assert results[0.0, 'layers'] == 3.0 and results[1e-9, 'layers'] == 1.0
   assert results[1e-9] != results[0.0]
+
+
+def test_generation_with_early_exit_reports_layers_and_threshold_zero_is_unchanged():
+  from stlm import generate  # pylint: disable=g-import-not-at-top
+  from stlm import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.ByteTokenizer()
+  outs = {}
+  for threshold in (0.0, 1e-9):
+    c = config_lib.base_config()
+    c.model = model_cfg('baseline', vocab_size=257, max_len=32, early_exit_layers='1',
+                        early_exit_threshold=threshold)
+    model = factory.build_model(c.model)
+    params = fill_like(nn.unbox(factory.abstract_params(model, c.model)))
+    stats = {}
+    outs[threshold] = generate.generate(model, params, c, tok, 'Hello', max_bytes=6,
+                                        stats=stats)
+    outs[threshold, 'layers'] = stats['layers_per_unit']
+  c.model = model_cfg('baseline', vocab_size=257, max_len=32)
+  plain = generate.generate(factory.build_model(c.model), params, c, tok, 'Hello', max_bytes=6)
+  assert outs[0.0] == plain and outs[0.0, 'layers'] == 3.0
+  assert outs[1e-9, 'layers'] == 1.0

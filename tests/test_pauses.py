@@ -97,3 +97,23 @@ def test_model_reads_pauses_and_scores_the_same_bytes(kind):
   moved = dict(params, pause_embedding=params['pause_embedding'] + 1.0)
   scorer.params = moved
   assert scorer.loglikelihood(reqs[:1])[0].logprob != got[0].logprob
+
+
+def test_generation_places_pauses_where_the_featurizer_does():
+  """Cached generation with pauses predicts each token from the same position as training."""
+  from stlm import generate  # pylint: disable=g-import-not-at-top
+  c = config('baseline', pause_every=3, pause_count=2, vocab_size=257, max_len=32)
+  model = factory.build_model(c.model)
+  params = fill_like(nn.unbox(factory.abstract_params(model, c.model)))
+  ids = np.random.default_rng(0).integers(0, 257, 12).astype(np.int32)
+  example = dict(inputs=ids, targets=np.roll(ids, -1), loss_mask=np.ones(12, np.float32),
+                 target_bytes=np.ones(12, np.int32))
+  paused, _ = pauses.insert_pauses(example, {i: 2 for i in range(2, 12, 3)})
+  n = len(paused['inputs'])
+  seg, pos = np.ones((1, n), np.int32), np.arange(n, dtype=np.int32)[None]
+  full = model.apply({'params': params}, paused['inputs'][None], seg, pos, method='logits')
+  predicting = np.flatnonzero(paused['loss_mask'] > 0)  # one per real input, in order
+  ctx = generate.baseline_context(model, params, c.model)
+  outs = [ctx.prefill(list(ids[:4]))] + [ctx.feed(int(t)) for t in ids[4:]]
+  np.testing.assert_allclose(np.stack(outs), full[0, predicting[3:]], rtol=1e-4, atol=1e-4)
+  assert ctx.n_cached == n and ctx.layers_per_unit == 1.0
