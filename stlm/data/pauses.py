@@ -78,6 +78,8 @@ class PauseFeaturizer:
     self.every, self.count, self.before_continuation = int(every), int(count), int(before_continuation)
 
   def __getattr__(self, name):  # e.g. byte_lengths of the wrapped featurizer
+    if name == 'inner' or name.startswith('__'):  # unpickling (grain workers): no recursion
+      raise AttributeError(name)
     return getattr(self.inner, name)
 
   def _every_k(self, n: int) -> dict[int, int]:
