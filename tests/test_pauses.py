@@ -113,7 +113,7 @@ def test_generation_places_pauses_where_the_featurizer_does():
   seg, pos = np.ones((1, n), np.int32), np.arange(n, dtype=np.int32)[None]
   full = model.apply({'params': params}, paused['inputs'][None], seg, pos, method='logits')
   predicting = np.flatnonzero(paused['loss_mask'] > 0)  # one per real input, in order
-  ctx = generate.baseline_context(model, params, c.model)
+  ctx = generate.token_context(model, params, c.model)
   outs = [ctx.prefill(list(ids[:4]))] + [ctx.feed(int(t)) for t in ids[4:]]
   np.testing.assert_allclose(np.stack(outs), full[0, predicting[3:]], rtol=1e-4, atol=1e-4)
   assert ctx.n_cached == n and ctx.layers_per_unit == 1.0
