@@ -38,6 +38,19 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_impl = 'xla'       # xla | pallas | auto
   m.vocab_size = 50257           # overwritten from the tokenizer at start-up
 
+  # Depth options (stlm/models/depth.py), every one off by default.
+  m.layer_drop_max = 0.0         # LayerSkip: layer dropout rising linearly to this at the last layer
+  m.layer_drop_per = 'example'   # example | batch: what one skip decision covers
+  m.early_exit_layers = ''       # LayerSkip: comma list of layers with an exit loss, e.g. '1,2'
+  m.early_exit_weights = ''      # their loss weights: one for all, or one per layer ('' = 1)
+  m.early_exit_threshold = 0.0   # inference: exit at the first confident exit (0 = never exit)
+  m.mod_capacity = 0.0           # mixture of depths: fraction of tokens a routed block takes (0 = off)
+  m.mod_every = 2                # route block_i when i % mod_every == mod_every - 1
+  # Pause tokens (stlm/data/pauses.py): inputs that predict nothing, never counted.
+  m.pause_every = 0              # after every k tokens (chunks) insert pause_count pauses (0 = off)
+  m.pause_count = 1
+  m.pause_before_continuation = 0  # scoring: pauses between context and continuation
+
   # Byte-pool model (config.model.kind == 'byte_pool'); ignored by the baseline.
   b = m.byte_pool = ml_collections.ConfigDict()
   b.max_bytes_per_chunk = 16

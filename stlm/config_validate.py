@@ -4,6 +4,7 @@ import ml_collections
 
 from stlm.config_errors import ConfigError  # pylint: disable=unused-import (re-exported)
 from stlm.config_errors import fail as _fail
+from stlm.models import depth
 from stlm.models import kinds
 
 _CHOICES = {
@@ -63,6 +64,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f'(model.position_table_len={m.position_table_len})')
   if not 0.0 <= m.dropout < 1.0:
     _fail('model.dropout', m.dropout, 'must be in [0, 1)')
+  try:
+    depth.validate(m)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+  for key in ('pause_every', 'pause_before_continuation'):
+    if not isinstance(m[key], int) or m[key] < 0:
+      _fail(f'model.{key}', m[key], 'must be an integer >= 0 (0 = off)')
+  if not isinstance(m.pause_count, int) or m.pause_count < 1:
+    _fail('model.pause_count', m.pause_count, 'must be a positive integer')
   kinds.get_kind(m.kind).validate(m)
 
   t = c.train

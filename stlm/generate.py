@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stlm.data import chunking
+from stlm.data import pauses
 from stlm.models import kinds
 
 
@@ -58,25 +59,48 @@ def sample_logits(rng, logits_xV, *, temperature=1.0, top_k=0, top_p=1.0):
 class CachedContext:
   """Feeds units (token ids, or chunk rows) through a model's cached core, window-aware.
 
-  `step(cache, units_1xT, seg_1xT, pos_1xT) -> (out_1xTx..., cache)`; `prefill` and `feed`
-  return the output at the last unit. Positions continue from the cache. Units go in
-  blocks of PREFILL_BLOCK, then one at a time, so only two shapes are ever compiled.
-  A full cache is rebuilt from the last half of the context.
+  `step(cache, units_1xT, seg_1xT, pos_1xT) -> ((out_1xTx..., layers_1xT), cache)`, layers
+  being the core layers each unit used (early exit); `prefill` and `feed` return the output
+  at the last unit. Positions continue from the cache. Units go in blocks of PREFILL_BLOCK,
+  then one at a time, so only two shapes are ever compiled. A full cache is rebuilt from
+  the last half of the context. With pause_every = k, `pause_count` pause units follow every
+  k-th real unit (as the pause featurizer puts them in training), and `pause(n)` appends n
+  more (before a continuation); the output is then read at the last pause.
   """
   PREFILL_BLOCK = 32
 
-  def __init__(self, step_fn, empty_cache, max_len):
+  def __init__(self, step_fn, empty_cache, max_len, *, pause_every=0, pause_count=1,
+               pause_unit=None):
     self._step, self._empty, self.max_len = step_fn, empty_cache, int(max_len)
     self.units, self.cache, self.n_cached = [], empty_cache, 0
+    self.pause_every, self.pause_count, self.pause_unit = (int(pause_every), int(pause_count),
+                                                           pause_unit)
+    self.n_real = 0
+    self.layers_sum, self.units_run = 0.0, 0  # core layers used, over every unit run
 
   def _run(self, units):
     arr = np.asarray(units, np.int32)[None]
     T = arr.shape[1]
     seg = np.ones((1, T), np.int32)
     pos = (self.n_cached + np.arange(T, dtype=np.int32))[None]
-    out, self.cache = self._step(self.cache, arr, seg, pos)
+    (out, layers), self.cache = self._step(self.cache, arr, seg, pos)
     self.n_cached += T
+    self.layers_sum += float(np.asarray(layers).sum())
+    self.units_run += T
     return out[0, -1]
+
+  @property
+  def layers_per_unit(self) -> float:
+    """Average core layers used per unit run so far (num_layers without early exit)."""
+    return self.layers_sum / max(self.units_run, 1)
+
+  def _with_pauses(self, units, first_index):
+    out = []
+    for i, u in enumerate(units, start=first_index):
+      out.append(u)
+      if self.pause_every and (i + 1) % self.pause_every == 0:
+        out += [self.pause_unit] * self.pause_count
+    return out
 
   def _encode_all(self):
     self.cache, self.n_cached = self._empty, 0
@@ -92,6 +116,8 @@ class CachedContext:
     units = list(units)
     if not units:
       raise ValueError('prefill needs at least one unit (the end-of-text start)')
+    self.n_real = len(units)
+    units = self._with_pauses(units, 0)
     if len(units) > self.max_len:
       warnings.warn(f'prompt of {len(units)} units is longer than the context '
                     f'(model.max_len={self.max_len}); keeping its last {self.max_len}',
@@ -100,15 +126,28 @@ class CachedContext:
     self.units = units
     return self._encode_all()
 
-  def feed(self, unit):
-    self.units.append(unit)
-    if self.n_cached + 1 > self.max_len:
+  def _append(self, new):
+    self.units += new
+    if self.n_cached + len(new) > self.max_len:
       keep = max(self.max_len // 2, 1)
       warnings.warn(f'context full ({self.max_len} units): re-encoding the last {keep}',
                     ContextTruncated, stacklevel=2)
       self.units = self.units[-keep:]
       return self._encode_all()
-    return self._run([unit])
+    for u in new:
+      out = self._run([u])
+    return out
+
+  def feed(self, unit):
+    new = self._with_pauses([unit], self.n_real)
+    self.n_real += 1
+    return self._append(new)
+
+  def pause(self, n: int):
+    """Appends n pause units; returns the output at the last one."""
+    if n <= 0 or self.pause_unit is None:
+      raise ValueError(f'pause({n}) needs n > 0 and a model with pause tokens')
+    return self._append([self.pause_unit] * n)
 
 
 # Jitted functions per model (class + config), so repeated calls compile once.
@@ -150,18 +189,25 @@ def _step_fn(model, method):
 def _context(model, params, model_cfg, method, unit_shape) -> CachedContext:
   step = _step_fn(model, method)
   empty = _cached(model, ('empty', method), lambda: _empty_cache(model, method, unit_shape))
-  return CachedContext(functools.partial(step, params), empty, model_cfg.max_len)
+  every = int(model_cfg.get('pause_every', 0))
+  pause_unit = None
+  if every or int(model_cfg.get('pause_before_continuation', 0)):
+    pause_unit = pauses.pause_input(np.zeros(unit_shape, np.int32))
+    pause_unit = int(pause_unit) if not unit_shape else pause_unit
+  return CachedContext(functools.partial(step, params), empty, model_cfg.max_len,
+                       pause_every=every, pause_count=int(model_cfg.get('pause_count', 1)),
+                       pause_unit=pause_unit)
 
 
 def chunk_context(model, params, model_cfg) -> CachedContext:
-  """The cached core of a chunk model: `core_step` outputs for chunk rows."""
+  """The cached core of a chunk model: `core_step_and_layers` outputs for chunk rows."""
   unit_shape = kinds.get_kind(model_cfg.kind).unit_shape(model_cfg)
-  return _context(model, params, model_cfg, 'core_step', unit_shape)
+  return _context(model, params, model_cfg, 'core_step_and_layers', unit_shape)
 
 
 def token_context(model, params, model_cfg) -> CachedContext:
-  """The cached logits of a token model."""
-  return _context(model, params, model_cfg, 'logits', ())
+  """The cached logits (and layers used) of a token model."""
+  return _context(model, params, model_cfg, 'logits_and_layers', ())
 
 
 def chunk_sampler(model, params, width, **sampling):
@@ -198,7 +244,8 @@ def prompt_bytes(prompt) -> bytes:
     return prompt.encode('utf-8', errors='replace')
 
 
-def _generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling):
+def _generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling,
+                     stats):
   (width,) = kinds.get_kind(model_cfg.kind).unit_shape(model_cfg)
   max_chunk = width - 1  # one slot is END_OF_CHUNK's
   rows, _ = chunking.encode_chunks(chunking.chunk_bytes(data, tokenizer, max_chunk), width,
@@ -208,6 +255,8 @@ def _generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, 
   ctx = chunk_context(model, params, model_cfg)
   sampler = chunk_sampler(model, params, width, **sampling)
   y = ctx.prefill(list(np.concatenate([eot_row, rows])))
+  if model_cfg.get('pause_before_continuation', 0):
+    y = ctx.pause(model_cfg.pause_before_continuation)
   out = bytearray()
   for i in range(max_bytes):  # every chunk adds >= 1 byte
     ids = np.asarray(sampler(y, jax.random.fold_in(rng, i)))
@@ -219,13 +268,17 @@ def _generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, 
       break
     row, _ = chunking.encode_chunks([chunk], width, end_of_chunk=False)
     y = ctx.feed(row[0])
+  stats['layers_per_unit'] = ctx.layers_per_unit
   return out
 
 
-def _generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling):
+def _generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling,
+                     stats):
   ctx = token_context(model, params, model_cfg)
   logits = ctx.prefill([tokenizer.eot_id] + tokenizer.encode(
       data.decode('utf-8', errors='replace')))
+  if model_cfg.get('pause_before_continuation', 0):
+    logits = ctx.pause(model_cfg.pause_before_continuation)
   out = bytearray()
   for i in range(max_bytes):
     token = int(_pick_token(jax.random.fold_in(rng, i), logits, **sampling))
@@ -235,24 +288,31 @@ def _generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, 
     if len(out) >= max_bytes:
       break
     logits = ctx.feed(token)
+  stats['layers_per_unit'] = ctx.layers_per_unit
   return out
 
 
 # Generation strategies by name (a model kind's `generation` field names one):
-# fn(model, params, model_cfg, tokenizer, prompt bytes, rng, max_bytes, sampling) -> bytes.
+# fn(model, params, model_cfg, tokenizer, prompt bytes, rng, max_bytes, sampling, stats) ->
+# bytes; stats (a dict) receives layers_per_unit.
 GENERATORS = {'tokens': _generate_tokens, 'chunks': _generate_chunks}
 
 
 def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0) -> bytes:
-  """The bytes generated after `prompt` (at most max_bytes; stops at end-of-text)."""
+             top_k=0, top_p=1.0, seed=0, stats: dict | None = None) -> bytes:
+  """The bytes generated after `prompt` (at most max_bytes; stops at end-of-text).
+
+  `stats`, when given, receives `layers_per_unit`: the core layers each unit (prompt and
+  generated, pauses included) used on average; below model.num_layers under early exit.
+  """
   sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
   name = kinds.get_kind(config.model.kind).generation
   if name not in GENERATORS:
     raise ValueError(f'model.kind {config.model.kind!r} names generation strategy {name!r}; '
                      f'stlm.generate knows {", ".join(GENERATORS)}')
   out = GENERATORS[name](model, params, config.model, tokenizer, prompt_bytes(prompt),
-                         jax.random.key(seed), max_bytes, sampling)
+                         jax.random.key(seed), max_bytes, sampling,
+                         {} if stats is None else stats)
   return bytes(out[:max_bytes])
 
 
@@ -289,8 +349,13 @@ def run(checkpoint, prompt='', max_bytes=256, temperature=0.8, top_k=0, top_p=1.
     raise app.UsageError(f'--max_bytes must be >= 1, got {max_bytes}')
   if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
     raise app.UsageError('need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1')
-  text = generate_text(export.load_export(checkpoint), prompt, max_bytes=max_bytes,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+  exported = export.load_export(checkpoint)
+  stats = {}
+  text = generate_text(exported, prompt, max_bytes=max_bytes, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, stats=stats)
+  if float(exported.config.model.get('early_exit_threshold', 0.0)) > 0:
+    print(f'early exit: {stats["layers_per_unit"]:.2f} of {exported.config.model.num_layers} '
+          'core layers per unit on average', file=sys.stderr)
   out = prompt + text + '\n'
   # Encoded by hand so a non-UTF-8 terminal (LANG=C) or stray surrogates cannot crash it.
   if hasattr(sys.stdout, 'buffer'):

@@ -95,7 +95,9 @@ def make_featurizer(config, tokenizer: Tokenizer):
   if name not in _FEATURIZERS:
     raise ValueError(f'model.kind {config.model.kind!r} needs featurizer {name!r}, which is '
                      f'not registered (known: {", ".join(_FEATURIZERS)})')
-  return _FEATURIZERS[name](config, tokenizer)
+  # Pause tokens wrap any kind's featurizer (imported on use: most configs have none).
+  from stlm.data import pauses  # pylint: disable=g-import-not-at-top
+  return pauses.maybe_wrap(config, _FEATURIZERS[name](config, tokenizer))
 
 
 def _chunk_featurizer(config, tokenizer):

@@ -94,7 +94,10 @@ class Scorer:
     # where, not multiply: a fully padded row may hold NaN, which must not leak into sums.
     logprobs_BxT = jnp.where(mask_BxT, out['logprobs'].astype(jnp.float32), 0.0)
     greedy_B = jnp.all(jnp.where(mask_BxT, out['greedy'], True), axis=-1)
-    return logprobs_BxT, greedy_B
+    # The model's own statistics (e.g. layers used per token under early exit), summed over
+    # every real position of the batch (context included: those positions ran too).
+    stats = dict(out.get('stats', {}), positions=jnp.sum(batch['loss_mask']))
+    return logprobs_BxT, greedy_B, stats
 
   # ---------------------------------------------------------------- host side
 
@@ -136,9 +139,12 @@ class Scorer:
     bar = tqdm.tqdm(total=len(spans), desc=desc, unit='item', disable=not self.progress,
                     file=sys.stderr, leave=False)
     in_flight = []
+    model_stats: dict = {}
 
     def collect():
-      chunk, (lp_dev, greedy_dev) = in_flight.pop(0)
+      chunk, (lp_dev, greedy_dev, stats_dev) = in_flight.pop(0)
+      for k, v in stats_dev.items():
+        model_stats[k] = model_stats.get(k, 0.0) + float(v)
       lp, gr = np.asarray(lp_dev, np.float64), np.asarray(greedy_dev)
       for r, s in enumerate(chunk):
         logprob[s.owner] += lp[r].sum()
@@ -159,6 +165,9 @@ class Scorer:
                       items_per_s=len(spans) / max(seconds, 1e-9),
                       compiles=self.compile_count - compiles0,
                       compile_count=self.compile_count)
+    positions = model_stats.pop('positions', 0.0)
+    if model_stats:  # per real position, e.g. layers_used = average layers per token
+      self.stats['model_stats'] = {k: v / max(positions, 1.0) for k, v in model_stats.items()}
     if self.verbose:
       print(f'[scorer] {desc}: {len(spans)} spans in {len(jobs)} batches, {seconds:.2f}s, '
             f'{self.stats["items_per_s"]:.1f} items/s, {self.stats["compiles"]} new '
@@ -192,7 +201,9 @@ class Scorer:
     # document's per-position arrays (inputs[t + 1] is targets[t]).
     full = {k: np.concatenate([w[k] for w in windows]) for k in windows[0]}
     n = len(full['targets'])
-    return [_Span(full, lo, hi, np.arange(lo, hi) >= a, owner)
+    # Positions that predict nothing (loss_mask 0, e.g. before a pause) are not targets.
+    real = full['loss_mask'] > 0
+    return [_Span(full, lo, hi, (np.arange(lo, hi) >= a) & real[lo:hi], owner)
             for lo, hi, a, _ in cover(n, 0, self.max_len, stride)]
 
   def loglikelihood_rolling(self, texts: Iterable[str], stride: int | None = None,

@@ -6,8 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
+from stlm.models import pause
 from stlm.models import transformer
 
 
@@ -31,16 +33,13 @@ class BaselineLM(nn.Module):
     cfg = self.cfg
     self.embed = layers.TokenEmbedding(cfg)
     self.transformer = transformer.Transformer(cfg, causal=True)
+    self.pause_embedding = pause.make_param(self, cfg)
     if not cfg.tie_embeddings:
       self.lm_head = layers.make_param(self, 'lm_head', layers.fan_in_init(),
                                        (cfg.hidden_dim, cfg.vocab_size), ('embed', 'vocab'), cfg)
 
-  def logits(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic=True,
-             decode=False):
-    """Float32 next-token logits B x T x V (decode=True reads/writes the 'cache')."""
-    x_BxTxD = self.embed(inputs_BxT)
-    y_BxTxD = self.transformer(x_BxTxD, segment_ids_BxT, positions_BxT,
-                               deterministic=deterministic, decode=decode)
+  def head(self, y_BxTxD):
+    """Float32 logits B x T x V of final-normed core outputs (also the early exits' head)."""
     if self.cfg.tie_embeddings:
       return self.embed.attend(y_BxTxD)
     dtype = layers.dtype_of(self.cfg.dtype)
@@ -49,14 +48,55 @@ class BaselineLM(nn.Module):
                               preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BxTxV, layers.ACT_BxTxV)
 
+  def _core(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic, decode):
+    if self.pause_embedding is None:
+      x_BxTxD = self.embed(inputs_BxT)
+    else:
+      x_BxTxD = pause.substitute(self.embed(pause.strip(inputs_BxT)), pause.is_pause(inputs_BxT),
+                                 self.pause_embedding)
+    return self.transformer(x_BxTxD, segment_ids_BxT, positions_BxT,
+                            deterministic=deterministic, decode=decode, return_aux=True)
+
+  def logits(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic=True,
+             decode=False):
+    """Float32 next-token logits B x T x V (decode=True reads/writes the 'cache')."""
+    return self.logits_and_layers(inputs_BxT, segment_ids_BxT, positions_BxT,
+                                  deterministic=deterministic, decode=decode)[0]
+
+  def logits_and_layers(self, inputs_BxT, segment_ids_BxT, positions_BxT, *,
+                        deterministic=True, decode=False):
+    """(logits B x T x V, layers used f32 B x T): early exit applied at inference."""
+    y_BxTxD, aux = self._core(inputs_BxT, segment_ids_BxT, positions_BxT,
+                              deterministic=deterministic, decode=decode)
+    logits_BxTxV = self.head(y_BxTxD)
+    layers_BxT = jnp.full(logits_BxTxV.shape[:2], float(self.cfg.num_layers), jnp.float32)
+    threshold = float(self.cfg.get('early_exit_threshold', 0.0))
+    if deterministic and threshold > 0.0:
+      exited_BxT = jnp.zeros(layers_BxT.shape, bool)
+      for layer, _ in depth.early_exits(self.cfg):
+        exit_logits = self.head(aux['exits'][layer])
+        go_BxT = ~exited_BxT & (depth.exit_confidence(exit_logits) >= threshold)
+        logits_BxTxV = jnp.where(go_BxT[..., None], exit_logits, logits_BxTxV)
+        layers_BxT = jnp.where(go_BxT, float(layer), layers_BxT)
+        exited_BxT |= go_BxT
+    return logits_BxTxV, layers_BxT
+
   def __call__(self, batch, *, deterministic=True):
-    logits_BxTxV = self.logits(batch['inputs'], batch['segment_ids'], batch['positions'],
-                               deterministic=deterministic)
+    y_BxTxD, aux = self._core(batch['inputs'], batch['segment_ids'], batch['positions'],
+                              deterministic=deterministic, decode=False)
     targets_BxT = batch['targets']
-    logprobs_BxT, greedy_BxT = target_scores(logits_BxTxV, targets_BxT)
-    return dict(logprobs=logprobs_BxT,
-                units=jnp.ones(targets_BxT.shape, jnp.float32),
-                greedy=greedy_BxT)
+    logprobs_BxT, greedy_BxT = target_scores(self.head(y_BxTxD), targets_BxT)
+    out = dict(logprobs=logprobs_BxT,
+               units=jnp.ones(targets_BxT.shape, jnp.float32),
+               greedy=greedy_BxT)
+
+    def exit_scores(h_BxTxD):
+      logits_BxTxV = self.head(h_BxTxD)
+      return target_scores(logits_BxTxV, targets_BxT) + (depth.exit_confidence(logits_BxTxV),)
+
+    out = depth.add_exit_outputs(self.cfg, out, aux, exit_scores, batch['loss_mask'],
+                                 deterministic=deterministic)
+    return depth.add_token_aux(out, aux, batch['loss_mask'])
 
 
 def param_breakdown(params, model_cfg) -> dict[str, Any]:

@@ -22,8 +22,10 @@ import ml_collections
 
 from stlm import config_errors
 from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import
+from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
+from stlm.models import pause
 from stlm.models import transformer
 
 POOLINGS = ('mean', 'attention', 'last')
@@ -208,19 +210,54 @@ class BytePoolLM(nn.Module):
     self.byte_encoder = ByteEncoder(self.cfg)
     self.core = transformer.Transformer(self.cfg, causal=True)
     self.byte_decoder = ByteDecoder(self.cfg)
+    self.pause_embedding = pause.make_param(self, self.cfg)
 
   def encode(self, inputs_BxTxC, *, deterministic=True):
-    """Chunk byte ids B x T x C -> core inputs B x T x D."""
+    """Chunk byte ids B x T x C -> core inputs B x T x D (pause rows -> the pause vector)."""
     B, T, C = inputs_BxTxC.shape
-    x_NxD = self.byte_encoder(inputs_BxTxC.reshape(B * T, C), deterministic=deterministic)
-    return x_NxD.reshape(B, T, -1)
+    ids = inputs_BxTxC if self.pause_embedding is None else pause.strip(inputs_BxTxC)
+    x_NxD = self.byte_encoder(ids.reshape(B * T, C), deterministic=deterministic)
+    x_BxTxD = x_NxD.reshape(B, T, -1)
+    if self.pause_embedding is None:
+      return x_BxTxD
+    return pause.substitute(x_BxTxD, pause.is_pause(inputs_BxTxC), self.pause_embedding)
+
+  def _core(self, inputs_BxTxC, segment_ids_BxT, positions_BxT, *, deterministic, decode):
+    x_BxTxD = self.encode(inputs_BxTxC, deterministic=deterministic)
+    return self.core(x_BxTxD, segment_ids_BxT, positions_BxT, deterministic=deterministic,
+                     decode=decode, return_aux=True)
 
   def core_step(self, inputs_BxTxC, segment_ids_BxT, positions_BxT, *, deterministic=True,
                 decode=False):
     """Core outputs B x T x D for these chunks; decode=True appends them to the KV cache."""
-    x_BxTxD = self.encode(inputs_BxTxC, deterministic=deterministic)
-    return self.core(x_BxTxD, segment_ids_BxT, positions_BxT, deterministic=deterministic,
-                     decode=decode)
+    return self.core_step_and_layers(inputs_BxTxC, segment_ids_BxT, positions_BxT,
+                                     deterministic=deterministic, decode=decode)[0]
+
+  def core_step_and_layers(self, inputs_BxTxC, segment_ids_BxT, positions_BxT, *,
+                           deterministic=True, decode=False):
+    """(core outputs B x T x D, layers used f32 B x T): early exit applied at inference.
+
+    An exit's confidence is the decoder's first-slot confidence (the distribution of the next
+    chunk's first symbol), which needs no target bytes.
+    """
+    y_BxTxD, aux = self._core(inputs_BxTxC, segment_ids_BxT, positions_BxT,
+                              deterministic=deterministic, decode=decode)
+    layers_BxT = jnp.full(y_BxTxD.shape[:2], float(self.cfg.num_layers), jnp.float32)
+    threshold = float(self.cfg.get('early_exit_threshold', 0.0))
+    if deterministic and threshold > 0.0:
+      exited_BxT = jnp.zeros(layers_BxT.shape, bool)
+      for layer, _ in depth.early_exits(self.cfg):
+        h_BxTxD = aux['exits'][layer]
+        go_BxT = ~exited_BxT & (self._first_slot_confidence(h_BxTxD) >= threshold)
+        y_BxTxD = jnp.where(go_BxT[..., None], h_BxTxD, y_BxTxD)
+        layers_BxT = jnp.where(go_BxT, float(layer), layers_BxT)
+        exited_BxT |= go_BxT
+    return y_BxTxD, layers_BxT
+
+  def _first_slot_confidence(self, y_BxTxD):
+    B, T = y_BxTxD.shape[:2]
+    start = jnp.zeros((B, T, 1), jnp.int32)  # slot 0 reads only the start symbol
+    return depth.exit_confidence(self.decode_logits(y_BxTxD, start)[:, :, 0])
 
   def decode_logits(self, y_BxTxD, targets_BxTxC, *, deterministic=True):
     """Masked f32 logits of each next-chunk slot (slot j uses targets before j only)."""
@@ -232,11 +269,21 @@ class BytePoolLM(nn.Module):
     if inputs.ndim != 3 or targets.shape != inputs.shape:
       raise ValueError(f'byte_pool batches need inputs/targets B x T x C, got '
                        f'{inputs.shape} and {targets.shape}')
-    y_BxTxD = self.core_step(inputs, batch['segment_ids'], batch['positions'],
-                             deterministic=deterministic)
+    y_BxTxD, aux = self._core(inputs, batch['segment_ids'], batch['positions'],
+                              deterministic=deterministic, decode=False)
     logits = self.decode_logits(y_BxTxD, targets, deterministic=deterministic)
     logprobs, units, greedy = chunk_scores(logits, targets)
-    return dict(logprobs=logprobs, units=units, greedy=greedy), logits
+    out = dict(logprobs=logprobs, units=units, greedy=greedy)
+
+    def exit_scores(h_BxTxD):
+      # The early exit writes the next chunk through the same byte decoder.
+      exit_logits = self.decode_logits(h_BxTxD, targets, deterministic=deterministic)
+      lp, _, gr = chunk_scores(exit_logits, targets)
+      return lp, gr, depth.exit_confidence(exit_logits[:, :, 0])
+
+    out = depth.add_exit_outputs(self.cfg, out, aux, exit_scores, batch['loss_mask'],
+                                 deterministic=deterministic)
+    return depth.add_token_aux(out, aux, batch['loss_mask']), logits
 
   def __call__(self, batch, *, deterministic=True):
     return self.scores(batch, deterministic=deterministic)[0]

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stlm.models import depth
 from stlm.models import layers
 
 
@@ -52,7 +53,13 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, *, deterministic: bool,
-               decode: bool = False):
+               decode: bool = False, return_aux: bool = False):
+    """y_BxTxD; with return_aux, (y_BxTxD, aux) where aux holds the depth options' extras.
+
+    aux: exits {layer: final-normed hidden state} (LayerSkip early exits), token_stats and
+    token_extra {name: f32 BxT} (mixture of depths: processed flags, predictor loss); see
+    stlm/models/depth.py. All empty when those options are off.
+    """
     cfg = self.cfg
     if cfg.position not in layers.POSITIONS:
       raise ValueError(f'model.position {cfg.position!r} unknown; choose one of '
@@ -76,12 +83,28 @@ class Transformer(nn.Module):
 
     # A plain loop (not nn.scan): stable, readable names per layer, per-layer partition
     # specs without a stacked 'layers' axis, and compile time is small at <= 12 layers.
+    aux = depth.new_aux()
+    exit_layers = dict(depth.early_exits(cfg))
+    drop_rates = depth.layer_drop_rates(cfg)
+    final_norm = layers.Norm(cfg, name='final_norm')
     for i in range(cfg.num_layers):
-      x = Block(cfg, causal=self.causal, name=f'block_{i}')(
-          x, segment_ids_BxT, positions_BxT, deterministic=deterministic,
-          decode_mask_Bx1xTxL=mask, cache_index=index, write_cache=write)
+      block = Block(cfg, causal=self.causal, name=f'block_{i}')
+      kw = dict(deterministic=deterministic, decode_mask_Bx1xTxL=mask, cache_index=index,
+                write_cache=write)
+      if depth.is_routed(cfg, i):
+        x_new, sel_BxT, bce_BxT = depth.routed_block(
+            block, depth.Router(cfg, name=f'router_{i}'), x, segment_ids_BxT, positions_BxT,
+            **kw)
+        aux['token_stats'][f'mod_frac_block{i}'] = sel_BxT
+        aux['token_extra'][f'mod_predictor_block{i}'] = bce_BxT
+      else:
+        x_new = block(x, segment_ids_BxT, positions_BxT, **kw)
+      x = depth.layer_drop(self, x, x_new, drop_rates[i], deterministic=deterministic)
       x = nn.with_logical_constraint(x, layers.ACT_BxTxD)
-    return layers.Norm(cfg, name='final_norm')(x)
+      if return_aux and i + 1 in exit_layers:
+        aux['exits'][i + 1] = final_norm(x)  # LayerSkip shares the final norm and head
+    y = final_norm(x)
+    return (y, aux) if return_aux else y
 
   def _decode_state(self, segment_ids_BxT, B, T):
     """Advances the shared cache index; returns (mask B x 1 x T x L, start index, write?)."""
