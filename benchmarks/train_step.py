@@ -35,6 +35,9 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile-and-w
 def synthetic_batches(config, rng):
   """grad_accum x batch rows of the model's layout, every target real (no padding)."""
   m, t = config.model, config.train
+  if m.kind == 'byte_pool' and m.byte_pool.get('version', 'paper') == 'v2':
+    from stlm.models import byte_pool_v2  # pylint: disable=g-import-not-at-top
+    return byte_pool_v2.synthetic_batch(m, rng, (t.grad_accum, t.batch_size))
   shape = (t.grad_accum, t.batch_size, m.max_len)
   batch = factory.dummy_batch(m, t.batch_size, m.max_len)
   if m.kind == 'byte_pool':
@@ -68,7 +71,8 @@ def main(argv):
       jax.block_until_ready(m)
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  targets = config.train.grad_accum * config.train.batch_size * config.model.max_len
+  targets = float(batches['loss_mask'].sum()) if 'loss_mask' in batches else \
+      config.train.grad_accum * config.train.batch_size * config.model.max_len
   peak, source = metrics_lib.peak_flops_per_device()
   rate = targets / step_s
   mfu = rate * metrics_lib.flops_per_unit(config, breakdown) / (peak * jax.device_count())

@@ -79,6 +79,9 @@ def make_featurizer(config, tokenizer: Tokenizer):
   kind = config.model.kind
   if kind == 'baseline':
     return TokenFeaturizer(tokenizer, config.model.max_len)
+  if kind == 'byte_pool' and config.model.byte_pool.get('version', 'paper') == 'v2':
+    from stlm.data import byte_stream  # pylint: disable=g-import-not-at-top
+    return byte_stream.make_stream_featurizer(config, tokenizer)
   if kind == 'byte_pool':
     # Imported lazily: chunking is only needed (and only exists) for the byte-pool model.
     from stlm.data.chunking import ChunkFeaturizer  # pylint: disable=g-import-not-at-top

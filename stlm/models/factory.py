@@ -24,6 +24,9 @@ def build_model(model_cfg) -> nn.Module:
         raise
       raise ImportError('model.kind = "byte_pool" needs stlm/models/byte_pool.py '
                         '(BytePoolLM), which is not present in this checkout') from e
+    if model_cfg.byte_pool.get('version', 'paper') == 'v2':
+      from stlm.models import byte_pool_v2  # pylint: disable=g-import-not-at-top
+      return byte_pool_v2.BytePoolV2LM(model_cfg)
     return byte_pool.BytePoolLM(model_cfg)
   raise ValueError(f'model.kind {kind!r} unknown; choose one of {MODEL_KINDS}')
 
@@ -33,6 +36,9 @@ def dummy_batch(model_cfg, batch_size: int = 1, seq_len: int | None = None):
 
   numpy arrays: building it costs no device work or compilation.
   """
+  if model_cfg.kind == 'byte_pool' and model_cfg.byte_pool.get('version', 'paper') == 'v2':
+    from stlm.models import byte_pool_v2  # pylint: disable=g-import-not-at-top
+    return byte_pool_v2.dummy_batch(model_cfg, batch_size, seq_len)
   T = seq_len or min(model_cfg.max_len, 16)
   shape = (batch_size, T)
   if model_cfg.kind == 'byte_pool':

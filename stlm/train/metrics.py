@@ -45,6 +45,9 @@ def flops_per_unit(config, breakdown: dict) -> float:
   """
   m = config.model
   attention = 12 * m.num_layers * m.max_len * m.hidden_dim / 2  # causal: half the score matrix
+  if m.kind == 'byte_pool' and m.byte_pool.get('version', 'paper') == 'v2':
+    from stlm.models import byte_pool_v2  # pylint: disable=g-import-not-at-top
+    return byte_pool_v2.flops_per_target(m, breakdown)
   if m.kind == 'byte_pool':
     per_chunk = m.byte_pool.max_bytes_per_chunk + 1
     return 6 * (breakdown['core'] + per_chunk * (breakdown['embedding'] + breakdown['head'])) \
