@@ -56,8 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   b.local_window = 64            # sliding attention window of the local encoder and decoder
   b.encoder_context = 'window'   # window (earlier chunks' bytes visible) | chunk (own chunk only)
   b.decoder_context = 'window'   # window (previous bytes of earlier chunks) | chunk
-  b.ngram_sizes = (3, 4, 5)      # hashed byte n-gram embeddings added in the encoder (BLT)
-  b.ngram_buckets = 1024         # rows per n-gram table (0 = no n-gram embeddings)
+  b.ngram_sizes = (3, 4)         # hashed byte n-gram embeddings added in the encoder (BLT)
+  b.ngram_buckets = 512          # rows per n-gram table (0 = none); tiny's budget: 90% < 3.2M
 
   t = c.tokenizer = ml_collections.ConfigDict()
   t.kind = 'gpt2'                # gpt2 | sentencepiece | bytes

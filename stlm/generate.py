@@ -201,6 +201,11 @@ def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, te
   data = prompt_bytes(prompt)
   m = config.model
   out = bytearray()
+  if m.kind == 'byte_pool' and m.byte_pool.get('version', 'paper') == 'v2':
+    from stlm import generate_stream  # pylint: disable=g-import-not-at-top
+    pick = lambda logits, i: _pick_token(jax.random.fold_in(rng, i), logits, **sampling)
+    return generate_stream.generate(model, params, m, tokenizer, data, max_bytes=max_bytes,
+                                    sample=pick)
   if m.kind == 'byte_pool':
     width = chunking.chunk_width(m.byte_pool.max_bytes_per_chunk)
     rows, _ = chunking.encode_chunks(
