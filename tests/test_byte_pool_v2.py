@@ -75,9 +75,14 @@ def test_byte_ids_are_shared():
       chunking.PAD, chunking.END_OF_CHUNK, chunking.EOT)
 
 
-@pytest.mark.parametrize('overrides', [{}, {'pooling': 'attention'}, {'pooling': 'last'},
-                                       {'decoder_context': 'chunk', 'encoder_context': 'chunk',
-                                        'ngram_buckets': 0}])
+# Model variants: (pooling, contexts, n-grams); each compiles once for the whole module.
+DEFAULT = {}
+ATTENTION_CHUNK = {'pooling': 'attention', 'decoder_context': 'chunk',
+                   'encoder_context': 'chunk', 'ngram_buckets': 0}
+LAST = {'pooling': 'last'}
+
+
+@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK], ids=['default', 'attn_chunk'])
 def test_outputs_units_and_normalisation(batch, overrides):
   _, _, params, forward = setup(**overrides)
   out, logits = forward(params, batch)
@@ -100,7 +105,8 @@ def _chunk_bounds(starts):
   return np.append(b, len(starts))
 
 
-@pytest.mark.parametrize('overrides', [{}, {'decoder_context': 'chunk'}])
+@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK, LAST],
+                         ids=['default', 'attn_chunk', 'last'])
 def test_no_leak_from_later_chunks(batch, overrides):
   """Changing a byte of chunk k+1 (input k+1 = target k) never moves chunks <= k-1, nor the
   symbols of target k up to the changed one; the change is seen afterwards."""
