@@ -20,6 +20,16 @@ def chunk_width(max_bytes: int) -> int:
   return int(max_bytes) + 1
 
 
+# model.byte_pool.version: 'paper' (per-chunk slot rows, stlm/models/byte_pool.py) or 'v2'
+# (ragged byte stream, stlm/models/byte_pool_v2.py + stlm/data/byte_stream.py).
+VERSIONS = ('paper', 'v2')
+
+
+def is_stream(model_cfg) -> bool:
+  """Whether a byte_pool model config uses the v2 byte-stream layout."""
+  return model_cfg.byte_pool.get('version', 'paper') == 'v2'
+
+
 # Byte-pool v2 (ragged byte stream, stlm/data/byte_stream.py): symbols a row holds per chunk
 # position when model.byte_pool.stream_len is 0. GPT-2 chunks of English prose are ~4.4 bytes,
 # of the shared Wikipedia text ~3.2 (+1 END_OF_CHUNK each), so rows fill their chunk positions.

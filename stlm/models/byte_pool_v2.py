@@ -247,6 +247,31 @@ class BytePoolV2LM(nn.Module):
 
 
 # ---------------------------------------------------------------- the kind's description (v2)
+# (registered as the byte_pool kind's version 'v2' in stlm/models/byte_pool.py)
+
+
+def validate(model_cfg) -> None:
+  """The v2 keys: contexts, window, stream length, n-gram tables."""
+  from stlm import config_errors  # pylint: disable=g-import-not-at-top
+  b = model_cfg.byte_pool
+  for key in ('encoder_context', 'decoder_context'):
+    if b[key] not in CONTEXTS:
+      config_errors.fail(f'model.byte_pool.{key}', b[key],
+                         f'unknown value; choose one of {", ".join(CONTEXTS)}')
+  if not isinstance(b.local_window, int) or b.local_window < 1:
+    config_errors.fail('model.byte_pool.local_window', b.local_window, 'must be an integer >= 1')
+  if b.stream_len and b.stream_len < b.max_bytes_per_chunk + 1:
+    config_errors.fail('model.byte_pool.stream_len', b.stream_len,
+                       f'cannot hold one chunk of model.byte_pool.max_bytes_per_chunk + 1 = '
+                       f'{b.max_bytes_per_chunk + 1} symbols (0 = 5 x model.max_len)')
+  if b.ngram_buckets < 0 or any(int(n) < 1 for n in b.ngram_sizes):
+    config_errors.fail('model.byte_pool.ngram_sizes', tuple(b.ngram_sizes),
+                       'n-gram sizes must be >= 1 and ngram_buckets >= 0')
+  for enc in ('encoder', 'decoder'):
+    heads = b[f'{enc}_heads']
+    if (b.byte_dim // heads) % 2:
+      config_errors.fail(f'model.byte_pool.{enc}_heads', heads,
+                         f'gives an odd head size {b.byte_dim // heads} (RoPE needs even)')
 
 # GPT-2 chunk lengths (bytes, split at 16) measured on the first 200 documents of
 # ../shared/data/corpus/wikipedia_en/shard_00.jsonl (mean 3.16): synthetic benchmark rows get
@@ -263,7 +288,7 @@ def _stream_len(model_cfg) -> int:
 def dummy_batch(model_cfg, batch_size: int = 1, seq_len: int | None = None):
   """Zeros in the stream layout (one segment, one symbol per chunk): init and shapes only."""
   T = seq_len or min(model_cfg.max_len, 16)
-  S = _stream_len(model_cfg) if seq_len else max(T, 16)
+  S = max(_stream_len(model_cfg) * T // model_cfg.max_len, model_cfg.byte_pool.max_bytes_per_chunk + 1)
   B = batch_size
   ones_S = np.ones((B, S), np.int32)
   return dict(
