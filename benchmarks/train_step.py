@@ -60,7 +60,8 @@ def main(argv):
       jax.block_until_ready(m)
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  targets = config.train.grad_accum * config.train.batch_size * config.model.max_len
+  # Real targets (a ragged layout may leave a row's last chunk positions empty).
+  targets = float(np.sum(batches['loss_mask']))
   peak, source = metrics_lib.peak_flops_per_device()
   rate = targets / step_s
   mfu = rate * metrics_lib.flops_per_unit(config, breakdown) / (peak * jax.device_count())

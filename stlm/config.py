@@ -62,7 +62,15 @@ def base_config() -> ml_collections.ConfigDict:
   b.decoder_layers = 2
   b.decoder_heads = 4
   b.decoder_ffn_dim = 256
-  b.decoder = 'autoregressive'   # autoregressive | parallel
+  b.decoder = 'autoregressive'   # autoregressive | parallel (paper version only)
+  b.version = 'paper'            # paper (per-chunk slots) | v2 (ragged byte stream, local models)
+  # v2 only (stlm/models/byte_pool_v2.py, stlm/data/byte_stream.py):
+  b.stream_len = 0               # symbols per row of the byte stream (0 = 5 x max_len)
+  b.local_window = 64            # sliding attention window of the local encoder and decoder
+  b.encoder_context = 'window'   # window (earlier chunks' bytes visible) | chunk (own chunk only)
+  b.decoder_context = 'window'   # window (previous bytes of earlier chunks) | chunk
+  b.ngram_sizes = (3, 4)         # hashed byte n-gram embeddings added in the encoder (BLT)
+  b.ngram_buckets = 512          # rows per n-gram table (0 = none); tiny's budget: 90% < 3.2M
 
   t = c.tokenizer = ml_collections.ConfigDict()
   t.kind = 'gpt2'                # gpt2 | sentencepiece | bytes

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stlm import byte_ids
 from stlm.data import chunking
 from stlm.data import pauses
 from stlm.models import kinds
@@ -246,6 +247,11 @@ def prompt_bytes(prompt) -> bytes:
 
 def _generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling,
                      stats):
+  if byte_ids.is_stream(model_cfg):  # byte-pool v2: the ragged byte stream
+    from stlm import generate_stream  # pylint: disable=g-import-not-at-top
+    pick = lambda logits, i: _pick_token(jax.random.fold_in(rng, i), logits, **sampling)
+    return generate_stream.generate(model, params, model_cfg, tokenizer, data,
+                                    max_bytes=max_bytes, sample=pick)
   (width,) = kinds.get_kind(model_cfg.kind).unit_shape(model_cfg)
   max_chunk = width - 1  # one slot is END_OF_CHUNK's
   rows, _ = chunking.encode_chunks(chunking.chunk_bytes(data, tokenizer, max_chunk), width,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from stlm import byte_ids
 from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import
 
 
@@ -146,6 +147,10 @@ class ChunkFeaturizer:
 
 
 def make_chunk_featurizer(config, tokenizer) -> ChunkFeaturizer:
-  """The featurizer of byte-chunk kinds (registered in featurize.py as 'chunks')."""
+  """The featurizer of byte-chunk kinds (registered in featurize.py as 'chunks'): the slot
+  rows of version 'paper', or the ragged byte stream of version 'v2'."""
+  if byte_ids.is_stream(config.model):
+    from stlm.data import byte_stream  # pylint: disable=g-import-not-at-top
+    return byte_stream.make_stream_featurizer(config, tokenizer)
   return ChunkFeaturizer(tokenizer, config.model.max_len,
                          config.model.byte_pool.max_bytes_per_chunk)

@@ -89,7 +89,25 @@ def _examples(docs: grain.MapDataset, featurizer, config) -> grain.IterDataset:
   return grain.experimental.FlatMapIterDataset(ds, _Flatten())
 
 
-def _pack(examples: grain.IterDataset, config, bins: int, *, shuffle: bool) -> grain.IterDataset:
+class _FeaturizerRow(grain.transforms.Map):
+  """Packed features -> batch row by the featurizer's own `to_batch_row` (other layouts)."""
+
+  def __init__(self, featurizer):
+    self._featurizer = featurizer
+
+  def map(self, packed):
+    return self._featurizer.to_batch_row(packed)
+
+
+def _pack(examples: grain.IterDataset, config, bins: int, *, shuffle: bool,
+          featurizer=None) -> grain.IterDataset:
+  # A featurizer with its own layout (byte-pool v2: chunk keys of max_len, byte-stream keys
+  # of stream_len) names each key's row length; one example always goes whole into one row.
+  if hasattr(featurizer, 'length_struct'):
+    packed = grain.experimental.FirstFitPackIterDataset(
+        examples, length_struct=featurizer.length_struct(), num_packing_bins=bins,
+        seed=int(config.seed), shuffle_bins=shuffle)
+    return packed.map(_FeaturizerRow(featurizer))
   max_len = int(config.model.max_len)
   packed = grain.experimental.FirstFitPackIterDataset(
       examples, length_struct={k: max_len for k in EXAMPLE_KEYS},
@@ -114,7 +132,7 @@ def make_train_iter(config, featurizer, split: str = 'train', *, process_index: 
     # Windows of one long document arrive together; mix them with other documents'.
     ds = grain.experimental.WindowShuffleIterDataset(
         ds, window_size=int(config.data.shuffle_buffer), seed=int(config.seed) + 1)
-  ds = _pack(ds, config, bins=batch, shuffle=True).batch(batch, drop_remainder=True)
+  ds = _pack(ds, config, bins=batch, shuffle=True, featurizer=featurizer).batch(batch, drop_remainder=True)
   if int(config.data.num_workers) > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)))
   return iter(ds)
@@ -156,6 +174,8 @@ class _FixedCount(grain.DatasetIterator):
 
 
 def _empty_batch(featurizer, batch: int, max_len: int) -> dict[str, np.ndarray]:
+  if hasattr(featurizer, 'empty_batch'):
+    return featurizer.empty_batch(batch)
   # Trailing dims and dtypes come from a real example (e.g. [L, C] for byte_pool).
   example = featurizer.document('x')[0]
   out = {k: np.zeros((batch, max_len) + example[k].shape[1:], example[k].dtype)
@@ -176,7 +196,8 @@ def make_eval_iter(config, featurizer, split: str = 'validation', *, process_ind
   batch = batch_size or per_process_batch(config, process_count)
   docs = document_dataset(config, split, process_index=process_index,
                           process_count=process_count)
-  ds = _pack(_examples(docs, featurizer, config), config, bins=batch, shuffle=False)
+  ds = _pack(_examples(docs, featurizer, config), config, bins=batch, shuffle=False,
+             featurizer=featurizer)
   it = iter(ds.batch(batch, drop_remainder=False, batch_fn=_pad_batch(batch)))
   if num_batches is None:
     return it

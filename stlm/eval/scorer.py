@@ -109,6 +109,12 @@ class Scorer:
 
   def _batch(self, spans: Sequence[_Span], T: int):
     B = self.batch_size
+    if hasattr(self.featurizer, 'batch_spans'):  # a layout of its own (byte-pool v2 streams)
+      batch = self.featurizer.batch_spans([(s.example, s.lo, s.hi) for s in spans], B, T)
+      mask = np.zeros((B, T), bool)
+      for r, s in enumerate(spans):
+        mask[r, :s.hi - s.lo] = s.mask
+      return batch, mask & (batch['loss_mask'] > 0)
     first = spans[0].example
     batch = {k: np.zeros((B, T) + v.shape[1:], v.dtype) for k, v in first.items()}
     batch['segment_ids'] = np.zeros((B, T), np.int32)
@@ -200,7 +206,7 @@ class Scorer:
     # Consecutive windows share one position, so concatenating them rebuilds the whole
     # document's per-position arrays (inputs[t + 1] is targets[t]).
     full = {k: np.concatenate([w[k] for w in windows]) for k in windows[0]}
-    n = len(full['targets'])
+    n = len(full['loss_mask'])  # targets per position (stream layouts have more symbols)
     # Positions that predict nothing (loss_mask 0, e.g. before a pause) are not targets.
     real = full['loss_mask'] > 0
     return [_Span(full, lo, hi, (np.arange(lo, hi) >= a) & real[lo:hi], owner)

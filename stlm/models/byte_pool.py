@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from stlm import byte_ids
 from stlm import config_errors
 from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import
+from stlm.models import byte_pool_v2
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
@@ -344,6 +346,11 @@ def validate(model_cfg) -> None:
   if b.max_bytes_per_chunk < 1:
     config_errors.fail('model.byte_pool.max_bytes_per_chunk', b.max_bytes_per_chunk,
                        'must be >= 1')
+  if b.get('version', 'paper') not in byte_ids.VERSIONS:
+    config_errors.fail('model.byte_pool.version', b.version,
+                       f'unknown value; choose one of {", ".join(byte_ids.VERSIONS)}')
+  if byte_ids.is_stream(model_cfg):
+    byte_pool_v2.validate(model_cfg)
   for enc in ('encoder', 'decoder'):
     heads = b[f'{enc}_heads']
     if b.byte_dim % heads:
@@ -355,17 +362,44 @@ def _unit_shape(model_cfg):
   return (chunk_width(model_cfg.byte_pool.max_bytes_per_chunk),)
 
 
+# model.byte_pool.version picks the layout and model: 'paper' (this module: slot rows) or
+# 'v2' (stlm/models/byte_pool_v2.py: ragged byte stream). Only this description dispatches.
+
+
+def _build(model_cfg):
+  if byte_ids.is_stream(model_cfg):
+    return byte_pool_v2.BytePoolV2LM(model_cfg)
+  return BytePoolLM(model_cfg)
+
+
+def _dummy_batch(model_cfg, batch_size=1, seq_len=None):
+  if byte_ids.is_stream(model_cfg):
+    return byte_pool_v2.dummy_batch(model_cfg, batch_size, seq_len)
+  # One slot more than the longest chunk: room for its end-of-chunk symbol.
+  return kinds.layout_batch(model_cfg, _unit_shape(model_cfg), batch_size, seq_len)
+
+
+def _synthetic_batch(model_cfg, rng, leading_shape):
+  if byte_ids.is_stream(model_cfg):
+    return byte_pool_v2.synthetic_batch(model_cfg, rng, leading_shape)
+  return kinds.random_batch(model_cfg, _unit_shape(model_cfg), rng, leading_shape, BYTE_OFFSET,
+                            BYTE_VOCAB)
+
+
+def _flops_per_target(model_cfg, breakdown):
+  if byte_ids.is_stream(model_cfg):
+    return byte_pool_v2.flops_per_target(model_cfg, breakdown)
+  return flops_per_target(model_cfg, breakdown)
+
+
 KIND = kinds.register_kind(kinds.ModelKind(
     name='byte_pool',
-    build=BytePoolLM,
-    unit_shape=_unit_shape,
-    # One slot more than the longest chunk: room for its end-of-chunk symbol.
-    dummy_batch=lambda model_cfg, batch_size=1, seq_len=None: kinds.layout_batch(
-        model_cfg, _unit_shape(model_cfg), batch_size, seq_len),
-    synthetic_batch=lambda model_cfg, rng, leading_shape: kinds.random_batch(
-        model_cfg, _unit_shape(model_cfg), rng, leading_shape, BYTE_OFFSET, BYTE_VOCAB),
+    build=_build,
+    unit_shape=_unit_shape,   # the paper layout's chunk rows (v2 streams have no unit width)
+    dummy_batch=_dummy_batch,
+    synthetic_batch=_synthetic_batch,
     param_breakdown=param_breakdown,
-    flops_per_target=flops_per_target,
+    flops_per_target=_flops_per_target,
     target_unit='chunks',
     featurizer='chunks',
     generation='chunks',

@@ -1,0 +1,161 @@
+"""Equal-core comparison: baseline vs byte-pool paper vs byte-pool v2 (+ v2 ablations).
+
+  python -m stlm.experiments.equal_core --core=4x128 --context=128 --batch=16 --steps=600 \
+      --data=../shared/data/corpus/wikipedia_en --workdir=runs/equal_core
+
+Every variant trains the same core (layers x hidden, heads, FFN, context) on the same data
+with the same seed, batch and steps, so the same number of targets (tokens = chunks, one chunk
+per GPT-2 token) is seen. Then each export scores the same held-out documents (the first
+--eval_docs of the validation split) with the scorer: bits per byte = summed nats / ln 2 /
+UTF-8 bytes. The table (markdown, also written to <workdir>/table.md) gives parameters, the
+byte encoder + decoder (or embedding + head), training FLOPs per target, wall time, train
+throughput and held-out bits per byte. A finished variant is not retrained (its export and
+result are reused), so an interrupted comparison resumes.
+"""
+
+import json
+
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import jax
+
+from configs import baseline as baseline_config
+from configs import byte_pool as byte_pool_config
+from stlm import export as export_lib
+from stlm.data import pipeline
+from stlm.data import tfds_builders
+from stlm.eval import perplexity
+from stlm.eval import scorer as scorer_lib
+from stlm.models import factory
+from stlm.train import loop
+from stlm.train import metrics as metrics_lib
+
+# name -> (config module, model.byte_pool overrides); v2 rows add one ingredient at a time.
+_CHUNK_ONLY = dict(encoder_context='chunk', decoder_context='chunk', ngram_buckets=0)
+VARIANTS = {
+    'baseline': (baseline_config, None),
+    'paper': (byte_pool_config, dict(version='paper')),
+    'v2': (byte_pool_config, dict(version='v2')),
+    'v2_ragged_only': (byte_pool_config, dict(version='v2', **_CHUNK_ONLY)),
+    'v2_prev_bytes_decoder': (byte_pool_config, dict(version='v2', encoder_context='chunk',
+                                                     ngram_buckets=0)),
+    'v2_prev_bytes_ngram': (byte_pool_config, dict(version='v2', encoder_context='chunk')),
+    'v2_pool_attention': (byte_pool_config, dict(version='v2', pooling='attention')),
+    'v2_pool_last': (byte_pool_config, dict(version='v2', pooling='last')),
+}
+
+_CORE = flags.DEFINE_string('core', '4x128', 'layers x hidden of the shared core.')
+_HEADS = flags.DEFINE_string('heads', '4/2', 'attention heads / kv heads of the core.')
+_FFN = flags.DEFINE_integer('ffn', 0, 'FFN width of the core (0 = 3 x hidden).')
+_CONTEXT = flags.DEFINE_integer('context', 128, 'context: tokens = chunks.')
+_BATCH = flags.DEFINE_integer('batch', 16, 'rows per step.')
+_STEPS = flags.DEFINE_integer('steps', 600, 'train steps.')
+_LR = flags.DEFINE_float('lr', 3e-3, 'peak learning rate (warmup 10% of steps, cosine).')
+_DATA = flags.DEFINE_string('data', '../shared/data/corpus/wikipedia_en',
+                            'directory of .txt/.jsonl documents (data.source=local).')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', 'tfds ArrayRecord cache (default: stlm\'s).')
+_VARIANTS = flags.DEFINE_list('variants', 'baseline,paper,v2',
+                              f'rows to run, of {",".join(VARIANTS)}.')
+_EVAL_DOCS = flags.DEFINE_integer('eval_docs', 40, 'held-out documents scored per variant.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/equal_core', 'one subdirectory per variant.')
+_SEED = flags.DEFINE_integer('seed', 0, 'seed of init and data order (same for every row).')
+
+
+def variant_config(name: str):
+  """The config of one row: its family's tiny preset, then the shared core and training."""
+  if name not in VARIANTS:
+    raise app.UsageError(f'--variants: unknown {name!r}; choose from {", ".join(VARIANTS)}')
+  module, byte_overrides = VARIANTS[name]
+  c = module.get_config('tiny')
+  layers, hidden = (int(x) for x in _CORE.value.lower().split('x'))
+  heads, kv = (int(x) for x in _HEADS.value.split('/'))
+  c.model.update(num_layers=layers, hidden_dim=hidden, num_heads=heads, num_kv_heads=kv,
+                 ffn_dim=_FFN.value or 3 * hidden, max_len=_CONTEXT.value, dropout=0.0)
+  if byte_overrides:
+    c.model.byte_pool.update(byte_overrides)
+  c.name = f'equal_core_{name}'
+  c.seed = _SEED.value
+  c.train.update(batch_size=_BATCH.value, grad_accum=1, steps=_STEPS.value, lr=_LR.value,
+                 warmup_steps=max(_STEPS.value // 10, 1), log_every=max(_STEPS.value // 20, 1),
+                 eval_every=_STEPS.value, eval_batches=4, ckpt_every=_STEPS.value)
+  c.data.update(source='local', path=os.path.abspath(_DATA.value), decode_errors='replace',
+                val_fraction=0.02)
+  if _DATA_DIR.value:
+    c.data.data_dir = _DATA_DIR.value
+  return c
+
+
+def held_out_texts(config, n: int) -> list[str]:
+  docs = pipeline.document_dataset(config, 'validation')
+  return [tfds_builders.record_text(docs[i]) for i in range(min(n, len(docs)))]
+
+
+def run_variant(name: str) -> dict:
+  config = variant_config(name)
+  workdir = os.path.join(_WORKDIR.value, name)
+  result_path = os.path.join(workdir, 'result.json')
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  start = time.perf_counter()
+  loop.train(config, workdir)
+  wall = time.perf_counter() - start
+  exported = export_lib.load_export(os.path.join(workdir, 'export'))
+  breakdown = factory.param_breakdown(exported.params, exported.config.model)
+  scorer = scorer_lib.Scorer(exported.model, exported.params, exported.featurizer)
+  ppl = perplexity.perplexity(scorer, held_out_texts(exported.config, _EVAL_DOCS.value))
+  rates = []
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      m = json.loads(line)
+      if m.get('split') == 'train' and 'targets_per_s' in m:
+        rates.append(m['targets_per_s'])
+  result = dict(
+      variant=name, params=breakdown['total'],
+      embed_head=breakdown['embedding'] + breakdown['head'],
+      flops_per_target=metrics_lib.flops_per_unit(exported.config, breakdown),
+      wall_s=wall, targets_per_s=sorted(rates)[len(rates) // 2] if rates else float('nan'),
+      bits_per_byte=ppl['bits_per_byte'], documents=ppl['documents'], bytes=ppl['bytes'])
+  with open(result_path, 'w') as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def table(results: list[dict]) -> str:
+  base = next((r['bits_per_byte'] for r in results if r['variant'] == 'baseline'), None)
+  lines = ['| variant | params | byte enc+dec / embed+head | train GFLOPs/target | wall time | '
+           'train targets/s | held-out bits/byte | vs baseline |', '|' + '---|' * 8]
+  for r in results:
+    ratio = f"{r['bits_per_byte'] / base:.3f}x" if base else '-'
+    lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['embed_head'] / 1e6:.3f}M | "
+                 f"{r['flops_per_target'] / 1e9:.4f} | {r['wall_s']:.0f} s | "
+                 f"{r['targets_per_s']:.0f} | {r['bits_per_byte']:.4f} | {ratio} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  results = []
+  for name in _VARIANTS.value:
+    variant_config(name)   # an unknown name stops the run before anything trains
+  for name in _VARIANTS.value:
+    results.append(run_variant(name))
+    text = table(results)
+    with open(os.path.join(_WORKDIR.value, 'table.md'), 'w') as f:
+      f.write(f'core {_CORE.value}, heads {_HEADS.value}, context {_CONTEXT.value}, batch '
+              f'{_BATCH.value}, {_STEPS.value} steps, seed {_SEED.value}, data {_DATA.value}, '
+              f'{_EVAL_DOCS.value} held-out documents; {jax.device_count()} x '
+              f'{jax.devices()[0].device_kind}\n\n{text}\n')
+    print(text, flush=True)
+
+
+
+if __name__ == '__main__':
+  app.run(main)
