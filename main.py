@@ -40,7 +40,7 @@ def main(argv):
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join('runs', f'{config.name}_{config.preset}')
   try:
-    loop.train(config, workdir)
+    loop.train(config, workdir, config_flags.get_config_filename(FLAGS['config']))
   except (config_validate.ConfigError, corpus.CorpusError,
           checkpoint.CheckpointMismatchError) as e:
     # Bad input, not a bug: the message says what and where; a traceback would bury it.

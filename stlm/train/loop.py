@@ -23,6 +23,7 @@ from stlm.models import factory
 from stlm.train import checkpoint
 from stlm.train import metrics as metrics_lib
 from stlm.train import optimizer as optimizer_lib
+from stlm.train import run_info
 from stlm.train import sharding
 from stlm.train import step as step_lib
 
@@ -118,8 +119,21 @@ def evaluate(eval_fn, params, eval_iter, mesh, max_batches=None) -> dict:
           'targets': totals['targets'], 'bytes': totals['bytes']}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the run in workdir; returns the final validation metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str,
+          config_path: str | None = None) -> dict:
+  """Trains (or resumes) the run in workdir; returns the final validation metrics.
+
+  `config_path` (the --config file) gives run.json the config's docstring.
+  """
+  recorder = run_info.RunRecorder(os.path.abspath(workdir), config, config_path)
+  try:
+    return _train(config, workdir, recorder)
+  except BaseException as e:  # also KeyboardInterrupt: the report must say it stopped
+    recorder.crashed(e)
+    raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked private copy
   config_validate.validate(config)
   workdir = os.path.abspath(workdir)
@@ -153,6 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     breakdown = factory.param_breakdown(state.params, config.model)
     writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step)
+    recorder.start(config, breakdown, start_step)
     writer.message(_describe(config, state.params, breakdown, mesh, workdir, start_step))
     peak, peak_source = metrics_lib.peak_flops_per_device()
     flops_per_unit = metrics_lib.flops_per_unit(config, breakdown)
@@ -164,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     config.train.eval_batches or None)
       writer.write(0, 'validation', ev)
     last_time, last_step = time.perf_counter(), start_step
-    final_eval = None
+    final_eval, rate = None, None
     for step in range(start_step + 1, config.train.steps + 1):
       micro = [next(train_iter) for _ in range(config.train.grad_accum)]
       state, m = train_fn(state, sharding.global_batch(_stack(micro), mesh, True))
@@ -187,6 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.message(f'step {step}: validation loss {ev["loss"]:.4f}, '
                        f'bits/byte {ev["bits_per_byte"]:.4f}')
         final_eval = ev
+        recorder.evaluated(step, ev, rate)
         last_time = time.perf_counter()  # evaluation time is not training throughput
       if step % config.train.ckpt_every == 0 or step == config.train.steps:
         ckpts.save(step, state, train_iter, force=step == config.train.steps)
@@ -201,7 +217,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     export_lib.save_export(export_dir, state.params, config)
     writer.message(f'exported params + config to {export_dir}')
     writer.close()
-  _final_benchmarks(config, export_dir, workdir)
+  results_path = _final_benchmarks(config, export_dir, workdir)
+  if results_path:
+    recorder.results(results_path)
+  recorder.finished()
   return final_eval
 
 
@@ -275,11 +294,16 @@ def _describe(config, params, breakdown, mesh, workdir, start_step) -> str:
   return '\n'.join(lines)
 
 
-def _final_benchmarks(config, export_dir: str, workdir: str) -> None:
+def _final_benchmarks(config, export_dir: str, workdir: str) -> str | None:
+  """Runs train.final_eval_benchmarks; writes and returns <workdir>/results.json."""
   names = [n for n in config.train.final_eval_benchmarks.split(',') if n]
   if not names:
-    return
+    return None
   from stlm.eval import benchmarks  # pylint: disable=g-import-not-at-top
-  results = benchmarks.run_benchmarks(export_lib.load_export(export_dir), names,
-                                      config.train.final_eval_data_dir)
+  exported = export_lib.load_export(export_dir)
+  results = benchmarks.run_benchmarks(exported, names, config.train.final_eval_data_dir)
   print(f'final benchmarks ({workdir}): {results}')
+  path = os.path.join(workdir, run_info.RESULTS_FILE)
+  if jax.process_index() == 0:
+    benchmarks.write_results(path, exported, export_dir, results)
+  return path
