@@ -120,3 +120,29 @@ def test_cli_argv_adds_model_tasks_and_data_dir():
   assert argv[:2] == ['--model', 'stlm']
   assert argv[argv.index('--include_path') + 1] == harness.TASKS_DIR
   assert argv[argv.index('--metadata') + 1] == '{"a": 1, "data_dir": "/d"}'
+
+
+def test_old_eot_convention_is_an_option(setup):
+  _, _, scorer = setup
+  pairs = [('The cat sat on the', ' mat'), ('', 'Colorless green ideas.')]
+  new = [r.logprob for r in scorer.loglikelihood(pairs)]
+  scorer.always_prefix_eot = True
+  try:
+    old = [r.logprob for r in scorer.loglikelihood(pairs)]
+  finally:
+    scorer.always_prefix_eot = False
+  assert old[0] != new[0] and old[1] == new[1]  # an empty context had EOT either way
+
+
+def test_requested_split_and_size_weighted_mmlu(setup):
+  root, _, scorer = setup
+  with pytest.raises(loaders.DataError, match='No arc_easy data'):
+    benchmarks.evaluate(scorer, 'arc_easy:test', root, limit=4)
+  res = benchmarks.evaluate(scorer, 'arc_easy:test', root, limit=4, allow_split_fallback=True)
+  assert res['split'] == 'dev' and res['requested_split'] == 'test'
+  assert res['always_prefix_eot'] is False
+  mmlu = benchmarks.evaluate(scorer, 'mmlu', root, limit=12)
+  assert mmlu['main'] == 'acc' and 'acc_macro' in mmlu
+  table = benchmarks.markdown_table('m', 10, dict(arc_easy=res, mmlu=mmlu)).splitlines()
+  assert [c.strip() for c in table[3].strip('|').split('|')] == [
+      'split', '', '-', '-', 'dev', '-', 'dev', '-']
