@@ -42,7 +42,14 @@ def main(argv):
     if specs and not _DATA.value:
       raise loaders.DataError('--data_dir is required to run benchmarks')
     for n, split in specs:  # fail before loading the model if a benchmark's files are missing
-      loaders.check_available(n, _DATA.value, None if _FALLBACK.value else split)
+      try:
+        loaders.check_available(n, _DATA.value, None if _FALLBACK.value else split)
+      except loaders.DataError as e:
+        if split is None:
+          raise
+        raise loaders.DataError(f'{e}\n(split {split!r} was requested by --benchmarks={n}:'
+                                f'{split}; --allow_split_fallback takes the first split '
+                                'present instead)') from None
     docs = perplexity.read_documents(_TEXT.value) if _TEXT.value else None
     exported = benchmarks.open_checkpoint(_CKPT.value)
     window = exported.config.model.max_len
