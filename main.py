@@ -86,7 +86,7 @@ def main(argv):
     _bad_flag(e)
   workdir = FLAGS.workdir or os.path.join('runs', f'{config.name}_{config.preset}')
   try:
-    loop.train(config, workdir)
+    loop.train(config, workdir, config_flags.get_config_filename(FLAGS['config']))
   except (config_validate.ConfigError, corpus.CorpusError, checkpoint.CheckpointMismatchError,
           checkpoint.DamagedCheckpointError, divergence.DivergenceError) as e:
     # Bad input or a diverged run, not a bug: the message says what and where; a traceback

@@ -84,3 +84,9 @@ def load_export(directory: str) -> Exported:
     params = ckptr.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR), abstract)
   return Exported(model=model, params=params, config=config, tokenizer=tokenizer,
                   featurizer=featurize.make_featurizer(config, tokenizer))
+
+
+if __name__ == '__main__':
+  # python -m stlm.export --checkpoint=<run>/export --format=hf --out=<dir>
+  from stlm import hf_export  # pylint: disable=g-import-not-at-top
+  hf_export.run_cli()

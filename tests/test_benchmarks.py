@@ -191,7 +191,7 @@ def test_mmlu_and_winogrande_runs(shared_data, random_scorer):
   scorer = random_scorer
   root = shared_data / 'benchmarks'
   mmlu = benchmarks.evaluate(scorer, 'mmlu', root, limit=20, mmlu_shots=1)
-  assert mmlu['main'] == 'acc_macro' and mmlu['shots'] == 1 and mmlu['chance'] == 0.25
+  assert mmlu['main'] == 'acc' and mmlu['shots'] == 1 and mmlu['chance'] == 0.25
   assert sum(g['n'] for g in mmlu['groups']['subject'].values()) == 20
   wino = benchmarks.evaluate(scorer, 'winogrande', root, limit=10)
   assert wino['n'] == 10 and wino['split'] == 'train_xs' and 0 <= wino['acc'] <= 1

@@ -142,4 +142,10 @@ def test_pair_masks_the_continuation(gpt2):
     cont = (context[len(context) - moved:] + continuation).encode()
     assert int(ex['target_bytes'][mask].sum()) == len(cont)
     assert chunking.chunks_to_bytes(ex['targets'][mask]) == cont
-    assert chunking.chunks_to_bytes(ex['targets'][~mask]) == context.rstrip().encode()
+    # No end-of-text before a non-empty context (harness convention): the first context
+    # chunk is an input only, never a target.
+    ctx_chunks = f.chunks(context.rstrip())
+    assert chunking.chunks_to_bytes(ex['targets'][~mask]) == b''.join(ctx_chunks[1:])
+    old, old_mask = f.pair(context, continuation, always_prefix_eot=True)
+    assert chunking.chunks_to_bytes(old['targets'][old_mask]) == cont
+    assert chunking.chunks_to_bytes(old['targets'][~old_mask]) == context.rstrip().encode()

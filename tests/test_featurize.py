@@ -52,16 +52,28 @@ def test_empty_document_has_no_examples():
 
 
 def test_pair_like_lm_eval_harness():
+  """No end-of-text before a non-empty context (the harness's prefix token only for '')."""
   f = featurize.TokenFeaturizer(GPT2, 4)  # pair() is never windowed, whatever max_len is
   context, continuation = 'The capital of France is', ' Paris, of course'
   example, mask = f.pair(context, continuation)
   ctx, cont = GPT2.encode(context), GPT2.encode(continuation)
-  np.testing.assert_array_equal(example['inputs'], [GPT2.eot_id] + ctx + cont[:-1])
-  np.testing.assert_array_equal(example['targets'], ctx + cont)
+  np.testing.assert_array_equal(example['inputs'], ctx + cont[:-1])
+  np.testing.assert_array_equal(example['targets'], ctx[1:] + cont)
   assert mask.dtype == bool and mask.sum() == len(cont)
   np.testing.assert_array_equal(example['targets'][mask], cont)
+  assert not mask[:len(ctx) - 1].any()
+  np.testing.assert_array_equal(example['loss_mask'], np.ones(len(ctx) + len(cont) - 1))
+
+
+def test_pair_always_prefix_eot_keeps_the_old_convention():
+  f = featurize.TokenFeaturizer(GPT2, 4)
+  context, continuation = 'The capital of France is', ' Paris, of course'
+  example, mask = f.pair(context, continuation, always_prefix_eot=True)
+  ctx, cont = GPT2.encode(context), GPT2.encode(continuation)
+  np.testing.assert_array_equal(example['inputs'], [GPT2.eot_id] + ctx + cont[:-1])
+  np.testing.assert_array_equal(example['targets'], ctx + cont)
+  np.testing.assert_array_equal(example['targets'][mask], cont)
   assert not mask[:len(ctx)].any()
-  np.testing.assert_array_equal(example['loss_mask'], np.ones(len(ctx) + len(cont)))
 
 
 def test_pair_moves_trailing_space_to_continuation():

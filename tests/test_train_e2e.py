@@ -71,6 +71,20 @@ def test_tiny_preset_learns_real_text(trained, name):
   assert (trained[name] / 'export' / 'config.json').is_file()
 
 
+@pytest.mark.parametrize('name', ['baseline', 'byte_pool'])
+def test_run_json_describes_the_finished_run(trained, name):
+  info = json.loads((trained[name] / 'run.json').read_text())
+  assert info['status'] == 'finished' and info['end_time'] and info['error'] is None
+  assert info['config_file'] == f'configs/{name}.py' and info['config']['name'] == name
+  assert info['config_docstring'].startswith('The ')
+  assert info['steps_done'] == 300 and info['tokens_seen'] == 300 * info['tokens_per_step']
+  val = read_metrics(trained[name], 'validation')[-1]
+  assert info['final_validation']['bits_per_byte'] == pytest.approx(val['bits_per_byte'])
+  assert info['params']['total'] > 0 and info['throughput']['targets_per_s'] > 0
+  assert info['wall_time_s'] > 0 and 'commit' in info['git']
+  assert all('time' in r for r in read_metrics(trained[name], 'validation'))
+
+
 def test_trained_model_beats_chance_on_local_cue_blimp(trained, shared_data, tmp_path):
   from stlm import export  # pylint: disable=g-import-not-at-top
   from stlm.eval import benchmarks  # pylint: disable=g-import-not-at-top

@@ -129,20 +129,24 @@ class ChunkFeaturizer:
     return [self._example(in_ids, tgt_ids, lengths, s, min(s + self.max_len + 1, n_targets + 1))
             for s in range(0, n_targets, self.max_len)]
 
-  def pair(self, context: str, continuation: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """`[eot] + chunks(context) + chunks(continuation)`, chunked separately.
+  def pair(self, context: str, continuation: str, *, always_prefix_eot: bool = False
+           ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`chunks(context) + chunks(continuation)`, chunked separately.
 
     Trailing whitespace of the context moves to the continuation (the baseline's
-    lm-eval-harness convention). Returns the example and a bool mask of continuation targets.
+    lm-eval-harness convention); the end-of-text chunk is prepended only when the context
+    is empty, or always with `always_prefix_eot`. Returns the example and a bool mask of
+    continuation targets.
     """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
       context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     ctx, cont = self.chunks(context), self.chunks(continuation)
-    in_ids, tgt_ids, lengths = self.sequence(ctx + cont, eot_start=True)
+    prefix = 1 if always_prefix_eot or not ctx else 0
+    in_ids, tgt_ids, lengths = self.sequence(ctx + cont, eot_start=bool(prefix))
     example = self._example(in_ids, tgt_ids, lengths, 0, len(in_ids))
     mask = np.zeros(len(in_ids) - 1, bool)
-    mask[len(ctx):] = True
+    mask[prefix + len(ctx) - 1:] = True
     return example, mask
 
 

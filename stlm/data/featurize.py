@@ -56,21 +56,25 @@ class TokenFeaturizer:
     return [self._example(doc[s:s + self.max_len + 1])
             for s in range(0, n_targets, self.max_len)]
 
-  def pair(self, context: str, continuation: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """`[eot] + enc(context) + enc(continuation)`, encoded separately as lm-eval-harness does.
+  def pair(self, context: str, continuation: str, *, always_prefix_eot: bool = False
+           ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`enc(context) + enc(continuation)`, encoded separately, as lm-eval-harness scores.
 
     Trailing whitespace of the context moves to the continuation (harness convention, so
-    ' word' stays one token). Returns the example and a bool mask of continuation targets.
+    ' word' stays one token). End-of-text is prepended only when the context is empty (the
+    harness's prefix token), or always with `always_prefix_eot` (this repo's old default).
+    Returns the example and a bool mask of continuation targets.
     """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
       context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     ctx = self.tokenizer.encode(context)
     cont = self.tokenizer.encode(continuation)
-    seq = np.asarray([self.tokenizer.eot_id] + ctx + cont, np.int32)
+    prefix = [self.tokenizer.eot_id] if always_prefix_eot or not ctx else []
+    seq = np.asarray(prefix + ctx + cont, np.int32)
     example = self._example(seq)
     mask = np.zeros(len(seq) - 1, bool)
-    mask[len(ctx):] = True  # targets len(ctx).. are the continuation's tokens
+    mask[len(prefix) + len(ctx) - 1:] = True  # targets from there on are the continuation's
     return example, mask
 
 

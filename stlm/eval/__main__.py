@@ -3,7 +3,6 @@
 Writes results.json next to the checkpoint and prints the paper's Table 2 as Markdown.
 """
 
-import json
 import os
 import sys
 
@@ -15,11 +14,16 @@ from stlm.data import corpus
 from stlm.eval import benchmarks
 from stlm.eval import loaders
 from stlm.eval import perplexity
-from stlm.models import factory
 
 _CKPT = flags.DEFINE_string('checkpoint', None, '<workdir>/export of a training run.')
 _BENCH = flags.DEFINE_string('benchmarks', ','.join(benchmarks.TABLE),
-                             f'Comma list of: {", ".join(benchmarks.KNOWN)} ("" = none).')
+                             f'Comma list of: {", ".join(benchmarks.KNOWN)} ("" = none); '
+                             'name:split requests a split (arc_easy:test).')
+_FALLBACK = flags.DEFINE_bool('allow_split_fallback', False, 'A requested split that is '
+                              'missing falls back to the default order instead of failing.')
+_PREFIX = flags.DEFINE_bool('always_prefix_eot', False, 'Prepend end-of-text to every context '
+                            '(the old convention); default: only to an empty context, as '
+                            'lm-evaluation-harness.')
 _DATA = flags.DEFINE_string('data_dir', None, 'Directory holding the benchmark releases.')
 _TEXT = flags.DEFINE_list('text', [], 'Held-out .txt/.jsonl files for bits per byte.')
 _STRIDE = flags.DEFINE_integer('stride', None, 'Sliding-window stride (default: the window).')
@@ -34,34 +38,40 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's restore chatter off the table
   try:
-    names = benchmarks.parse_names(_BENCH.value)
-    if names and not _DATA.value:
+    specs = benchmarks.parse_specs(_BENCH.value)
+    if specs and not _DATA.value:
       raise loaders.DataError('--data_dir is required to run benchmarks')
-    for n in names:  # fail before loading the model if a benchmark's files are missing
-      loaders.check_available(n, _DATA.value)
+    for n, split in specs:  # fail before loading the model if a benchmark's files are missing
+      try:
+        loaders.check_available(n, _DATA.value, None if _FALLBACK.value else split)
+      except loaders.DataError as e:
+        if split is None:
+          raise
+        raise loaders.DataError(f'{e}\n(split {split!r} was requested by --benchmarks={n}:'
+                                f'{split}; --allow_split_fallback takes the first split '
+                                'present instead)') from None
     docs = perplexity.read_documents(_TEXT.value) if _TEXT.value else None
     exported = benchmarks.open_checkpoint(_CKPT.value)
     window = exported.config.model.max_len
     if _STRIDE.value is not None and not 1 <= _STRIDE.value <= window:
       raise loaders.DataError(f'--stride={_STRIDE.value} must be in 1..{window} (the window)')
-    scorer = benchmarks.make_scorer(exported, _BATCH.value, progress=True, verbose=True)
-    results = benchmarks.run_benchmarks(exported, names, _DATA.value, _LIMIT.value,
+    scorer = benchmarks.make_scorer(exported, _BATCH.value, progress=True, verbose=True,
+                                    always_prefix_eot=_PREFIX.value)
+    results = benchmarks.run_benchmarks(exported, _BENCH.value, _DATA.value, _LIMIT.value,
                                         seed=_SEED.value, mmlu_shots=_SHOTS.value,
-                                        scorer=scorer)
+                                        scorer=scorer, allow_split_fallback=_FALLBACK.value)
     ppl = None
     if docs is not None:
       ppl = perplexity.perplexity(scorer, docs, _STRIDE.value)
       ppl['files'] = list(_TEXT.value)
   except (loaders.DataError, corpus.CorpusError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
-  n_params = factory.count_params(exported.params)
-  out = dict(model=exported.config.get('name', 'model'), kind=exported.config.model.kind,
-             checkpoint=os.path.abspath(_CKPT.value), parameters=n_params,
-             benchmarks=results, perplexity=ppl)
   path = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_CKPT.value)),
                                     'results.json')
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(out, f, indent=2)
+  out = benchmarks.write_results(
+      path, exported, _CKPT.value, results, ppl,
+      scoring=dict(always_prefix_eot=_PREFIX.value, allow_split_fallback=_FALLBACK.value))
+  n_params = out['parameters']
   print(benchmarks.markdown_table(out['model'], n_params, results, ppl))
   print(f'\nwrote {path}')
 

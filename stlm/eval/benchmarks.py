@@ -26,16 +26,27 @@ DEFAULT_SEED = 1234
 _NORM = {'hellaswag', 'arc_easy', 'arc_challenge', 'piqa', 'openbookqa', 'copa'}
 
 
-def parse_names(names) -> list[str]:
-  """Benchmark names from a list or a comma string; unknown names list the known ones."""
+def parse_specs(names) -> list[tuple[str, str | None]]:
+  """(name, split or None) from a list or a comma string; `arc_easy:test` requests a split.
+
+  Unknown names list the known ones.
+  """
   if isinstance(names, str):
     names = [n.strip() for n in names.split(',') if n.strip()]
-  names = [n.lower().replace('-', '_') for n in names]
-  bad = [n for n in names if n not in KNOWN]
+  specs = []
+  for n in names:
+    name, _, split = n.partition(':')
+    specs.append((name.strip().lower().replace('-', '_'), split.strip() or None))
+  bad = [n for n, _ in specs if n not in KNOWN]
   if bad:
     raise loaders.DataError(f'Unknown benchmark(s) {", ".join(bad)}; known benchmarks: '
                             f'{", ".join(KNOWN)}.')
-  return names
+  return specs
+
+
+def parse_names(names) -> list[str]:
+  """Benchmark names (any `:split` suffix dropped); unknown names list the known ones."""
+  return [n for n, _ in parse_specs(names)]
 
 
 def sample(items: Sequence, limit: int | None, seed: int = DEFAULT_SEED) -> list:
@@ -94,10 +105,11 @@ def _multiple_choice(scorer: Scorer, name: str, items: list[dict], ps: list) -> 
     out['groups'] = dict(subject=subjects)
     accs = [s['acc'] for s in subjects.values()]
     ses = [s['acc_stderr'] for s in subjects.values() if not math.isnan(s['acc_stderr'])]
+    # The headline is `acc` over all questions (the harness's weight_by_size); the mean of
+    # subject accuracies stays available as acc_macro.
     out['acc_macro'] = float(np.mean(accs))
     out['acc_macro_stderr'] = (float(math.sqrt(sum(se * se for se in ses)) / len(accs))
                                if ses else float('nan'))
-    out['main'] = 'acc_macro'
   return out
 
 
@@ -112,18 +124,32 @@ def _lambada(scorer: Scorer, items: list[dict]) -> dict:
 
 
 def evaluate(scorer: Scorer, name: str, data_dir, *, limit: int | None = None,
-             seed: int = DEFAULT_SEED, split: str | None = None, mmlu_shots: int = 0) -> dict:
-  """Metrics of one benchmark (see the module docstring for the layout)."""
-  name = parse_names([name])[0]
-  split, items = loaders.load_split(name, data_dir, split)
+             seed: int = DEFAULT_SEED, split: str | None = None, mmlu_shots: int = 0,
+             allow_split_fallback: bool = False) -> dict:
+  """Metrics of one benchmark (see the module docstring for the layout).
+
+  `split` None takes the first split found in the benchmark's preference order (test, then
+  validation, then train); a named split that is missing is an error unless
+  `allow_split_fallback`, which then takes the preference order. `split` in the result
+  says where the numbers come from.
+  """
+  name, named = parse_specs([name])[0]
+  split = split or named
+  try:
+    used, items = loaders.load_split(name, data_dir, split)
+  except loaders.DataError:
+    if split is None or not allow_split_fallback:
+      raise
+    used, items = loaders.load_split(name, data_dir, None)
   total = len(items)
   items = sample(items, limit, seed)
   if name == 'lambada':
     out = _lambada(scorer, items)
   else:
-    ps = build_prompts(name, items, data_dir, split, mmlu_shots)
+    ps = build_prompts(name, items, data_dir, used, mmlu_shots)
     out = _multiple_choice(scorer, name, items, ps)
-  out.update(split=split, available=total, limit=limit, seed=seed,
+  out.update(split=used, requested_split=split, available=total, limit=limit, seed=seed,
+             always_prefix_eot=scorer.always_prefix_eot,
              speed=dict(items_per_s=scorer.stats.get('items_per_s'),
                         compile_count=scorer.compile_count))
   if name == 'mmlu':
@@ -132,20 +158,25 @@ def evaluate(scorer: Scorer, name: str, data_dir, *, limit: int | None = None,
 
 
 def make_scorer(exported, batch_size: int = 32, progress: bool = False,
-                verbose: bool = False) -> Scorer:
+                verbose: bool = False, always_prefix_eot: bool = False) -> Scorer:
   return Scorer(exported.model, exported.params, exported.featurizer,
                 max_len=exported.config.model.max_len, batch_size=batch_size,
-                progress=progress, verbose=verbose)
+                progress=progress, verbose=verbose, always_prefix_eot=always_prefix_eot)
 
 
 def run_benchmarks(exported, names, data_dir, limit: int | None = None, *,
                    seed: int = DEFAULT_SEED, batch_size: int = 32, mmlu_shots: int = 0,
-                   progress: bool = False, scorer: Scorer | None = None) -> dict:
-  """{name: metrics} for an `Exported` (model, params, config, tokenizer, featurizer)."""
-  names = parse_names(names)
+                   progress: bool = False, scorer: Scorer | None = None,
+                   allow_split_fallback: bool = False) -> dict:
+  """{name: metrics} for an `Exported` (model, params, config, tokenizer, featurizer).
+
+  `names` may request splits (`arc_easy:test`); see `evaluate`.
+  """
+  specs = parse_specs(names)
   scorer = scorer or make_scorer(exported, batch_size, progress)
-  return {n: evaluate(scorer, n, data_dir, limit=limit, seed=seed, mmlu_shots=mmlu_shots)
-          for n in names}
+  return {n: evaluate(scorer, n, data_dir, limit=limit, seed=seed, split=split,
+                      mmlu_shots=mmlu_shots, allow_split_fallback=allow_split_fallback)
+          for n, split in specs}
 
 
 # ---------------------------------------------------------------- checkpoints and tables
@@ -175,6 +206,22 @@ def open_checkpoint(path: str):
   return export.load_export(path)
 
 
+def write_results(path: str, exported, checkpoint: str, results: dict,
+                  perplexity: dict | None = None, scoring: dict | None = None) -> dict:
+  """Writes results.json (what `python -m stlm.eval` and the trainer write; stlm.report reads
+  it) and returns its contents."""
+  import json  # pylint: disable=g-import-not-at-top
+  from stlm.models import factory  # pylint: disable=g-import-not-at-top
+  out = dict(model=exported.config.get('name', 'model'), kind=exported.config.model.kind,
+             checkpoint=os.path.abspath(checkpoint),
+             parameters=factory.count_params(exported.params),
+             scoring=scoring or dict(always_prefix_eot=False, allow_split_fallback=False),
+             benchmarks=results, perplexity=perplexity)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(out, f, indent=2)
+  return out
+
+
 _COLUMNS = (('blimp', 'BLiMP'), ('hellaswag', 'HellaSwag'), ('arc_easy', 'ARC-easy'),
             ('winogrande', 'WinoGrande'), ('mmlu', 'MMLU'))
 
@@ -191,13 +238,21 @@ def _params(n: int) -> str:
 
 def markdown_table(model_name: str, num_params: int, results: dict,
                    perplexity: dict | None = None) -> str:
-  """The paper's Table 2 row (accuracy in %), plus a row for any other benchmark run."""
+  """The paper's Table 2 row (accuracy in %), a row naming each number's split, and a row
+  for any other benchmark run."""
   head = ['Model', 'Parameters'] + [c for _, c in _COLUMNS] + ['Bits per byte']
   row = [model_name, _params(num_params)] + [_pct(results.get(k)) for k, _ in _COLUMNS]
   row.append(f"{perplexity['bits_per_byte']:.3f}" if perplexity else '-')
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head), '| ' + ' | '.join(row) + ' |']
+  splits = ['split', ''] + [_split(results.get(k)) for k, _ in _COLUMNS] + ['-']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head), '| ' + ' | '.join(row) + ' |',
+           '| ' + ' | '.join(splits) + ' |']
   extra = [k for k in results if k not in dict(_COLUMNS)]
   if extra:
     lines += ['', '| ' + ' | '.join(['Model'] + extra) + ' |', '|' + '---|' * (len(extra) + 1),
-              '| ' + ' | '.join([model_name] + [_pct(results[k]) for k in extra]) + ' |']
+              '| ' + ' | '.join([model_name] + [_pct(results[k]) for k in extra]) + ' |',
+              '| ' + ' | '.join(['split'] + [_split(results[k]) for k in extra]) + ' |']
   return '\n'.join(lines)
+
+
+def _split(entry: dict | None) -> str:
+  return str(entry.get('split', '?')) if entry else '-'

@@ -267,12 +267,12 @@ def load(name: str, data_dir, split: str | None = None) -> list[dict]:
   return load_split(name, data_dir, split)[1]
 
 
-def check_available(name: str, data_dir) -> None:
-  """Raises DataError (listing the expected files) unless `name` can be loaded."""
+def check_available(name: str, data_dir, split: str | None = None) -> None:
+  """Raises DataError (listing the expected files) unless `name` (`split`) can be loaded."""
   try:
-    find_files(name, data_dir)
+    find_files(name, data_dir, split)
   except DataError:
-    if not (name in _TFDS and network_available()):
+    if split is not None or not (name in _TFDS and network_available()):
       raise
 
 

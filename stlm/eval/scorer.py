@@ -73,8 +73,11 @@ class Scorer:
 
   def __init__(self, model, params, featurizer, *, max_len: int | None = None,
                batch_size: int = 32, min_bucket: int = 16, progress: bool = False,
-               verbose: bool = False):
+               verbose: bool = False, always_prefix_eot: bool = False):
     self.model = model
+    # False: end-of-text only before an empty context, as lm-eval-harness; True: before
+    # every context (this repo's convention before the harness adapter existed).
+    self.always_prefix_eot = bool(always_prefix_eot)
     self.params = nn.unbox(params)
     self.featurizer = featurizer
     self.max_len = int(max_len or featurizer.max_len)
@@ -188,7 +191,8 @@ class Scorer:
     requests = list(requests)
     spans = []
     for i, (context, continuation) in enumerate(requests):
-      example, mask = self.featurizer.pair(context, continuation)
+      example, mask = self.featurizer.pair(context, continuation,
+                                           always_prefix_eot=self.always_prefix_eot)
       idx = np.flatnonzero(mask)
       start = int(idx[0]) if idx.size else len(mask)
       # A continuation longer than the window is scored piecewise (rolling), not dropped.

@@ -24,6 +24,7 @@ from stlm.train import checkpoint
 from stlm.train import divergence
 from stlm.train import metrics as metrics_lib
 from stlm.train import preemption
+from stlm.train import run_info
 from stlm.train import sharding
 from stlm.train import state as state_lib
 from stlm.train import step as step_lib
@@ -147,8 +148,21 @@ def evaluate(eval_fn, params, eval_iter, mesh, max_batches=None) -> dict:
           **{k: v / max(totals['targets'], 1.0) for k, v in totals.get('stats', {}).items()}}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the run in workdir; returns the final validation metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str,
+          config_path: str | None = None) -> dict:
+  """Trains (or resumes) the run in workdir; returns the final validation metrics.
+
+  `config_path` (the --config file) gives run.json the config's docstring.
+  """
+  recorder = run_info.RunRecorder(os.path.abspath(workdir), config, config_path)
+  try:
+    return _train(config, workdir, recorder)
+  except BaseException as e:  # also KeyboardInterrupt: the report must say it stopped
+    recorder.crashed(e)
+    raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked private copy
   config_validate.validate(config)
   workdir = os.path.abspath(workdir)
@@ -191,6 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step)
     for note in fallback_notes:
       writer.message(f'warning: {note}')
+    recorder.start(config, breakdown, start_step)
     writer.message(_describe(config, state.params, breakdown, mesh, workdir, start_step))
     writer.message(f'metrics: {os.path.join(workdir, "metrics.jsonl")}; TensorBoard: '
                    f'tensorboard --logdir {os.path.join(workdir, "tensorboard")}')
@@ -202,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     guard = divergence.DivergenceGuard(config.train.nonfinite_policy,
                                        config.train.max_consecutive_skips, start_step)
-    final_eval, stopped_at = None, None
+    final_eval, stopped_at, rate = None, None, None
     # From here a SIGTERM/SIGINT stops after the next step with a checkpoint (before, there is
     # nothing to save and the default handlers end the process at once).
     with preemption.PreemptionWatcher() as watcher:
@@ -235,6 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write(step, 'validation', ev)
             writer.message(_eval_line(step, ev))
             final_eval = ev
+            recorder.evaluated(step, ev, rate)
             last_time = time.perf_counter()  # evaluation time is not training throughput
           preempted = watcher.stop_requested(step)
           if preempted or step % config.train.ckpt_every == 0 or step == config.train.steps:
@@ -253,6 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f'{config.train.steps}; checkpoint saved in '
                      f'{ckpts.step_dir(stopped_at)}. Run the same command again to resume.')
       writer.close()
+      recorder.preempted(stopped_at, watcher.signal_name)
       return {'stopped_at': stopped_at}
     writer.message(f'MFU is relative to {peak / 1e12:.3g} TFLOP/s per device ({peak_source}).')
 
@@ -264,7 +281,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     export_lib.save_export(export_dir, state.params, config)
     writer.message(f'exported params + config to {export_dir}')
     writer.close()
-  _final_benchmarks(config, export_dir, workdir)
+  results_path = _final_benchmarks(config, export_dir, workdir)
+  if results_path:
+    recorder.results(results_path)
+  recorder.finished()
   return final_eval
 
 
@@ -287,11 +307,16 @@ def _describe(config, params, breakdown, mesh, workdir, start_step) -> str:
   return '\n'.join(lines)
 
 
-def _final_benchmarks(config, export_dir: str, workdir: str) -> None:
+def _final_benchmarks(config, export_dir: str, workdir: str) -> str | None:
+  """Runs train.final_eval_benchmarks; writes and returns <workdir>/results.json."""
   names = [n for n in config.train.final_eval_benchmarks.split(',') if n]
   if not names:
-    return
+    return None
   from stlm.eval import benchmarks  # pylint: disable=g-import-not-at-top
-  results = benchmarks.run_benchmarks(export_lib.load_export(export_dir), names,
-                                      config.train.final_eval_data_dir)
+  exported = export_lib.load_export(export_dir)
+  results = benchmarks.run_benchmarks(exported, names, config.train.final_eval_data_dir)
   print(f'final benchmarks ({workdir}): {results}')
+  path = os.path.join(workdir, run_info.RESULTS_FILE)
+  if jax.process_index() == 0:
+    benchmarks.write_results(path, exported, export_dir, results)
+  return path

@@ -111,8 +111,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: _json_value(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({'step': step, 'split': split, **clean}, allow_nan=False)
-                      + '\n')
+    # time: wall-clock seconds since the epoch, for curves against wall time (stlm.report).
+    self._jsonl.write(json.dumps({'step': step, 'split': split, 'time': round(time.time(), 3),
+                                  **clean}, allow_nan=False) + '\n')
     self._jsonl.flush()
     for k, v in clean.items():
       self._tb.add_scalar(f'{split}/{k}', float('nan') if v is None else v, step)

@@ -1,0 +1,1 @@
+"""Experiment summary view: `python -m stlm.report runs/ [--out report/]`."""

@@ -1,0 +1,128 @@
+"""PNG plots of a set of runs (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from stlm.report.collect import Run
+from stlm.report.table import BENCHMARKS
+
+
+def _save(fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _empty(ax, text: str) -> None:
+  ax.text(0.5, 0.5, text, ha='center', va='center', transform=ax.transAxes, color='gray')
+
+
+def validation_vs_tokens(runs: list[Run], path: str) -> str:
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  drawn = False
+  for r in runs:
+    pts = r.series('validation', 'bits_per_byte')
+    if pts and r.tokens_per_step:
+      ax.plot([s * r.tokens_per_step for s, _, _ in pts], [v for _, v, _ in pts], 'o-',
+              label=f'{r.name} ({r.status})', ms=3)
+      drawn = True
+  ax.set(xlabel='tokens seen (chunks for byte_pool)', ylabel='validation bits per byte',
+         title='Validation bits per byte vs tokens seen')
+  ax.grid(alpha=0.3)
+  if drawn:
+    ax.legend(fontsize=8)
+  else:
+    _empty(ax, 'no validation records yet')
+  return _save(fig, path)
+
+
+def validation_vs_wall(runs: list[Run], path: str) -> str:
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  drawn = False
+  for r in runs:
+    pts = [(t, v) for _, v, t in r.series('validation', 'bits_per_byte') if t is not None]
+    if pts:
+      ax.plot([t / 60 for t, _ in pts], [v for _, v in pts], 'o-', label=r.name, ms=3)
+      drawn = True
+  ax.set(xlabel='wall time since the first record (minutes)', ylabel='validation bits per byte',
+         title='Validation bits per byte vs wall time')
+  ax.grid(alpha=0.3)
+  if drawn:
+    ax.legend(fontsize=8)
+  else:
+    _empty(ax, 'no timed validation records (metrics.jsonl without "time")')
+  return _save(fig, path)
+
+
+def training_loss(runs: list[Run], path: str) -> str:
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  drawn = False
+  for r in runs:
+    pts = r.series('train', 'loss')
+    if pts:
+      ax.plot([s for s, _, _ in pts], [v for _, v, _ in pts], label=r.name, lw=1.2)
+      drawn = True
+  ax.set(xlabel='step', ylabel='training loss (nats per predicted unit)',
+         title='Training loss')
+  ax.grid(alpha=0.3)
+  if drawn:
+    ax.legend(fontsize=8)
+  else:
+    _empty(ax, 'no training records yet')
+  return _save(fig, path)
+
+
+def benchmark_bars(runs: list[Run], path: str) -> str:
+  """Accuracy per benchmark and run, error bars = 1 standard error, chance as a dashed line."""
+  fig, ax = plt.subplots(figsize=(8, 4.2))
+  with_results = [r for r in runs if (r.results or {}).get('benchmarks')]
+  width = 0.8 / max(len(with_results), 1)
+  for j, r in enumerate(with_results):
+    bench = r.results['benchmarks']
+    xs, ys, es = [], [], []
+    for i, (key, _) in enumerate(BENCHMARKS):
+      e = bench.get(key)
+      if e:
+        main = e.get('main', 'acc')
+        se = e.get(f'{main}_stderr')
+        xs.append(i - 0.4 + width * (j + 0.5))
+        ys.append(100 * e[main])
+        es.append(0.0 if se is None or math.isnan(se) else 100 * se)
+    ax.bar(xs, ys, width, yerr=es, capsize=3, label=r.name)
+  labelled = False
+  for i, (key, _) in enumerate(BENCHMARKS):
+    chances = [r.results['benchmarks'][key]['chance'] for r in with_results
+               if key in r.results['benchmarks']]
+    if chances and not math.isnan(chances[0]):
+      ax.hlines(100 * chances[0], i - 0.45, i + 0.45, colors='k', linestyles='dashed',
+                label=None if labelled else 'chance')
+      labelled = True
+  ax.set_xticks(range(len(BENCHMARKS)), [c for _, c in BENCHMARKS])
+  ax.set(ylabel='accuracy (%)', title='Zero-shot accuracy (± 1 standard error; dashed: chance)',
+         ylim=(0, 100))
+  ax.grid(alpha=0.3, axis='y')
+  if with_results:
+    ax.legend(fontsize=8)
+  else:
+    _empty(ax, 'no benchmark results yet')
+  return _save(fig, path)
+
+
+PLOTS = (('val_bpb_tokens.png', validation_vs_tokens), ('val_bpb_wall.png', validation_vs_wall),
+         ('train_loss.png', training_loss), ('benchmarks.png', benchmark_bars))
+
+
+def write_all(runs: list[Run], out_dir: str) -> list[str]:
+  """Every plot as a PNG in out_dir; returns the file names."""
+  names = []
+  for name, fn in PLOTS:
+    fn(runs, os.path.join(out_dir, name))
+    names.append(name)
+  return names

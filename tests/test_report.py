@@ -1,0 +1,110 @@
+"""stlm.report on three synthesized runs (finished, crashed, running without benchmarks)."""
+
+import json
+import pathlib
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from stlm.report import collect
+from stlm.report import render
+from stlm.report import table
+from tests.conftest import REPO_ROOT
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _config(name, kind='baseline', **model):
+  m = dict(kind=kind, num_layers=2, hidden_dim=64, max_len=128, position='rope')
+  m.update(model)
+  return dict(name=name, preset='tiny', model=m,
+              train=dict(batch_size=8, grad_accum=1, steps=300, lr=3e-3))
+
+
+def _write_run(d: pathlib.Path, config, status, steps, bpb0, results=None, error=None):
+  d.mkdir(parents=True)
+  lines = []
+  for s in steps:
+    lines.append(dict(step=s, split='train', time=1000.0 + s, loss=5.0 - s / 100))
+    lines.append(dict(step=s, split='validation', time=1000.5 + s,
+                      loss=4.0 - s / 200, bits_per_byte=bpb0 - s / 300))
+  (d / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in lines)
+                                   + '{"step": 30, "spl')  # a line still being written
+  info = dict(status=status, config=config, config_docstring=f'Why {config["name"]} exists.',
+              config_file=f'configs/{config["name"]}.py', git=dict(commit='ab' * 20, dirty=True),
+              params=dict(embedding=3216448, head=0, core=98624, total=3315072, tied=True),
+              start_time='2026-01-01T00:00:00+00:00', wall_time_s=125.0, steps_done=steps[-1],
+              total_steps=300, tokens_per_step=1024, tokens_seen=steps[-1] * 1024,
+              final_validation=dict(step=steps[-1], loss=3.0, bits_per_byte=bpb0 - steps[-1] / 300),
+              error=error)
+  if results:
+    (d / 'results.json').write_text(json.dumps(dict(benchmarks=results)))
+    info['results'] = str(d / 'results.json')
+  (d / 'run.json').write_text(json.dumps(info))
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+  root = tmp_path / 'runs'
+  bench = dict(
+      blimp=dict(acc=0.55, acc_stderr=0.01, chance=0.5, main='acc', split='train'),
+      arc_easy=dict(acc=0.3, acc_stderr=0.02, chance=0.25, main='acc', split='dev'),
+      mmlu=dict(acc=0.24, acc_stderr=0.025, chance=0.25, main='acc', split='dev'))
+  _write_run(root / 'a_byte_pool', _config('byte_pool', 'byte_pool', num_layers=4), 'running',
+             [0, 10, 20], 9.0)
+  _write_run(root / 'b_baseline', _config('baseline'), 'finished', [0, 100, 200, 300], 4.0,
+             results=bench)
+  _write_run(root / 'c_learned', _config('learned_pe', position='learned'), 'crashed',
+             [0, 10], 4.2, error='FloatingPointError: loss became nan at step 12')
+  return root
+
+
+def test_table_diff_and_reference(runs_dir):
+  runs = collect.scan(runs_dir)
+  assert [r.name for r in runs] == ['a_byte_pool', 'b_baseline', 'c_learned']
+  assert [r.status for r in runs] == ['running', 'finished', 'crashed']
+  ref = table.pick_reference(runs)
+  assert ref.name == 'b_baseline'  # the first baseline-kind run, not the first run
+  md = table.markdown(runs).splitlines()
+  assert md[0].startswith('| Run | Status | Model | Parameters')
+  base = [c.strip() for c in md[3].strip('|').split('|')]
+  assert base[:6] == ['b_baseline', 'finished', 'baseline:tiny (baseline)', '3.32M / 3.22M',
+                      '307.20K', '3.000']
+  assert base[6:11] == ['55.0 ± 1.0 (train)', '-', '30.0 ± 2.0 (dev)', '-', '24.0 ± 2.5 (dev)']
+  assert md[2].split('|')[2].strip() == 'running (step 20/300)'
+  assert md[4].split('|')[2].strip() == 'crashed'
+  diff = table.config_diff(runs[2].config, ref.config)
+  assert diff == [('model.position', 'rope', 'learned'), ('name', 'baseline', 'learned_pe')]
+  assert table.pick_reference(runs, 'c_learned').name == 'c_learned'
+  with pytest.raises(ValueError, match='no such run'):
+    table.pick_reference(runs, 'nope')
+
+
+def test_report_writes_html_markdown_and_pngs(runs_dir, tmp_path):
+  out = tmp_path / 'report'
+  runs = collect.scan(runs_dir)
+  paths = render.write_report(runs, table.pick_reference(runs), str(out))
+  html = (out / 'index.html').read_text()
+  assert 'class="crashed"' in html and 'FloatingPointError' in html
+  assert 'Why learned_pe exists.' in html and 'model.position: &#x27;rope&#x27; -&gt; ' in html
+  md = (out / 'README.md').read_text()
+  assert '| c_learned | crashed |' in md and "model.position: 'rope' -> 'learned'" in md
+  assert len(paths['plots']) == 4
+  for p in paths['plots']:
+    data = pathlib.Path(p).read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b'IHDR'
+    width, height = struct.unpack('>II', data[16:24])
+    assert width >= 400 and height >= 300 and len(data) > 10_000, (p, width, height)
+    assert f'src="{pathlib.Path(p).name}"' in html
+
+
+def test_cli_on_runs_and_an_empty_directory(runs_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match='is not a directory of runs'):
+    collect.scan(tmp_path / 'nothing')
+  out = tmp_path / 'r'
+  proc = subprocess.run([sys.executable, '-m', 'stlm.report', str(runs_dir), f'--out={out}'],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (out / 'index.html').is_file() and 'wrote' in proc.stdout
