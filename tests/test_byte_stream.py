@@ -67,13 +67,22 @@ def test_windows_cover_every_chunk_whole_and_round_trip(max_len, stream, tok):
 
 def test_pair_masks_the_continuation():
   f = byte_stream.StreamFeaturizer(GPT2, 64, 16)
+  n_ctx, n_cont = len(f.chunks('The cat sat on')), len(f.chunks(' the mat'))
+  # Harness convention (default): no end-of-text before a non-empty context, so the first
+  # context chunk is an input only.
   example, mask = f.pair('The cat sat on', ' the mat')
-  n_ctx = len(f.chunks('The cat sat on'))
-  assert mask.tolist() == [False] * n_ctx + [True] * len(f.chunks(' the mat'))
+  assert mask.tolist() == [False] * (n_ctx - 1) + [True] * n_cont
+  assert byte_stream.stream_to_bytes(example['targets']) == b' cat sat on the mat'
+  # The old convention: end-of-text before every context, so every context chunk is a target.
+  example, mask = f.pair('The cat sat on', ' the mat', always_prefix_eot=True)
+  assert mask.tolist() == [False] * n_ctx + [True] * n_cont
   assert byte_stream.stream_to_bytes(example['targets']) == b'The cat sat on the mat'
   tgts = _symbol_chunks(example['targets'], example['targets_chunk_start'])
   assert byte_stream.stream_to_bytes(np.concatenate(
       [t for t, m in zip(tgts, mask) if m])) == b' the mat'
+  # An empty context still gets the prefix token: the continuation's first chunk is a target.
+  example, mask = f.pair('', 'hello')
+  assert mask.all() and byte_stream.stream_to_bytes(example['targets']) == b'hello'
 
 
 def test_stream_must_hold_a_chunk():

@@ -132,17 +132,21 @@ class StreamFeaturizer:
     seq = Sequence(chunks, eot_start=True, eot_end=True)
     return [seq.example(s, e) for s, e in seq.windows(self.max_len, self.stream_len)]
 
-  def pair(self, context: str, continuation: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """`[eot] + chunks(context) + chunks(continuation)` (chunked separately); mask of the
-    continuation's targets. Trailing context whitespace moves to the continuation."""
+  def pair(self, context: str, continuation: str, *, always_prefix_eot: bool = False
+           ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`chunks(context) + chunks(continuation)` (chunked separately); mask of the
+    continuation's targets. Trailing context whitespace moves to the continuation; the
+    end-of-text chunk is prepended only to an empty context (lm-evaluation-harness's
+    prefix token), or always with `always_prefix_eot`."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
       context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     ctx, cont = self.chunks(context), self.chunks(continuation)
-    seq = Sequence(ctx + cont, eot_start=True, eot_end=False)
+    prefix = 1 if always_prefix_eot or not ctx else 0
+    seq = Sequence(ctx + cont, eot_start=bool(prefix), eot_end=False)
     example = seq.example(0, seq.num_chunks - 1)
     mask = np.zeros(seq.num_chunks - 1, bool)
-    mask[len(ctx):] = True
+    mask[prefix + len(ctx) - 1:] = True
     return example, mask
 
   # ------------------------------------------------------------------ packing and batching

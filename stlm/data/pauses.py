@@ -98,8 +98,8 @@ class PauseFeaturizer:
     n, L = len(full['targets']), self.max_len
     return [{k: v[s:s + L] for k, v in full.items()} for s in range(0, n, L)]
 
-  def pair(self, context: str, continuation: str):
-    example, mask = self.inner.pair(context, continuation)
+  def pair(self, context: str, continuation: str, *, always_prefix_eot: bool = False):
+    example, mask = self.inner.pair(context, continuation, always_prefix_eot=always_prefix_eot)
     counts = self._every_k(len(mask))
     idx = np.flatnonzero(mask)
     if self.before_continuation and idx.size:
