@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'            # compute dtype: float32 | bfloat16 | float16
   m.param_dtype = 'float32'
   m.attention_impl = 'xla'       # xla | pallas | auto
+  # Output layer + loss over this many positions at a time, never the B x T x V logits
+  # (stlm/models/chunked_ce.py); 0 = the plain full-logits path.
+  m.ce_chunk = 128
+  m.remat = 'none'               # none | block | dots_saveable (recompute in the backward)
   m.vocab_size = 50257           # overwritten from the tokenizer at start-up
 
   # Byte-pool model (config.model.kind == 'byte_pool'); ignored by the baseline.

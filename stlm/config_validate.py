@@ -15,6 +15,7 @@ _CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention_impl': ('xla', 'pallas', 'auto'),
+    'model.remat': ('none', 'block', 'dots_saveable'),
     'model.byte_pool.pooling': ('mean', 'attention', 'last'),
     'model.byte_pool.decoder': ('autoregressive', 'parallel'),
     'tokenizer.kind': ('gpt2', 'sentencepiece', 'bytes'),
@@ -65,6 +66,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if m.position == 'learned' and m.position_table_len and m.max_len > m.position_table_len:
     _fail('model.max_len', m.max_len, f'is longer than the learned position table '
           f'(model.position_table_len={m.position_table_len})')
+  if not isinstance(m.ce_chunk, int) or m.ce_chunk < 0:
+    _fail('model.ce_chunk', m.ce_chunk, 'must be an integer >= 0 (0 = full logits)')
   if not 0.0 <= m.dropout < 1.0:
     _fail('model.dropout', m.dropout, 'must be in [0, 1)')
   if m.kind == 'byte_pool':

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stlm.models import chunked_ce
 from stlm.models import layers
 from stlm.models import transformer
 
@@ -34,12 +35,24 @@ class BaselineLM(nn.Module):
       self.lm_head = layers.make_param(self, 'lm_head', layers.fan_in_init(),
                                        (cfg.hidden_dim, cfg.vocab_size), ('embed', 'vocab'), cfg)
 
+  def hidden(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic=True,
+             decode=False):
+    """Final hidden states B x T x D (after the final norm), input to the output layer."""
+    x_BxTxD = self.embed(inputs_BxT)
+    return self.transformer(x_BxTxD, segment_ids_BxT, positions_BxT,
+                            deterministic=deterministic, decode=decode)
+
+  def head_weight_VxD(self):
+    """The output layer's weight as V x D (the tied table, or the untied head transposed)."""
+    if self.cfg.tie_embeddings:
+      return self.embed.embedding
+    return self.lm_head.T
+
   def logits(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic=True,
              decode=False):
     """Float32 next-token logits B x T x V (decode=True reads/writes the 'cache')."""
-    x_BxTxD = self.embed(inputs_BxT)
-    y_BxTxD = self.transformer(x_BxTxD, segment_ids_BxT, positions_BxT,
-                               deterministic=deterministic, decode=decode)
+    y_BxTxD = self.hidden(inputs_BxT, segment_ids_BxT, positions_BxT,
+                          deterministic=deterministic, decode=decode)
     if self.cfg.tie_embeddings:
       return self.embed.attend(y_BxTxD)
     dtype = layers.dtype_of(self.cfg.dtype)
@@ -49,10 +62,24 @@ class BaselineLM(nn.Module):
     return nn.with_logical_constraint(logits_BxTxV, layers.ACT_BxTxV)
 
   def __call__(self, batch, *, deterministic=True):
-    logits_BxTxV = self.logits(batch['inputs'], batch['segment_ids'], batch['positions'],
-                               deterministic=deterministic)
     targets_BxT = batch['targets']
-    logprobs_BxT, greedy_BxT = target_scores(logits_BxTxV, targets_BxT)
+    chunk = getattr(self.cfg, 'ce_chunk', 0)
+    if chunk:
+      # Chunked output layer + log-softmax: never the B x T x V logits. The loss mask tells
+      # it the training loss's cotangent, so its gradients come out of the forward pass.
+      y_BxTxD = self.hidden(batch['inputs'], batch['segment_ids'], batch['positions'],
+                            deterministic=deterministic)
+      B, T, D = y_BxTxD.shape
+      mask = batch.get('loss_mask')
+      logprobs_N, greedy_N = chunked_ce.target_scores(
+          y_BxTxD.reshape(B * T, D), self.head_weight_VxD(), targets_BxT.reshape(B * T),
+          chunk=chunk, weights_N=None if mask is None else mask.reshape(B * T),
+          compute_dtype=layers.dtype_of(self.cfg.dtype))
+      logprobs_BxT, greedy_BxT = logprobs_N.reshape(B, T), greedy_N.reshape(B, T)
+    else:
+      logits_BxTxV = self.logits(batch['inputs'], batch['segment_ids'], batch['positions'],
+                                 deterministic=deterministic)
+      logprobs_BxT, greedy_BxT = target_scores(logits_BxTxV, targets_BxT)
     return dict(logprobs=logprobs_BxT,
                 units=jnp.ones(targets_BxT.shape, jnp.float32),
                 greedy=greedy_BxT)
