@@ -95,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
   tr.keep_checkpoints = 3
   tr.final_eval_benchmarks = ''  # comma list run by stlm.eval after training ('' = none)
   tr.final_eval_data_dir = ''    # benchmark release files for final_eval_benchmarks
+  # Persistent XLA compilation cache: 'auto' (per-user cache dir), '' (off) or a path.
+  tr.compile_cache_dir = 'auto'
 
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.shape = (-1, 1, 1)        # (data, fsdp, tensor); -1 takes the remaining devices
