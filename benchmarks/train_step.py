@@ -175,7 +175,7 @@ def main(argv):
     chip_peak = metrics_lib.PEAK_FLOPS[key]
     hours = tokens * fpt50 / (chip_peak * _MFU.value) / 3600
     print(f'  {label:9s} {chip_peak / 1e12:5.0f} TFLOP/s  {hours:6.1f} h on one chip')
-  here_h = tokens * fpt50 / achieved / 3600 if config.preset == '50m' else None
+  here_h = tokens * fpt50 / achieved / 3600 if fpt50 == fpt else None
   if here_h:
     print(f'  this device at the measured rate: {here_h:,.0f} h')
   if _COMPARE.value:

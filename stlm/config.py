@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (stlm/models/chunked_ce.py); 0 = the plain full-logits path.
   m.ce_chunk = 128
   m.remat = 'none'               # none | block | dots_saveable (recompute in the backward)
+  m.scan_layers = False          # one nn.scan'd block for all layers (stlm/models/scan_convert.py)
   m.vocab_size = 50257           # overwritten from the tokenizer at start-up
 
   # Byte-pool model (config.model.kind == 'byte_pool'); ignored by the baseline.

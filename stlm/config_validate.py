@@ -66,6 +66,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if m.position == 'learned' and m.position_table_len and m.max_len > m.position_table_len:
     _fail('model.max_len', m.max_len, f'is longer than the learned position table '
           f'(model.position_table_len={m.position_table_len})')
+  if not isinstance(m.get('scan_layers', False), bool):
+    _fail('model.scan_layers', m.scan_layers, 'must be True or False')
   if not isinstance(m.ce_chunk, int) or m.ce_chunk < 0:
     _fail('model.ce_chunk', m.ce_chunk, 'must be an integer >= 0 (0 = full logits)')
   if not 0.0 <= m.dropout < 1.0:
