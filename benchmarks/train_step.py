@@ -17,6 +17,7 @@ same shape) with --peer_python (default $STLM_PEER_PYTHON), a Python that has to
 transformers, and prints both rates from this one run. Baseline kind only.
 """
 
+import ast
 import os
 import pathlib
 import statistics
@@ -47,6 +48,8 @@ _COMPARE = flags.DEFINE_bool('compare', False, 'Also time the PyTorch peer at th
 _PEER_PYTHON = flags.DEFINE_string('peer_python', os.environ.get('STLM_PEER_PYTHON', ''),
                                    'Python with torch + transformers, for --compare.')
 _PEER_THREADS = flags.DEFINE_integer('peer_threads', os.cpu_count(), 'torch threads (CPU).')
+_AB = flags.DEFINE_string('ab', '', 'A second setting timed step-by-step interleaved with the '
+                          'first, e.g. "model.ce_chunk=0" (same load for both on a busy machine).')
 _MFU = flags.DEFINE_float('mfu', 0.4, 'MFU assumed for the Table 1 projection.')
 _TABLE1_TOKENS = flags.DEFINE_float('table1_tokens', 6.1e9, 'Targets of the Table 1 run.')
 
@@ -122,30 +125,52 @@ def run_peer(config) -> str:
   return lines[-1]
 
 
+def with_override(config, setting: str):
+  """A copy of config with one 'a.b.c=value' setting (value parsed as a Python literal)."""
+  key, _, value = setting.partition('=')
+  c = ml_collections.ConfigDict(config.to_dict())
+  node = c
+  *path, leaf = key.split('.')
+  for part in path:
+    node = node[part]
+  try:
+    node[leaf] = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    node[leaf] = value
+  config_validate.validate(c)
+  return c
+
+
 def main(argv):
   del argv
   config = ml_collections.ConfigDict(flags.FLAGS.config.to_dict())
   config_validate.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  model = factory.build_model(config.model)
   batches = sharding.global_batch(synthetic_batches(config, np.random.default_rng(0)), mesh,
                                   leading_microbatch_axis=True)
-  train_step = loop.build_train_step(config, model, mesh)
-  state = train_step.init()
+  configs = [config] + ([with_override(config, _AB.value)] if _AB.value else [])
+  runs = []
+  for c in configs:
+    train_step = loop.build_train_step(c, factory.build_model(c.model), mesh)
+    runs.append(dict(config=c, step=train_step.step, state=train_step.init(), times=[]))
   with sharding.mesh_context(mesh):
-    breakdown = factory.param_breakdown(state.params, config.model)
-    start = time.perf_counter()
-    compiled = train_step.step.lower(state, batches).compile()
-    compile_s = time.perf_counter() - start
-    state, m = compiled(state, batches)                  # first step (warm-up)
-    jax.block_until_ready(m)
-    first_step_s = time.perf_counter() - _START
-    times = []
-    for _ in range(_STEPS.value):
+    breakdown = factory.param_breakdown(runs[0]['state'].params, config.model)
+    for r in runs:
       start = time.perf_counter()
-      state, m = compiled(state, batches)
+      r['compiled'] = r['step'].lower(r['state'], batches).compile()
+      r['compile_s'] = time.perf_counter() - start
+      r['state'], m = r['compiled'](r['state'], batches)   # first step (warm-up)
       jax.block_until_ready(m)
-      times.append(time.perf_counter() - start)
+      r['first_step_s'] = time.perf_counter() - _START
+    for _ in range(_STEPS.value):
+      for r in runs:                                      # interleaved: same load for each
+        start = time.perf_counter()
+        r['state'], m = r['compiled'](r['state'], batches)
+        jax.block_until_ready(m)
+        r['times'].append(time.perf_counter() - start)
+  compiled, compile_s, first_step_s = (runs[0][k] for k in ('compiled', 'compile_s',
+                                                             'first_step_s'))
+  times = runs[0]['times']
   step_s = statistics.median(times)
   targets = config.train.grad_accum * config.train.batch_size * config.model.max_len
   peak, source = metrics_lib.peak_flops_per_device()     # CPU: measured now, same load
@@ -178,6 +203,11 @@ def main(argv):
   here_h = tokens * fpt50 / achieved / 3600 if fpt50 == fpt else None
   if here_h:
     print(f'  this device at the measured rate: {here_h:,.0f} h')
+  for r in runs[1:]:
+    ab_s = statistics.median(r['times'])
+    print(f'A/B, interleaved in this run: with {_AB.value}: step {ab_s * 1e3:.1f} ms, '
+          f'{targets / ab_s:,.0f} targets/s, compile {r["compile_s"]:.1f} s; '
+          f'{memory_line(r["compiled"])}; the first setting is {ab_s / step_s:.2f}x as fast')
   if _COMPARE.value:
     line = run_peer(config)
     print(line)
