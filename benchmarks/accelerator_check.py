@@ -112,11 +112,14 @@ def _config(preset, **model):
 
 
 def _batches(c, n, seed=0):
+  """Learnable rows (arithmetic progressions of token ids), so the losses move."""
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
     b = factory.dummy_batch(c.model, c.train.batch_size, c.model.max_len)
-    ids = rng.integers(0, c.model.vocab_size, (c.train.batch_size, c.model.max_len + 1))
+    start = rng.integers(0, 256, (c.train.batch_size, 1))
+    stride = rng.integers(1, 4, (c.train.batch_size, 1))
+    ids = (start + stride * np.arange(c.model.max_len + 1)) % 256
     b.update(inputs=ids[:, :-1].astype(np.int32), targets=ids[:, 1:].astype(np.int32))
     out.append({k: v[None] for k, v in b.items()})
   return out
