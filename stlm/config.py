@@ -36,6 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'            # compute dtype: float32 | bfloat16 | float16
   m.param_dtype = 'float32'
   m.attention_impl = 'xla'       # xla | pallas | auto
+  # Output layer + loss over this many positions at a time, never the B x T x V logits
+  # (stlm/models/chunked_ce.py); 0 = the plain full-logits path.
+  m.ce_chunk = 128
+  m.remat = 'none'               # none | block | dots_saveable (recompute in the backward)
+  m.scan_layers = False          # one nn.scan'd block for all layers (stlm/models/scan_convert.py)
   m.vocab_size = 50257           # overwritten from the tokenizer at start-up
 
   # Depth options (stlm/models/depth.py), every one off by default.
@@ -115,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   tr.max_consecutive_skips = 10  # skip policy: stop after this many non-finite steps in a row
   tr.final_eval_benchmarks = ''  # comma list run by stlm.eval after training ('' = none)
   tr.final_eval_data_dir = ''    # benchmark release files for final_eval_benchmarks
+  # Persistent XLA compilation cache: 'auto' (per-user cache dir), '' (off) or a path.
+  tr.compile_cache_dir = 'auto'
 
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.shape = (-1, 1, 1)        # (data, fsdp, tensor); -1 takes the remaining devices

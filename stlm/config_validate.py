@@ -14,6 +14,7 @@ _CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention_impl': ('xla', 'pallas', 'auto'),
+    'model.remat': ('none', 'block', 'dots_saveable'),
     'tokenizer.kind': ('gpt2', 'sentencepiece', 'bytes'),
     'data.split_by': ('auto', 'file', 'blank_line', 'eot', 'line'),
     'data.decode_errors': ('strict', 'replace'),
@@ -62,6 +63,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if m.position == 'learned' and m.position_table_len and m.max_len > m.position_table_len:
     _fail('model.max_len', m.max_len, f'is longer than the learned position table '
           f'(model.position_table_len={m.position_table_len})')
+  if not isinstance(m.get('scan_layers', False), bool):
+    _fail('model.scan_layers', m.scan_layers, 'must be True or False')
+  if not isinstance(m.ce_chunk, int) or m.ce_chunk < 0:
+    _fail('model.ce_chunk', m.ce_chunk, 'must be an integer >= 0 (0 = full logits)')
   if not 0.0 <= m.dropout < 1.0:
     _fail('model.dropout', m.dropout, 'must be in [0, 1)')
   try:

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stlm.models import chunked_ce
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
@@ -48,6 +49,31 @@ class BaselineLM(nn.Module):
                               preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BxTxV, layers.ACT_BxTxV)
 
+  def head_weight_VxD(self):
+    """The output layer's weight as V x D (the tied table, or the untied head transposed)."""
+    if self.cfg.tie_embeddings:
+      return self.embed.embedding
+    return self.lm_head.T
+
+  def chunked_target_scores(self, y_BxTxD, targets_BxT, loss_mask_BxT, chunk: int):
+    """`target_scores` of the head without the B x T x V logits (model.ce_chunk).
+
+    The loss mask tells it the training loss's cotangent, so its gradients come out of the
+    forward pass (see chunked_ce).
+    """
+    B, T, D = y_BxTxD.shape
+    logprobs_N, greedy_N = chunked_ce.target_scores(
+        y_BxTxD.reshape(B * T, D), self.head_weight_VxD(), targets_BxT.reshape(B * T),
+        chunk=chunk, weights_N=None if loss_mask_BxT is None else loss_mask_BxT.reshape(B * T),
+        compute_dtype=layers.dtype_of(self.cfg.dtype))
+    return logprobs_N.reshape(B, T), greedy_N.reshape(B, T)
+
+  def hidden(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic=True,
+             decode=False):
+    """Final hidden states B x T x D (after the final norm), input to the output layer."""
+    return self._core(inputs_BxT, segment_ids_BxT, positions_BxT, deterministic=deterministic,
+                      decode=decode)[0]
+
   def _core(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic, decode):
     if self.pause_embedding is None:
       x_BxTxD = self.embed(inputs_BxT)
@@ -85,7 +111,12 @@ class BaselineLM(nn.Module):
     y_BxTxD, aux = self._core(batch['inputs'], batch['segment_ids'], batch['positions'],
                               deterministic=deterministic, decode=False)
     targets_BxT = batch['targets']
-    logprobs_BxT, greedy_BxT = target_scores(self.head(y_BxTxD), targets_BxT)
+    chunk = self.cfg.get('ce_chunk', 0)
+    if chunk:
+      logprobs_BxT, greedy_BxT = self.chunked_target_scores(y_BxTxD, targets_BxT,
+                                                            batch.get('loss_mask'), chunk)
+    else:
+      logprobs_BxT, greedy_BxT = target_scores(self.head(y_BxTxD), targets_BxT)
     out = dict(logprobs=logprobs_BxT,
                units=jnp.ones(targets_BxT.shape, jnp.float32),
                greedy=greedy_BxT)

@@ -107,6 +107,12 @@ def validate(cfg) -> None:
     raise ValueError(f'model.mod_capacity={cfg.mod_capacity!r} must be in [0, 1] (0 = off)')
   if int(_get(cfg, 'mod_every', 2)) < 1:
     raise ValueError(f'model.mod_every={cfg.mod_every!r} must be >= 1')
+  per_layer = [key for key, off in (('layer_drop_max', 0.0), ('early_exit_layers', ''),
+                                    ('mod_capacity', 0.0))
+               if _get(cfg, key, off) not in (off, None, 0)]
+  if _get(cfg, 'scan_layers', False) and per_layer:
+    raise ValueError(f'model.scan_layers=True compiles one block for all layers, so it cannot '
+                     f'vary them per layer: set model.scan_layers=False to use model.{per_layer[0]}')
 
 
 def layer_drop(module: nn.Module, x_old, x_new, rate: float, *, deterministic: bool):

@@ -46,6 +46,58 @@ class Block(nn.Module):
     return x_BxTxD + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 
+class _PositionalBlock(Block):
+  """Block with positional arguments, so nn.remat can mark the Python flags static.
+
+  A subclass, not a wrapper module: parameter names (block_i/attn/...) stay those of Block,
+  so checkpoints load whatever model.remat is.
+  """
+
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, deterministic):
+    return super().__call__(x_BxTxD, segment_ids_BxT, positions_BxT,
+                            deterministic=deterministic)
+
+
+# model.remat -> jax.checkpoint policy (None = save nothing: the block is recomputed whole).
+REMAT_POLICIES = {
+    'block': None,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+}
+
+
+def block_class(remat: str, decode: bool):
+  """Block, or a rematerialised Block for model.remat ('none' | 'block' | 'dots_saveable')."""
+  if remat == 'none' or decode:   # decoding never differentiates
+    return None
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'model.remat {remat!r} unknown; choose one of '
+                     f'{("none",) + tuple(REMAT_POLICIES)}')
+  # static_argnums count self as 0: `deterministic` (4) is a Python bool.
+  return nn.remat(_PositionalBlock, policy=REMAT_POLICIES[remat], static_argnums=(4,))
+
+
+class _ScanBlock(nn.Module):
+  """One layer as an nn.scan body: carry x, layer-invariant inputs broadcast."""
+  cfg: Any
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, deterministic, mask, index,
+               write):
+    cls = block_class(getattr(self.cfg, 'remat', 'none'), mask is not None)
+    if cls is not None:
+      x_BxTxD = cls(self.cfg, causal=self.causal, name='block')(
+          x_BxTxD, segment_ids_BxT, positions_BxT, deterministic)
+    else:
+      x_BxTxD = Block(self.cfg, causal=self.causal, name='block')(
+          x_BxTxD, segment_ids_BxT, positions_BxT, deterministic=deterministic,
+          decode_mask_Bx1xTxL=mask, cache_index=index, write_cache=write)
+    return nn.with_logical_constraint(x_BxTxD, layers.ACT_BxTxD), None
+
+
+SCANNED_NAME = 'blocks'   # params['transformer'][SCANNED_NAME]['block'][...] with a layer axis
+
+
 class Transformer(nn.Module):
   """A stack of `cfg.num_layers` pre-norm blocks named block_0, block_1, ..."""
   cfg: Any
@@ -83,22 +135,39 @@ class Transformer(nn.Module):
 
     # A plain loop (not nn.scan): stable, readable names per layer, per-layer partition
     # specs without a stacked 'layers' axis, and compile time is small at <= 12 layers.
+    if getattr(cfg, 'scan_layers', False):
+      # One compiled block for all layers (compile time at depth); params gain a leading
+      # layer axis, convertible to/from block_i by stlm.models.scan_convert. Per-layer depth
+      # options (layer drop, early exits, routing) are refused with scan_layers by validation.
+      scanned = nn.scan(_ScanBlock, variable_axes={'params': 0, 'cache': 0},
+                        split_rngs={'params': True, 'dropout': True},
+                        in_axes=(nn.broadcast,) * 6, length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = scanned(cfg, causal=self.causal, name=SCANNED_NAME)(
+          x, segment_ids_BxT, positions_BxT, deterministic, mask, index, write)
+      y = layers.Norm(cfg, name='final_norm')(x)
+      return (y, depth.new_aux()) if return_aux else y
+    remat_cls = block_class(getattr(cfg, 'remat', 'none'), decode)
     aux = depth.new_aux()
     exit_layers = dict(depth.early_exits(cfg))
     drop_rates = depth.layer_drop_rates(cfg)
     final_norm = layers.Norm(cfg, name='final_norm')
     for i in range(cfg.num_layers):
-      block = Block(cfg, causal=self.causal, name=f'block_{i}')
       kw = dict(deterministic=deterministic, decode_mask_Bx1xTxL=mask, cache_index=index,
                 write_cache=write)
       if depth.is_routed(cfg, i):
+        block = Block(cfg, causal=self.causal, name=f'block_{i}')
         x_new, sel_BxT, bce_BxT = depth.routed_block(
             block, depth.Router(cfg, name=f'router_{i}'), x, segment_ids_BxT, positions_BxT,
             **kw)
         aux['token_stats'][f'mod_frac_block{i}'] = sel_BxT
         aux['token_extra'][f'mod_predictor_block{i}'] = bce_BxT
+      elif remat_cls is not None:
+        x_new = remat_cls(cfg, causal=self.causal, name=f'block_{i}')(
+            x, segment_ids_BxT, positions_BxT, deterministic)
       else:
-        x_new = block(x, segment_ids_BxT, positions_BxT, **kw)
+        x_new = Block(cfg, causal=self.causal, name=f'block_{i}')(
+            x, segment_ids_BxT, positions_BxT, **kw)
       x = depth.layer_drop(self, x, x_new, drop_rates[i], deterministic=deterministic)
       x = nn.with_logical_constraint(x, layers.ACT_BxTxD)
       if return_aux and i + 1 in exit_layers:

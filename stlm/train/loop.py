@@ -21,6 +21,7 @@ from stlm.data import tfds_builders
 from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import checkpoint
+from stlm.train import compile_cache
 from stlm.train import divergence
 from stlm.train import metrics as metrics_lib
 from stlm.train import preemption
@@ -165,6 +166,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked private copy
   config_validate.validate(config)
+  # Before anything is compiled: JAX reads the cache setting at the first compilation.
+  compile_cache.enable(config.train.get('compile_cache_dir', ''))
   workdir = os.path.abspath(workdir)
   check_workdir(workdir)
   # Data first: a bad corpus must stop the run before anything is created in workdir, and a

@@ -14,10 +14,13 @@ from stlm.models import kinds
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets; MFU is relative to these.
 _PEAK_FLOPS = {
-    'h100': 989e12, 'h200': 989e12, 'a100': 312e12, 'l4': 121e12, 'a10': 125e12,
+    # 'l40' before 'l4' and 'a100' before 'a10': the first substring match of the kind wins.
+    'h100': 989e12, 'h200': 989e12, 'a100': 312e12, 'l40s': 362e12, 'l40': 181e12,
+    'l4': 121e12, 'a10': 125e12,
     'tpu v4': 275e12, 'tpu v5 lite': 197e12, 'tpu v5e': 197e12, 'tpu v5': 459e12,
     'tpu v6 lite': 918e12, 'tpu v6e': 918e12,
 }
+PEAK_FLOPS = _PEAK_FLOPS
 
 
 def measured_matmul_flops(n: int = 512, reps: int = 8) -> float:
