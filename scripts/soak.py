@@ -47,7 +47,7 @@ def flags(args, workdir):
 
 
 def env():
-  return dict(os.environ, JAX_PLATFORMS='cpu')
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
 
 
 def rows(workdir):
@@ -70,6 +70,11 @@ def last_train_step(workdir):
 
 def saving(workdir):
   return bool(glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*')))
+
+
+def training(log_path):
+  with open(log_path, encoding='utf-8') as f:
+    return 'metrics: ' in f.read()
 
 
 def check_checkpoints(workdir):
@@ -120,20 +125,30 @@ def main():
   p.add_argument('--seed', type=int, default=0)
   args = p.parse_args()
   rng = random.Random(args.seed)
-  shutil.rmtree(args.root, ignore_errors=True)
-  os.makedirs(args.root)
   ref_dir, soak_dir = os.path.join(args.root, 'reference'), os.path.join(args.root, 'soak')
-
+  shutil.rmtree(soak_dir, ignore_errors=True)
+  for old in glob.glob(os.path.join(args.root, 'start_*.log')):
+    os.remove(old)
   t0 = time.time()
-  subprocess.run([sys.executable, 'main.py', *flags(args, ref_dir)], cwd=REPO, env=env(),
-                 check=True, capture_output=True)
-  print(f'reference run: {args.steps} steps in {time.time() - t0:.0f} s', flush=True)
+  ref_flags = os.path.join(args.root, 'reference_flags.json')
+  same_ref = os.path.isdir(os.path.join(ref_dir, 'export')) and os.path.exists(ref_flags) and \
+      json.load(open(ref_flags, encoding='utf-8')) == flags(args, ref_dir)
+  if same_ref:   # an uninterrupted run of this exact command is already there
+    print(f'reference run: reusing {ref_dir}', flush=True)
+  else:
+    shutil.rmtree(ref_dir, ignore_errors=True)
+    subprocess.run([sys.executable, 'main.py', *flags(args, ref_dir)], cwd=REPO, env=env(),
+                   check=True, capture_output=True)
+    with open(ref_flags, 'w', encoding='utf-8') as f:
+      json.dump(flags(args, ref_dir), f)
+    print(f'reference run: {args.steps} steps in {time.time() - t0:.0f} s', flush=True)
 
   kills = {'SIGKILL': 0, 'SIGTERM': 0, 'during save': 0}
   starts = 0
   while True:
     starts += 1
     log = open(os.path.join(args.root, f'start_{starts}.log'), 'w', encoding='utf-8')
+    # Unbuffered, so the start-up line shows in the log when it is printed.
     proc = subprocess.Popen([sys.executable, 'main.py', *flags(args, soak_dir)], cwd=REPO,
                             env=env(), stdout=log, stderr=subprocess.STDOUT)
     done = sum(v for k, v in kills.items() if k != 'during save')
@@ -145,6 +160,11 @@ def main():
       target = begin + rng.randint(1, max(1, min(6, args.steps - begin - 1)))
       delay = rng.uniform(0.0, 0.3)
       while proc.poll() is None:
+        # Aim only once training runs (a signal during start-up just ends the process, and
+        # the temporary directory of a save killed last time is removed at start-up).
+        if not training(log.name):
+          time.sleep(0.01)
+          continue
         if (mode == 'save' and saving(soak_dir)) or (
             mode == 'step' and last_train_step(soak_dir) >= target):
           if mode == 'step':
@@ -164,7 +184,7 @@ def main():
     if killed == 'SIGTERM' and rc == 0 and 'stopped after step' not in text \
         and 'exported params' not in text:
       raise SystemExit(f'soak FAILED: SIGTERM exit 0 without a stop line ({log.name})')
-    if killed == 'SIGTERM' and rc != 0:
+    if killed == 'SIGTERM' and rc != 0 and 'metrics: ' in text:
       raise SystemExit(f'soak FAILED: SIGTERM gave exit {rc} ({log.name})')
     if killed is None and rc != 0:
       raise SystemExit(f'soak FAILED: unkilled start exited {rc} ({log.name})')
