@@ -47,7 +47,7 @@ def flags(args, workdir):
 
 
 def env():
-  return dict(os.environ, JAX_PLATFORMS='cpu')
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
 
 
 def rows(workdir):
@@ -72,16 +72,33 @@ def saving(workdir):
   return bool(glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*')))
 
 
+def training(log_path):
+  with open(log_path, encoding='utf-8') as f:
+    return 'metrics: ' in f.read()
+
+
 def check_checkpoints(workdir):
-  """Every step directory left behind passes the integrity check."""
+  """(intact, partial): the newest step directory must pass the integrity check.
+
+  Older ones may be half deleted: Orbax removes checkpoints beyond keep_checkpoints with a
+  non-atomic rmtree, so a kill during that leaves a partial old directory. It lacks Orbax's
+  _CHECKPOINT_METADATA or files of the manifest, so verify_files flags it; resumption never
+  picks it while a newer intact one exists, and Orbax deletes it at its next clean-up.
+  """
   from stlm.train import checkpoint  # pylint: disable=g-import-not-at-top
   root = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(root):
-    return 0
-  steps = [d for d in os.listdir(root) if d.isdigit()]
-  for d in steps:
-    checkpoint.verify_files(int(d), os.path.join(root, d))
-  return len(steps)
+    return 0, 0
+  steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
+  intact = 0
+  for i, step in enumerate(steps):
+    try:
+      checkpoint.verify_files(step, os.path.join(root, str(step)))
+      intact += 1
+    except checkpoint.DamagedCheckpointError:
+      if i == 0:
+        raise   # the checkpoint a restart would restore
+  return intact, len(steps) - intact
 
 
 def load_params(export_dir):
@@ -120,20 +137,30 @@ def main():
   p.add_argument('--seed', type=int, default=0)
   args = p.parse_args()
   rng = random.Random(args.seed)
-  shutil.rmtree(args.root, ignore_errors=True)
-  os.makedirs(args.root)
   ref_dir, soak_dir = os.path.join(args.root, 'reference'), os.path.join(args.root, 'soak')
-
+  shutil.rmtree(soak_dir, ignore_errors=True)
+  for old in glob.glob(os.path.join(args.root, 'start_*.log')):
+    os.remove(old)
   t0 = time.time()
-  subprocess.run([sys.executable, 'main.py', *flags(args, ref_dir)], cwd=REPO, env=env(),
-                 check=True, capture_output=True)
-  print(f'reference run: {args.steps} steps in {time.time() - t0:.0f} s', flush=True)
+  ref_flags = os.path.join(args.root, 'reference_flags.json')
+  same_ref = os.path.isdir(os.path.join(ref_dir, 'export')) and os.path.exists(ref_flags) and \
+      json.load(open(ref_flags, encoding='utf-8')) == flags(args, ref_dir)
+  if same_ref:   # an uninterrupted run of this exact command is already there
+    print(f'reference run: reusing {ref_dir}', flush=True)
+  else:
+    shutil.rmtree(ref_dir, ignore_errors=True)
+    subprocess.run([sys.executable, 'main.py', *flags(args, ref_dir)], cwd=REPO, env=env(),
+                   check=True, capture_output=True)
+    with open(ref_flags, 'w', encoding='utf-8') as f:
+      json.dump(flags(args, ref_dir), f)
+    print(f'reference run: {args.steps} steps in {time.time() - t0:.0f} s', flush=True)
 
   kills = {'SIGKILL': 0, 'SIGTERM': 0, 'during save': 0}
-  starts = 0
+  starts, partial_seen = 0, 0
   while True:
     starts += 1
     log = open(os.path.join(args.root, f'start_{starts}.log'), 'w', encoding='utf-8')
+    # Unbuffered, so the start-up line shows in the log when it is printed.
     proc = subprocess.Popen([sys.executable, 'main.py', *flags(args, soak_dir)], cwd=REPO,
                             env=env(), stdout=log, stderr=subprocess.STDOUT)
     done = sum(v for k, v in kills.items() if k != 'during save')
@@ -142,9 +169,14 @@ def main():
       sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
       mode = rng.choice(['step', 'step', 'save'])   # a third aim at a save in progress
       begin = last_train_step(soak_dir)
-      target = begin + rng.randint(1, max(1, min(6, args.steps - begin - 1)))
+      target = begin + rng.randint(1, max(1, min(4, args.steps - begin - 1)))
       delay = rng.uniform(0.0, 0.3)
       while proc.poll() is None:
+        # Aim only once training runs (a signal during start-up just ends the process, and
+        # the temporary directory of a save killed last time is removed at start-up).
+        if not training(log.name):
+          time.sleep(0.01)
+          continue
         if (mode == 'save' and saving(soak_dir)) or (
             mode == 'step' and last_train_step(soak_dir) >= target):
           if mode == 'step':
@@ -160,23 +192,26 @@ def main():
     rc = proc.wait()
     log.close()
     text = open(log.name, encoding='utf-8').read()
-    n_ckpts = check_checkpoints(soak_dir)
+    n_ckpts, n_partial = check_checkpoints(soak_dir)
+    partial_seen += n_partial > 0
     if killed == 'SIGTERM' and rc == 0 and 'stopped after step' not in text \
         and 'exported params' not in text:
       raise SystemExit(f'soak FAILED: SIGTERM exit 0 without a stop line ({log.name})')
-    if killed == 'SIGTERM' and rc != 0:
+    if killed == 'SIGTERM' and rc != 0 and 'metrics: ' in text:
       raise SystemExit(f'soak FAILED: SIGTERM gave exit {rc} ({log.name})')
     if killed is None and rc != 0:
       raise SystemExit(f'soak FAILED: unkilled start exited {rc} ({log.name})')
     print(f'start {starts}: {killed or "not killed"}, exit {rc}, at step '
-          f'{last_train_step(soak_dir)}, {n_ckpts} intact checkpoint(s)', flush=True)
+          f'{last_train_step(soak_dir)}, {n_ckpts} intact checkpoint(s)'
+          + (f', {n_partial} half-deleted old one(s)' if n_partial else ''), flush=True)
     if killed is None and rc == 0 and os.path.isdir(os.path.join(soak_dir, 'export')):
       break
   logged = compare(ref_dir, soak_dir)
   total = kills['SIGKILL'] + kills['SIGTERM']
   print(f'soak: survived {total} kills ({kills["SIGKILL"]} SIGKILL, {kills["SIGTERM"]} SIGTERM; '
-        f'{kills["during save"]} while a checkpoint save was in progress) over {starts} starts '
-        f'and {args.steps} steps; all {logged} logged train losses, every validation loss and '
+        f'{kills["during save"]} while a checkpoint save was in progress; {partial_seen} left a '
+        f'half-deleted old checkpoint, never restored) over {starts} starts and {args.steps} '
+        f'steps; all {logged} logged train losses, every validation loss and '
         f'the exported parameters equal the uninterrupted run ({time.time() - t0:.0f} s).')
 
 
