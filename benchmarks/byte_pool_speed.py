@@ -1,0 +1,91 @@
+"""Train-step speed of baseline vs byte_pool paper vs byte_pool v2 on one core, interleaved.
+
+  python benchmarks/byte_pool_speed.py --core=8x256 --context=256 --batch=8 --rounds=5
+
+Each model's own jitted train step (benchmarks/train_step.py's: same sharding, optimizer) runs
+on synthetic batches of its layout (v2: chunk lengths as measured on Wikipedia text). Steps are
+timed round-robin (one step of each model per round), so on a shared, noisy CPU every model
+sees the same load; the ratio of medians is the figure to read.
+"""
+
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import numpy as np
+
+from configs import baseline as baseline_config
+from configs import byte_pool as byte_pool_config
+from stlm import config_validate
+from stlm.models import factory
+from stlm.models import kinds
+from stlm.train import sharding
+from stlm.train import state as state_lib
+
+_CORE = flags.DEFINE_string('core', '8x256', 'layers x hidden of the shared core.')
+_HEADS = flags.DEFINE_string('heads', '4/2', 'heads / kv heads.')
+_CONTEXT = flags.DEFINE_integer('context', 256, 'positions (tokens = chunks).')
+_BATCH = flags.DEFINE_integer('batch', 8, 'rows per step.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'timed rounds (after a compile-and-warm-up step).')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', 'compute dtype.')
+_MODELS = flags.DEFINE_list('models', 'baseline,paper,v2', 'of baseline, paper, v2.')
+
+
+def model_config(name):
+  c = (baseline_config if name == 'baseline' else byte_pool_config).get_config('tiny')
+  layers, hidden = (int(x) for x in _CORE.value.lower().split('x'))
+  heads, kv = (int(x) for x in _HEADS.value.split('/'))
+  c.model.update(num_layers=layers, hidden_dim=hidden, num_heads=heads, num_kv_heads=kv,
+                 ffn_dim=3 * hidden, max_len=_CONTEXT.value, dtype=_DTYPE.value)
+  if name != 'baseline':
+    c.model.byte_pool.version = name
+  c.train.update(batch_size=_BATCH.value, grad_accum=1)
+  config_validate.validate(c)
+  return c
+
+
+def main(argv):
+  del argv
+  runs = {}
+  for name in _MODELS.value:
+    config = model_config(name)
+    mesh = sharding.make_mesh(config.mesh)
+    model = factory.build_model(config.model)
+    batch = kinds.get_kind(config.model.kind).synthetic_batch(
+        config.model, np.random.default_rng(0), (1, config.train.batch_size))
+    batches = sharding.global_batch(batch, mesh, leading_microbatch_axis=True)
+    ts = state_lib.build_train_step(config, model, mesh)
+    state = ts.init()
+    with sharding.mesh_context(mesh):
+      state, m = ts.step(state, batches)
+      jax.block_until_ready(m)
+    runs[name] = dict(config=config, mesh=mesh, step=ts.step, state=state, batches=batches,
+                      targets=float(np.sum(batch['loss_mask'])), times=[])
+  for _ in range(_ROUNDS.value):
+    for r in runs.values():
+      with sharding.mesh_context(r['mesh']):
+        start = time.perf_counter()
+        r['state'], m = r['step'](r['state'], r['batches'])
+        jax.block_until_ready(m)
+        r['times'].append(time.perf_counter() - start)
+  base = runs.get('baseline')
+  base_rate = base and base['targets'] / statistics.median(base['times'])
+  print(f'core {_CORE.value}, heads {_HEADS.value}, context {_CONTEXT.value}, batch '
+        f'{_BATCH.value}, {_DTYPE.value}, {jax.devices()[0].device_kind}; median of '
+        f'{_ROUNDS.value} interleaved rounds')
+  for name, r in runs.items():
+    step = statistics.median(r['times'])
+    rate = r['targets'] / step
+    ratio = f', {rate / base_rate:.2f}x the baseline' if base_rate else ''
+    print(f'{name:9s} step {step * 1e3:8.1f} ms  {rate:8.0f} targets/s{ratio}  '
+          f'(steps: {", ".join(f"{t:.2f}" for t in r["times"])} s)')
+
+
+if __name__ == '__main__':
+  app.run(main)
