@@ -41,11 +41,17 @@ class ExportError(ValueError):
 
 def hf_architecture(config) -> str:
   """'llama' or 'gpt2' for an exact mapping; ExportError naming the key otherwise."""
+  choose = _ARCHITECTURES.get(config.model.kind)
+  if choose is None:
+    raise ExportError(f'model.kind={config.model.kind!r}: no Hugging Face architecture holds '
+                      'this kind; export it with --format=safetensors '
+                      '(stlm.hf_export.load_safetensors reads it back)')
+  return choose(config)
+
+
+def _token_transformer_architecture(config) -> str:
+  """The baseline family (token embedding -> Transformer -> head) by position/FFN/norm."""
   m = config.model
-  if m.kind != 'baseline':
-    raise ExportError(f'model.kind={m.kind!r}: no Hugging Face architecture holds the byte-pool '
-                      'model; export it with --format=safetensors (stlm.hf_export.load_safetensors '
-                      'reads it back)')
   if config.tokenizer.kind != 'gpt2':
     raise ExportError(f'tokenizer.kind={config.tokenizer.kind!r}: the Hugging Face export '
                       'writes the GPT-2 tokenizer only; use --format=safetensors')
@@ -74,6 +80,11 @@ def hf_architecture(config) -> str:
     return 'gpt2'
   raise ExportError(f'model.position={m.position!r}: no Hugging Face architecture runs without '
                     'position information; refusing to write a different model')
+
+
+# Kinds with a Hugging Face mapping (their parameter trees are what _llama/_gpt2 read);
+# a kind not listed is refused.
+_ARCHITECTURES = {'baseline': _token_transformer_architecture}
 
 
 # ------------------------------------------------------------------ weight mapping
