@@ -38,9 +38,10 @@ import numpy as np
 from stlm import config as config_lib
 from stlm import config_validate
 from stlm.models import factory
-from stlm.train import loop
+from stlm.models import kinds
 from stlm.train import metrics as metrics_lib
 from stlm.train import sharding
+from stlm.train import state as state_lib
 
 config_flags.DEFINE_config_file('config', 'configs/baseline.py', 'Config file[:preset].')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile-and-warm-up step).')
@@ -60,22 +61,13 @@ PROJECTION_CHIPS = (('H100 SXM', 'h100'), ('A100', 'a100'), ('L40', 'l40'),
 
 def synthetic_batches(config, rng):
   """grad_accum x batch rows of the model's layout, every target real (no padding)."""
-  m, t = config.model, config.train
-  shape = (t.grad_accum, t.batch_size, m.max_len)
-  batch = factory.dummy_batch(m, t.batch_size, m.max_len)
-  if m.kind == 'byte_pool':
-    width = batch['inputs'].shape[-1]
-    ids = rng.integers(3, 259, shape + (width,)).astype(np.int32)
-  else:
-    ids = rng.integers(0, m.vocab_size, shape).astype(np.int32)
-  stacked = {k: np.broadcast_to(v, (t.grad_accum,) + v.shape).copy() for k, v in batch.items()}
-  stacked.update(inputs=ids, targets=np.roll(ids, -1, axis=2))
-  return stacked
+  return kinds.get_kind(config.model.kind).synthetic_batch(
+      config.model, rng, (config.train.grad_accum, config.train.batch_size))
 
 
 def flops_per_target(config, breakdown) -> float:
-  """Training FLOPs per target from the model's own accounting."""
-  return metrics_lib.flops_per_unit(config, breakdown)
+  """Training FLOPs per target from the model kind's own accounting."""
+  return kinds.get_kind(config.model.kind).flops_per_target(config.model, breakdown)
 
 
 def table1_flops_per_target(config) -> float:
@@ -151,7 +143,7 @@ def main(argv):
   configs = [config] + ([with_override(config, _AB.value)] if _AB.value else [])
   runs = []
   for c in configs:
-    train_step = loop.build_train_step(c, factory.build_model(c.model), mesh)
+    train_step = state_lib.build_train_step(c, factory.build_model(c.model), mesh)
     runs.append(dict(config=c, step=train_step.step, state=train_step.init(), times=[]))
   with sharding.mesh_context(mesh):
     breakdown = factory.param_breakdown(runs[0]['state'].params, config.model)
@@ -184,10 +176,11 @@ def main(argv):
         f'ce_chunk {m_cfg.get("ce_chunk", 0)}, remat {m_cfg.get("remat", "none")}, '
         f'{breakdown["total"]:,} params, batch {config.train.grad_accum} x '
         f'{config.train.batch_size} x {m_cfg.max_len}')
+  unit = kinds.get_kind(config.model.kind).target_unit
   print(f'step {step_s * 1e3:.1f} ms (median of {len(times)}, min {min(times) * 1e3:.1f}), '
-        f'{rate:,.0f} targets/s, {achieved / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} of '
+        f'{rate:,.0f} {unit}/s, {achieved / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} of '
         f'{peak / 1e12:.3g} TFLOP/s per device ({source})')
-  print(f'FLOPs/target {fpt / 1e6:,.1f} M (model accounting: 6 x matmul params + attention)')
+  print(f'FLOPs/target {fpt / 1e6:,.1f} M (the model kind's own accounting)')
   print(f'compile {compile_s:.1f} s, time to first step {first_step_s:.1f} s '
         f'(process start to first step done)')
   print(memory_line(compiled))
