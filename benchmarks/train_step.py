@@ -177,10 +177,11 @@ def main(argv):
         f'ce_chunk {m_cfg.get("ce_chunk", 0)}, remat {m_cfg.get("remat", "none")}, '
         f'{breakdown["total"]:,} params, batch {config.train.grad_accum} x '
         f'{config.train.batch_size} x {m_cfg.max_len}')
+  unit = kinds.get_kind(config.model.kind).target_unit
   print(f'step {step_s * 1e3:.1f} ms (median of {len(times)}, min {min(times) * 1e3:.1f}), '
-        f'{rate:,.0f} {kinds.get_kind(config.model.kind).target_unit}/s, {achieved / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} of '
+        f'{rate:,.0f} {unit}/s, {achieved / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} of '
         f'{peak / 1e12:.3g} TFLOP/s per device ({source})')
-  print(f'FLOPs/target {fpt / 1e6:,.1f} M (model accounting: 6 x matmul params + attention)')
+  print(f'FLOPs/target {fpt / 1e6:,.1f} M (the model kind's own accounting)')
   print(f'compile {compile_s:.1f} s, time to first step {first_step_s:.1f} s '
         f'(process start to first step done)')
   print(memory_line(compiled))
