@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stlm.models import dropout as dropout_lib
+
 LN2 = math.log(2.0)
 
 
@@ -52,14 +54,16 @@ def stats_metrics(sums) -> dict:
 
 
 def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule=None):
+               schedule=None, dropout_schedule=None):
   """One optimizer update over grad_accum micro-batches (leading axis of every batch leaf).
 
   Gradients of the summed nll (+ the model's extra_nll) are accumulated and divided by the
   total number of predicted units, so accumulation gives exactly the gradient of one big batch.
-  Reported loss and bits per byte count the nll only.
+  Reported loss and bits per byte count the nll only. dropout_schedule: fn(step) -> factor
+  on the model's dropout rates (traced: one compilation for every step), or None.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
+  factor = None if dropout_schedule is None else dropout_schedule(state.step)
 
   def micro(carry, xs):
     grads_acc, sums_acc = carry
@@ -67,7 +71,8 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
     rng = jax.random.fold_in(step_rng, index)
 
     def nll_fn(params):
-      sums = loss_sums(model, params, batch, rng=rng, train=True)
+      with dropout_lib.rate_factor(factor):
+        sums = loss_sums(model, params, batch, rng=rng, train=True)
       return sums['nll'] + sums.get('extra_nll', 0.0), sums
 
     grads, sums = jax.grad(nll_fn, has_aux=True)(state.params)
@@ -99,6 +104,8 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
     metrics['extra_loss'] = sums['extra_nll'] / denom
   if schedule is not None:
     metrics['lr'] = schedule(state.step)
+  if factor is not None:
+    metrics['dropout_factor'] = factor
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
