@@ -42,6 +42,9 @@ def get_config(arg: str = 'tiny'):
   preset = arg or 'tiny'
   c = config_lib.apply_preset(config_lib.base_config(), preset)
   c.name = 'byte_pool'
+  # Decay like the original repository (nanoGPT configure_optimizers): every param of two or
+  # more dimensions, the tied embedding included.
+  c.train.weight_decay_params = 'ndim2'
   c.model.kind = 'byte_pool'
   c.model.update(_CORES[preset])
   c.model.byte_pool.update(_BYTES[preset])

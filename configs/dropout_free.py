@@ -9,5 +9,8 @@ from stlm import config as config_lib
 def get_config(arg: str = 'tiny'):
   c = config_lib.apply_preset(config_lib.base_config(), arg or 'tiny')
   c.name = 'dropout_free'
+  # Decay like the original repository (nanoGPT configure_optimizers): every param of two or
+  # more dimensions, the tied embedding included.
+  c.train.weight_decay_params = 'ndim2'
   c.model.dropout = 0.0
   return c

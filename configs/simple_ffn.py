@@ -9,6 +9,9 @@ from stlm import config as config_lib
 def get_config(arg: str = 'tiny'):
   c = config_lib.apply_preset(config_lib.base_config(), arg or 'tiny')
   c.name = 'simple_ffn'
+  # Decay like the original repository (nanoGPT configure_optimizers): every param of two or
+  # more dimensions, the tied embedding included.
+  c.train.weight_decay_params = 'ndim2'
   c.model.ffn_type = 'gelu'
   c.model.ffn_dim = c.model.ffn_dim * 3 // 2
   return c

@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = 'none'               # none | block | dots_saveable (recompute in the backward)
   m.scan_layers = False          # one nn.scan'd block for all layers (stlm/models/scan_convert.py)
   m.vocab_size = 50257           # overwritten from the tokenizer at start-up
+  # Cross-layer weight sharing of the core (stlm/models/sharing.py): none | ffn | ffn_attn,
+  # plus per-layer LoRA adapters of this rank on the shared weights (0 = none).
+  m.sharing = 'none'
+  m.sharing_lora_rank = 0
 
   # Depth options (stlm/models/depth.py), every one off by default.
   m.layer_drop_max = 0.0         # LayerSkip: layer dropout rising linearly to this at the last layer
@@ -103,9 +107,17 @@ def base_config() -> ml_collections.ConfigDict:
   tr.lr = 6e-4
   tr.min_lr_ratio = 0.1
   tr.warmup_steps = 5000
-  tr.schedule = 'cosine'         # cosine | linear | constant
+  tr.schedule = 'cosine'         # cosine | linear | constant | wsd | inverse_sqrt
+  tr.wsd_decay_fraction = 0.2    # wsd: the last fraction of the steps decays
+  tr.wsd_decay_shape = 'linear'  # wsd: linear | cosine | 1-sqrt
   tr.weight_decay = 0.1
-  tr.decay_norms_biases_embeddings = False
+  # Which params decay: matrices (not norms, biases, embedding/position tables) | ndim2
+  # (every param of >= 2 dims, tied embedding included: the original repo's nanoGPT set-up) | all
+  tr.weight_decay_params = 'matrices'
+  # model.dropout over training (Liu et al. 2023): constant | early (first s steps only) |
+  # late (from step s) | linear (down to 0 at step s); s = dropout_schedule_steps (0 = steps)
+  tr.dropout_schedule = 'constant'
+  tr.dropout_schedule_steps = 0
   tr.b1 = 0.9
   tr.b2 = 0.95
   tr.eps = 1e-8

@@ -6,6 +6,8 @@ from stlm.config_errors import ConfigError  # pylint: disable=unused-import (re-
 from stlm.config_errors import fail as _fail
 from stlm.models import depth
 from stlm.models import kinds
+from stlm.models import sharing
+from stlm.train import optimizer
 
 _CHOICES = {
     'model.ffn_type': ('swiglu', 'gelu'),
@@ -15,11 +17,15 @@ _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention_impl': ('xla', 'pallas', 'auto'),
     'model.remat': ('none', 'block', 'dots_saveable'),
+    'train.nonfinite_policy': ('stop', 'skip'),
+    'model.sharing': sharing.MODES,
     'tokenizer.kind': ('gpt2', 'sentencepiece', 'bytes'),
     'data.split_by': ('auto', 'file', 'blank_line', 'eot', 'line'),
     'data.decode_errors': ('strict', 'replace'),
-    'train.schedule': ('cosine', 'linear', 'constant'),
-    'train.nonfinite_policy': ('stop', 'skip'),
+    'train.schedule': optimizer.SCHEDULES,
+    'train.wsd_decay_shape': optimizer.WSD_DECAY_SHAPES,
+    'train.weight_decay_params': optimizer.DECAY_PARAMS,
+    'train.dropout_schedule': optimizer.DROPOUT_SCHEDULES,
 }
 
 _POSITIVE_INTS = (
@@ -65,6 +71,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f'(model.position_table_len={m.position_table_len})')
   if not isinstance(m.get('scan_layers', False), bool):
     _fail('model.scan_layers', m.scan_layers, 'must be True or False')
+  if m.get('scan_layers', False) and m.sharing != 'none':
+    _fail('model.scan_layers', True, f'compiles one block for all layers; with '
+          f'model.sharing={m.sharing!r} the layers share modules instead: set one of them off')
   if not isinstance(m.ce_chunk, int) or m.ce_chunk < 0:
     _fail('model.ce_chunk', m.ce_chunk, 'must be an integer >= 0 (0 = full logits)')
   if not 0.0 <= m.dropout < 1.0:
@@ -78,6 +87,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _fail(f'model.{key}', m[key], 'must be an integer >= 0 (0 = off)')
   if not isinstance(m.pause_count, int) or m.pause_count < 1:
     _fail('model.pause_count', m.pause_count, 'must be a positive integer')
+  if not isinstance(m.sharing_lora_rank, int) or m.sharing_lora_rank < 0:
+    _fail('model.sharing_lora_rank', m.sharing_lora_rank, 'must be an integer >= 0')
+  if m.sharing_lora_rank and m.sharing == 'none':
+    _fail('model.sharing_lora_rank', m.sharing_lora_rank,
+          "adapts shared weights; set model.sharing to 'ffn' or 'ffn_attn' (or the rank to 0)")
   kinds.get_kind(m.kind).validate(m)
 
   t = c.train
@@ -89,6 +103,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('train.warmup_steps', t.warmup_steps, f'must be in [0, train.steps={t.steps}]')
   if not 0.0 <= t.min_lr_ratio <= 1.0:
     _fail('train.min_lr_ratio', t.min_lr_ratio, 'must be in [0, 1]')
+  if not 0.0 < t.wsd_decay_fraction <= 1.0:
+    _fail('train.wsd_decay_fraction', t.wsd_decay_fraction, 'must be in (0, 1]')
+  if not isinstance(t.dropout_schedule_steps, int) or t.dropout_schedule_steps < 0:
+    _fail('train.dropout_schedule_steps', t.dropout_schedule_steps,
+          'must be an integer >= 0 (0 = train.steps)')
   if t.grad_clip < 0:
     _fail('train.grad_clip', t.grad_clip, 'must be >= 0 (0 disables clipping)')
 

@@ -51,7 +51,7 @@ def test_decay_mask_skips_norms_biases_and_embeddings():
   assert mask['block_0']['attn']['q']['kernel']
   assert not mask['embed']['embedding'] and not mask['pos_embed']['table']
   assert not mask['block_0']['norm']['scale'] and not mask['block_0']['ffn']['bias']
-  assert all(jax.tree.leaves(optimizer.decay_mask(params, True)))
+  assert all(jax.tree.leaves(optimizer.decay_mask(params, 'all')))
 
 
 def test_weight_decay_only_moves_masked_in_params():

@@ -11,6 +11,7 @@ from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
 from stlm.models import pause
+from stlm.models import sharing
 from stlm.models import transformer
 
 
@@ -131,20 +132,29 @@ class BaselineLM(nn.Module):
 
 
 def param_breakdown(params, model_cfg) -> dict[str, Any]:
-  """embedding = token table, head = untied LM head (0 when tied, tied=True), core = rest."""
+  """embedding = token table, head = untied LM head (0 when tied, tied=True), core = rest.
+
+  With weight sharing, core_applied = the core's params counted once per layer they run in.
+  """
   params = nn.unbox(params)
   total = kinds.count_params(params)
   embedding = kinds.count_params(params['embed'])
   head = kinds.count_params(params.get('lm_head', {}))
-  return dict(embedding=embedding, head=head, core=total - embedding - head, total=total,
-              tied=bool(model_cfg.tie_embeddings))
+  out = dict(embedding=embedding, head=head, core=total - embedding - head, total=total,
+             tied=bool(model_cfg.tie_embeddings))
+  if sharing.mode(model_cfg) != 'none':
+    out['core_applied'] = sharing.applied_params(params['transformer'], model_cfg)
+  return out
 
 
 def flops_per_target(model_cfg, breakdown) -> float:
-  """6 x (core + the head matmul, which runs once per token even when tied) + attention."""
+  """6 x (core + the head matmul, which runs once per token even when tied) + attention.
+
+  Shared layers cost compute in every layer: the core counts as `core_applied`.
+  """
   m = model_cfg
-  return 6 * (breakdown['core'] + m.vocab_size * m.hidden_dim) \
-      + kinds.attention_flops_per_target(m)
+  core = breakdown.get('core_applied', breakdown['core'])
+  return 6 * (core + m.vocab_size * m.hidden_dim) + kinds.attention_flops_per_target(m)
 
 
 KIND = kinds.register_kind(kinds.ModelKind(
@@ -160,4 +170,6 @@ KIND = kinds.register_kind(kinds.ModelKind(
     target_unit='tokens',
     featurizer='tokens',
     generation='tokens',
+    param_report=lambda params, model_cfg: sharing.report(
+        nn.unbox(params)['transformer'], model_cfg),
 ))

@@ -28,6 +28,7 @@ from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
 from stlm.models import pause
+from stlm.models import sharing
 from stlm.models import transformer
 
 POOLINGS = ('mean', 'attention', 'last')
@@ -318,21 +319,30 @@ def format_param_report(report: dict[str, int]) -> str:
 
 
 def param_breakdown(params, model_cfg) -> dict[str, Any]:
-  """embedding = the byte encoder, head = the byte decoder, core = the causal transformer."""
-  del model_cfg
+  """embedding = the byte encoder, head = the byte decoder, core = the causal transformer.
+
+  With weight sharing, core_applied = the core's params counted once per layer they run in.
+  """
   params = nn.unbox(params)
   total = kinds.count_params(params)
   embedding = sum(kinds.count_params(v) for k, v in params.items() if 'encoder' in k)
   head = sum(kinds.count_params(v) for k, v in params.items() if 'decoder' in k)
-  return dict(embedding=embedding, head=head, core=total - embedding - head, total=total,
-              tied=False)
+  out = dict(embedding=embedding, head=head, core=total - embedding - head, total=total,
+             tied=False)
+  if sharing.mode(model_cfg) != 'none':
+    out['core_applied'] = sharing.applied_params(params['core'], model_cfg)
+  return out
 
 
 def flops_per_target(model_cfg, breakdown) -> float:
-  """6 x (core + the byte encoder and decoder, which run once per byte slot) + attention."""
+  """6 x (core + the byte encoder and decoder, which run once per byte slot) + attention.
+
+  Shared layers cost compute in every layer: the core counts as `core_applied`.
+  """
   m = model_cfg
   per_chunk = chunk_width(m.byte_pool.max_bytes_per_chunk)
-  return 6 * (breakdown['core'] + per_chunk * (breakdown['embedding'] + breakdown['head'])) \
+  core = breakdown.get('core_applied', breakdown['core'])
+  return 6 * (core + per_chunk * (breakdown['embedding'] + breakdown['head'])) \
       + kinds.attention_flops_per_target(m)
 
 
@@ -404,5 +414,7 @@ KIND = kinds.register_kind(kinds.ModelKind(
     featurizer='chunks',
     generation='chunks',
     validate=validate,
-    param_report=lambda params, model_cfg: format_param_report(param_report(params, model_cfg)),
+    param_report=lambda params, model_cfg: '\n'.join(filter(None, [
+        format_param_report(param_report(params, model_cfg)),
+        sharing.report(nn.unbox(params)['core'], model_cfg)])),
 ))

@@ -56,6 +56,15 @@ def make_param(module: nn.Module, name: str, init, shape, axes, cfg):
                       dtype_of(cfg.param_dtype))
 
 
+def low_rank(x, a, b, *, n_in: int, dtype):
+  """x @ A @ B for a kernel whose input spans x's last n_in axes (LoRA; never forms A @ B).
+
+  A: in_shape x r, B: r x out_shape.
+  """
+  h = jnp.tensordot(x, a.astype(dtype), axes=n_in)
+  return jnp.tensordot(h, b.astype(dtype), axes=1)
+
+
 def head_dim_of(cfg) -> int:
   if cfg.hidden_dim % cfg.num_heads:
     raise ValueError(f'model.hidden_dim {cfg.hidden_dim} must be divisible by '
@@ -202,13 +211,17 @@ class Attention(nn.Module):
   (Transformer) passes `decode_mask_Bx1xTxL` and `cache_index`: this layer then writes
   its new K/V into the 'cache' collection at cache_index and attends over the whole
   cache with the XLA reference and that mask.
+
+  Shared by several layers (stlm/models/sharing.py), each layer passes its own
+  `cache_slot` (its K/V cache) and optionally `lora`: kernel name -> (A, B) low-rank terms
+  added to the shared q/k/v/o kernels.
   """
   cfg: Any
   causal: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, *, decode_mask_Bx1xTxL=None,
-               cache_index=None, write_cache=True):
+               cache_index=None, write_cache=True, cache_slot=None, lora=None):
     cfg = self.cfg
     H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.hidden_dim
     D = head_dim_of(cfg)
@@ -220,6 +233,8 @@ class Attention(nn.Module):
       w = make_param(self, f'{name}_kernel', fan_in_init(0, (1, 2)), (E, heads, D),
                      ('embed', axis_name, 'head_dim'), cfg)
       y = jnp.einsum('bte,ehd->bthd', x, w.astype(dtype))
+      if lora and name in lora:
+        y = y + low_rank(x, *lora[name], n_in=1, dtype=dtype)
       if cfg.use_bias:
         y = y + make_param(self, f'{name}_bias', nn.initializers.zeros, (heads, D),
                            (axis_name, 'head_dim'), cfg).astype(dtype)
@@ -242,8 +257,9 @@ class Attention(nn.Module):
           kv_segment_ids=segment_ids_BxT, causal=self.causal, impl=cfg.attention_impl)
     else:
       L = decode_mask_Bx1xTxL.shape[-1]
-      cached_k = self.variable('cache', 'key', jnp.zeros, (B, L, K, D), dtype)
-      cached_v = self.variable('cache', 'value', jnp.zeros, (B, L, K, D), dtype)
+      suffix = '' if cache_slot is None else f'_{cache_slot}'
+      cached_k = self.variable('cache', 'key' + suffix, jnp.zeros, (B, L, K, D), dtype)
+      cached_v = self.variable('cache', 'value' + suffix, jnp.zeros, (B, L, K, D), dtype)
       start = (0, cache_index, 0, 0)
       k_BxLxKxD = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxKxD, start)
       v_BxLxKxD = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxKxD, start)
@@ -256,17 +272,23 @@ class Attention(nn.Module):
     w_o = make_param(self, 'o_kernel', fan_in_init((0, 1), 2, 1.0 / (2 * cfg.num_layers)),
                      (H, D, E), ('heads', 'head_dim', 'embed'), cfg)
     y = jnp.einsum('bthd,hde->bte', out_BxTxHxD.astype(dtype), w_o.astype(dtype))
+    if lora and 'o' in lora:
+      y = y + low_rank(out_BxTxHxD.astype(dtype), *lora['o'], n_in=2, dtype=dtype)
     if cfg.use_bias:
       y = y + make_param(self, 'o_bias', nn.initializers.zeros, (E,), ('embed',), cfg).astype(dtype)
     return y
 
 
 class FeedForward(nn.Module):
-  """SwiGLU (gate, up, down) or GELU (up, down) feed-forward."""
+  """SwiGLU (gate, up, down) or GELU (up, down) feed-forward.
+
+  `lora`: kernel name -> (A, B) low-rank terms added to the kernels (a shared FFN's
+  per-layer adapters, stlm/models/sharing.py).
+  """
   cfg: Any
 
   @nn.compact
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, lora=None):
     cfg = self.cfg
     if cfg.ffn_type not in FFN_TYPES:
       raise ValueError(f'model.ffn_type {cfg.ffn_type!r} unknown; choose one of {FFN_TYPES}')
@@ -277,6 +299,8 @@ class FeedForward(nn.Module):
     def dense(name, inp, shape, axes, init):
       w = make_param(self, f'{name}_kernel', init, shape, axes, cfg)
       y = jnp.einsum('bti,io->bto', inp, w.astype(dtype))
+      if lora and name in lora:
+        y = y + low_rank(inp, *lora[name], n_in=1, dtype=dtype)
       if cfg.use_bias:
         y = y + make_param(self, f'{name}_bias', nn.initializers.zeros, shape[-1:], axes[-1:],
                            cfg).astype(dtype)

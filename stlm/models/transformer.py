@@ -24,26 +24,47 @@ import jax
 import jax.numpy as jnp
 
 from stlm.models import depth
+from stlm.models import dropout as dropout_lib
 from stlm.models import layers
+from stlm.models import sharing
 
 
 class Block(nn.Module):
-  """x + attn(norm(x)), then x + ffn(norm(x)), with residual dropout."""
+  """x + attn(norm(x)), then x + ffn(norm(x)), with residual dropout.
+
+  shared_attn / shared_ffn: modules shared by every layer (stlm/models/sharing.py) used
+  instead of this block's own; `layer` picks this block's KV cache in a shared attention.
+  """
   cfg: Any
   causal: bool = True
+  shared_attn: Any = None
+  shared_ffn: Any = None
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, *, deterministic: bool,
                decode_mask_Bx1xTxL=None, cache_index=None, write_cache=True):
     cfg = self.cfg
+    attn_kw, ffn_kw = {}, {}
+    if self.shared_attn is not None:
+      attn, attn_kw['cache_slot'] = self.shared_attn, self.layer
+      if sharing.lora_rank(cfg):
+        attn_kw['lora'] = sharing.LoRA(cfg, 'attn', name='attn_lora')()
+    else:
+      attn = layers.Attention(cfg, causal=self.causal, name='attn')
+    if self.shared_ffn is not None:
+      ffn = self.shared_ffn
+      if sharing.lora_rank(cfg):
+        ffn_kw['lora'] = sharing.LoRA(cfg, 'ffn', name='ffn_lora')()
+    else:
+      ffn = layers.FeedForward(cfg, name='ffn')
     h = layers.Norm(cfg, name='attn_norm')(x_BxTxD)
-    h = layers.Attention(cfg, causal=self.causal, name='attn')(
-        h, segment_ids_BxT, positions_BxT, decode_mask_Bx1xTxL=decode_mask_Bx1xTxL,
-        cache_index=cache_index, write_cache=write_cache)
-    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    h = attn(h, segment_ids_BxT, positions_BxT, decode_mask_Bx1xTxL=decode_mask_Bx1xTxL,
+             cache_index=cache_index, write_cache=write_cache, **attn_kw)
+    x_BxTxD = x_BxTxD + dropout_lib.Dropout(cfg.dropout)(h, deterministic=deterministic)
     h = layers.Norm(cfg, name='ffn_norm')(x_BxTxD)
-    h = layers.FeedForward(cfg, name='ffn')(h)
-    return x_BxTxD + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    h = ffn(h, **ffn_kw)
+    return x_BxTxD + dropout_lib.Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 
 class _PositionalBlock(Block):
@@ -125,7 +146,7 @@ class Transformer(nn.Module):
     x = x_BxTxD.astype(layers.dtype_of(cfg.dtype))
     if cfg.position in ('learned', 'sincos'):
       x = x + layers.AbsolutePosition(cfg, name='position')(positions_BxT)
-    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = dropout_lib.Dropout(cfg.dropout)(x, deterministic=deterministic)
     # The residual stream: rows split over the batch axes, embed whole (see stlm.train.sharding).
     x = nn.with_logical_constraint(x, layers.ACT_BxTxD)
 
@@ -148,6 +169,12 @@ class Transformer(nn.Module):
       y = layers.Norm(cfg, name='final_norm')(x)
       return (y, depth.new_aux()) if return_aux else y
     remat_cls = block_class(getattr(cfg, 'remat', 'none'), decode)
+    parts = sharing.shared_parts(cfg)
+    shared = dict(
+        shared_attn=layers.Attention(cfg, causal=self.causal, name=sharing.SHARED_NAMES['attn'])
+        if 'attn' in parts else None,
+        shared_ffn=layers.FeedForward(cfg, name=sharing.SHARED_NAMES['ffn'])
+        if 'ffn' in parts else None)
     aux = depth.new_aux()
     exit_layers = dict(depth.early_exits(cfg))
     drop_rates = depth.layer_drop_rates(cfg)
@@ -156,17 +183,17 @@ class Transformer(nn.Module):
       kw = dict(deterministic=deterministic, decode_mask_Bx1xTxL=mask, cache_index=index,
                 write_cache=write)
       if depth.is_routed(cfg, i):
-        block = Block(cfg, causal=self.causal, name=f'block_{i}')
+        block = Block(cfg, causal=self.causal, layer=i, name=f'block_{i}', **shared)
         x_new, sel_BxT, bce_BxT = depth.routed_block(
             block, depth.Router(cfg, name=f'router_{i}'), x, segment_ids_BxT, positions_BxT,
             **kw)
         aux['token_stats'][f'mod_frac_block{i}'] = sel_BxT
         aux['token_extra'][f'mod_predictor_block{i}'] = bce_BxT
       elif remat_cls is not None:
-        x_new = remat_cls(cfg, causal=self.causal, name=f'block_{i}')(
+        x_new = remat_cls(cfg, causal=self.causal, layer=i, name=f'block_{i}', **shared)(
             x, segment_ids_BxT, positions_BxT, deterministic)
       else:
-        x_new = Block(cfg, causal=self.causal, name=f'block_{i}')(
+        x_new = Block(cfg, causal=self.causal, layer=i, name=f'block_{i}', **shared)(
             x, segment_ids_BxT, positions_BxT, **kw)
       x = depth.layer_drop(self, x, x_new, drop_rates[i], deterministic=deterministic)
       x = nn.with_logical_constraint(x, layers.ACT_BxTxD)

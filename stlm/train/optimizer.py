@@ -2,23 +2,85 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 
+SCHEDULES = ('cosine', 'linear', 'constant', 'wsd', 'inverse_sqrt')
+WSD_DECAY_SHAPES = ('linear', 'cosine', '1-sqrt')
+DROPOUT_SCHEDULES = ('constant', 'early', 'late', 'linear')
+DECAY_PARAMS = ('matrices', 'ndim2', 'all')
+
+
+def _warmup(peak, warmup):
+  return optax.linear_schedule(0.0, peak, warmup)
+
+
+def _wsd(peak, end, steps, warmup, fraction, shape) -> optax.Schedule:
+  """Warmup-stable-decay (Hu et al. 2024, MiniCPM): peak until the last `fraction` of the
+  steps, then down to `end` along `shape` (linear, cosine, or 1-sqrt of Haegele et al. 2024)."""
+  n_decay = max(int(round(fraction * steps)), 1)
+  decay_start = max(steps - n_decay, warmup)
+  n_decay = max(steps - decay_start, 1)
+  if shape == 'linear':
+    decay = optax.linear_schedule(peak, end, n_decay)
+  elif shape == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, n_decay, alpha=end / peak if peak else 0.0)
+  elif shape == '1-sqrt':
+    decay = lambda t: end + (peak - end) * (1.0 - jnp.sqrt(jnp.clip(t / n_decay, 0.0, 1.0)))
+  else:
+    raise ValueError(f'config.train.wsd_decay_shape={shape!r} is not one of '
+                     f'{", ".join(WSD_DECAY_SHAPES)}')
+  return optax.join_schedules(
+      [_warmup(peak, warmup), optax.constant_schedule(peak), decay], [warmup, decay_start])
+
+
 def make_schedule(train_cfg) -> optax.Schedule:
-  """Linear warmup, then cosine / linear decay to lr * min_lr_ratio, or constant."""
+  """Linear warmup, then cosine / linear decay to lr * min_lr_ratio, constant, WSD
+  (warmup-stable-decay) or inverse square root (peak * sqrt(warmup / step))."""
   peak, steps, warmup = train_cfg.lr, train_cfg.steps, train_cfg.warmup_steps
   end = peak * train_cfg.min_lr_ratio
   if train_cfg.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1), end)
   if train_cfg.schedule == 'linear':
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup),
-         optax.linear_schedule(peak, end, max(steps - warmup, 1))], [warmup])
+        [_warmup(peak, warmup), optax.linear_schedule(peak, end, max(steps - warmup, 1))],
+        [warmup])
   if train_cfg.schedule == 'constant':
+    return optax.join_schedules([_warmup(peak, warmup), optax.constant_schedule(peak)],
+                                [warmup])
+  if train_cfg.schedule == 'wsd':
+    return _wsd(peak, end, steps, warmup, train_cfg.wsd_decay_fraction,
+                train_cfg.wsd_decay_shape)
+  if train_cfg.schedule == 'inverse_sqrt':
+    # After warmup W: peak * sqrt(W / step), continuous at W (W = 0 decays from step 1).
+    w = max(warmup, 1)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
-  raise ValueError(f'config.train.schedule={train_cfg.schedule!r} is not cosine|linear|constant')
+        [_warmup(peak, warmup), lambda t: peak * jnp.sqrt(w / (jnp.maximum(t, 0) + w))],
+        [warmup])
+  raise ValueError(f'config.train.schedule={train_cfg.schedule!r} is not one of '
+                   f'{", ".join(SCHEDULES)}')
+
+
+def make_dropout_schedule(train_cfg):
+  """fn(step) -> factor on model.dropout (Liu et al. 2023), or None for 'constant'.
+
+  early: 1 for the first s steps, then 0; late: 0, then 1 from step s; linear: 1 down to 0
+  at step s (s = train.dropout_schedule_steps, 0 = train.steps). Traced inside the jitted
+  step, so changing rates never recompiles.
+  """
+  kind = train_cfg.dropout_schedule
+  s = train_cfg.dropout_schedule_steps or train_cfg.steps
+  if kind == 'constant':
+    return None
+  if kind == 'early':
+    return lambda step: jnp.where(step < s, 1.0, 0.0)
+  if kind == 'late':
+    return lambda step: jnp.where(step < s, 0.0, 1.0)
+  if kind == 'linear':
+    return lambda step: jnp.clip(1.0 - step / s, 0.0, 1.0)
+  raise ValueError(f'config.train.dropout_schedule={kind!r} is not one of '
+                   f'{", ".join(DROPOUT_SCHEDULES)}')
 
 
 # Logical axes (stlm/models/layers.py) whose params are never decayed by default: norm scales
@@ -40,28 +102,35 @@ def decays(axes: tuple) -> bool:
           and axes[0] not in TABLE_AXES)
 
 
-def decay_mask(axes_tree, decay_norms_biases_embeddings: bool = False):
+def decay_mask(axes_tree, which: str = 'matrices'):
   """True where weight decay applies, from each param's logical axis names (`param_axes`).
 
-  Matrices decay; norms, biases (1-D) and embedding / position tables do not.
+  which = train.weight_decay_params: 'matrices' (matrices decay; norms, biases and embedding
+  / position tables do not), 'ndim2' (every param of two or more dimensions, tables and the
+  tied embedding included: nanoGPT's configure_optimizers, the original repository's set-up),
+  'all'.
   """
   is_axes = lambda x: isinstance(x, tuple)
-  if decay_norms_biases_embeddings:
-    return jax.tree.map(lambda _: True, axes_tree, is_leaf=is_axes)
-  return jax.tree.map(decays, axes_tree, is_leaf=is_axes)
+  rule = {'matrices': decays, 'ndim2': lambda axes: len(axes) >= 2,
+          'all': lambda axes: True}
+  if which not in rule:
+    raise ValueError(f'config.train.weight_decay_params={which!r} is not one of '
+                     f'{", ".join(DECAY_PARAMS)}')
+  return jax.tree.map(rule[which], axes_tree, is_leaf=is_axes)
 
 
 def make_optimizer(train_cfg, axes=None) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with the configured schedule and decay mask.
 
   axes: the params' logical axis names (`param_axes` of the boxed params); without them
-  (params that carry no names) every param of two or more dimensions decays.
+  (params that carry no names) they are read as unnamed axes, one per dimension, so the
+  default policy decays every param of two or more dimensions.
   """
+  which = train_cfg.weight_decay_params
   if axes is None:
-    mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2 or train_cfg.decay_norms_biases_embeddings,
-                                  p)
+    mask = lambda p: decay_mask(jax.tree.map(lambda x: (None,) * x.ndim, p), which)
   else:
-    mask = decay_mask(axes, train_cfg.decay_norms_biases_embeddings)
+    mask = decay_mask(axes, which)
   adamw = optax.adamw(
       make_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
       weight_decay=train_cfg.weight_decay, mask=mask)

@@ -55,10 +55,11 @@ def build_train_step(config, model, mesh) -> TrainStep:
       return jitted_init()
 
   batch_sharding = sharding.batch_sharding(mesh, leading_microbatch_axis=True)
-  train_fn = jax.jit(functools.partial(
+  step_fn = functools.partial(
       step_lib.train_step, model=model, tx=tx, schedule=schedule,
-      skip_nonfinite=config.train.get('nonfinite_policy', 'stop') == 'skip'),
-                     in_shardings=(state_shardings, batch_sharding),
+      skip_nonfinite=config.train.get('nonfinite_policy', 'stop') == 'skip',
+      dropout_schedule=optimizer_lib.make_dropout_schedule(config.train))
+  train_fn = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, None), donate_argnums=0)
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           jax.eval_shape(init_state), state_shardings)

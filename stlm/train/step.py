@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stlm.models import dropout as dropout_lib
+
 LN2 = math.log(2.0)
 
 
@@ -52,7 +54,7 @@ def stats_metrics(sums) -> dict:
 
 
 def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule=None, skip_nonfinite: bool = False):
+               schedule=None, skip_nonfinite: bool = False, dropout_schedule=None):
   """One optimizer update over grad_accum micro-batches (leading axis of every batch leaf).
 
   Gradients of the summed nll (+ the model's extra_nll) are accumulated and divided by the
@@ -61,8 +63,11 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
   metrics['nonfinite'] is 1 when the loss or the global gradient norm is not finite (checked
   here, on device, every step); with skip_nonfinite that update is dropped (params and
   optimizer state kept).
+  dropout_schedule: fn(step) -> factor on the model's dropout rates (traced: one compilation
+  for every step), or None.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
+  factor = None if dropout_schedule is None else dropout_schedule(state.step)
 
   def micro(carry, xs):
     grads_acc, sums_acc = carry
@@ -70,7 +75,8 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
     rng = jax.random.fold_in(step_rng, index)
 
     def nll_fn(params):
-      sums = loss_sums(model, params, batch, rng=rng, train=True)
+      with dropout_lib.rate_factor(factor):
+        sums = loss_sums(model, params, batch, rng=rng, train=True)
       return sums['nll'] + sums.get('extra_nll', 0.0), sums
 
     grads, sums = jax.grad(nll_fn, has_aux=True)(state.params)
@@ -108,6 +114,8 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
     metrics['extra_loss'] = sums['extra_nll'] / denom
   if schedule is not None:
     metrics['lr'] = schedule(state.step)
+  if factor is not None:
+    metrics['dropout_factor'] = factor
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
