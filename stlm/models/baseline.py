@@ -34,6 +34,11 @@ class BaselineLM(nn.Module):
       self.lm_head = layers.make_param(self, 'lm_head', layers.fan_in_init(),
                                        (cfg.hidden_dim, cfg.vocab_size), ('embed', 'vocab'), cfg)
 
+  def features(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic=True):
+    """Final-norm hidden states B x T x D (classification pools the last position)."""
+    return self.transformer(self.embed(inputs_BxT), segment_ids_BxT, positions_BxT,
+                            deterministic=deterministic)
+
   def logits(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic=True,
              decode=False):
     """Float32 next-token logits B x T x V (decode=True reads/writes the 'cache')."""
