@@ -4,11 +4,7 @@ The tokenizer only supplies boundaries (`Tokenizer.split_bytes`), never ids or
 embeddings. A piece longer than `max_bytes` becomes several chunks, so
 `b''.join(chunk_bytes(data, ...)) == data` for every byte string.
 
-Byte-id scheme (shared with `stlm.models.byte_pool`, `BYTE_VOCAB` ids in all):
-  PAD = 0           empty slot; never predicted, masked everywhere
-  END_OF_CHUNK = 1  closes a text chunk in the targets (also the decoder's start input)
-  EOT = 2           end-of-text chunk: the single symbol [EOT] (no END_OF_CHUNK after it)
-  byte b -> b + 3   so ids 3..258 are the 256 byte values
+Byte ids are those of `stlm/byte_ids.py` (PAD, END_OF_CHUNK, EOT, byte b -> b + 3).
 Rows are `C = max_bytes + 1` wide: a full chunk of max_bytes bytes still has room for its
 END_OF_CHUNK. An input row holds the chunk's byte ids then PAD; a target row holds the
 next chunk's byte ids, END_OF_CHUNK, then PAD (or EOT, then PAD).
@@ -18,16 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PAD = 0
-END_OF_CHUNK = 1
-EOT = 2
-BYTE_OFFSET = 3
-BYTE_VOCAB = 256 + BYTE_OFFSET
-
-
-def chunk_width(max_bytes: int) -> int:
-  """Slots per chunk row: the bytes plus one for END_OF_CHUNK."""
-  return int(max_bytes) + 1
+from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import
 
 
 def chunk_bytes(data: bytes, tokenizer, max_bytes: int) -> list[bytes]:
@@ -156,3 +143,9 @@ class ChunkFeaturizer:
     mask = np.zeros(len(in_ids) - 1, bool)
     mask[len(ctx):] = True
     return example, mask
+
+
+def make_chunk_featurizer(config, tokenizer) -> ChunkFeaturizer:
+  """The featurizer of byte-chunk kinds (registered in featurize.py as 'chunks')."""
+  return ChunkFeaturizer(tokenizer, config.model.max_len,
+                         config.model.byte_pool.max_bytes_per_chunk)

@@ -74,14 +74,35 @@ class TokenFeaturizer:
     return example, mask
 
 
+# Featurizer factories by name (a model kind's `featurizer` field names one):
+# factory(config, tokenizer) -> Featurizer.
+_FEATURIZERS = {}
+
+
+def register_featurizer(name: str, factory) -> None:
+  """Makes `factory(config, tokenizer)` the featurizer a kind names with `featurizer=name`."""
+  _FEATURIZERS[name] = factory
+
+
+def featurizer_names() -> tuple[str, ...]:
+  return tuple(_FEATURIZERS)
+
+
 def make_featurizer(config, tokenizer: Tokenizer):
-  """The featurizer for `config.model.kind` (baseline | byte_pool)."""
-  kind = config.model.kind
-  if kind == 'baseline':
-    return TokenFeaturizer(tokenizer, config.model.max_len)
-  if kind == 'byte_pool':
-    # Imported lazily: chunking is only needed (and only exists) for the byte-pool model.
-    from stlm.data.chunking import ChunkFeaturizer  # pylint: disable=g-import-not-at-top
-    return ChunkFeaturizer(tokenizer, config.model.max_len,
-                           config.model.byte_pool.max_bytes_per_chunk)
-  raise ValueError(f'Unknown model.kind={kind!r}; choose baseline or byte_pool.')
+  """The featurizer of `config.model.kind`, as its registered description names it."""
+  from stlm.models import kinds  # pylint: disable=g-import-not-at-top
+  name = kinds.get_kind(config.model.kind).featurizer
+  if name not in _FEATURIZERS:
+    raise ValueError(f'model.kind {config.model.kind!r} needs featurizer {name!r}, which is '
+                     f'not registered (known: {", ".join(_FEATURIZERS)})')
+  return _FEATURIZERS[name](config, tokenizer)
+
+
+def _chunk_featurizer(config, tokenizer):
+  # Imported on use: chunking is only needed by kinds that consume byte chunks.
+  from stlm.data import chunking  # pylint: disable=g-import-not-at-top
+  return chunking.make_chunk_featurizer(config, tokenizer)
+
+
+register_featurizer('tokens', lambda config, tok: TokenFeaturizer(tok, config.model.max_len))
+register_featurizer('chunks', _chunk_featurizer)

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stlm.models import kinds
 from stlm.models import layers
 from stlm.models import transformer
 
@@ -61,3 +62,36 @@ class BaselineLM(nn.Module):
     return dict(logprobs=logprobs_BxT,
                 units=jnp.ones(targets_BxT.shape, jnp.float32),
                 greedy=greedy_BxT)
+
+
+def param_breakdown(params, model_cfg) -> dict[str, Any]:
+  """embedding = token table, head = untied LM head (0 when tied, tied=True), core = rest."""
+  params = nn.unbox(params)
+  total = kinds.count_params(params)
+  embedding = kinds.count_params(params['embed'])
+  head = kinds.count_params(params.get('lm_head', {}))
+  return dict(embedding=embedding, head=head, core=total - embedding - head, total=total,
+              tied=bool(model_cfg.tie_embeddings))
+
+
+def flops_per_target(model_cfg, breakdown) -> float:
+  """6 x (core + the head matmul, which runs once per token even when tied) + attention."""
+  m = model_cfg
+  return 6 * (breakdown['core'] + m.vocab_size * m.hidden_dim) \
+      + kinds.attention_flops_per_target(m)
+
+
+KIND = kinds.register_kind(kinds.ModelKind(
+    name='baseline',
+    build=BaselineLM,
+    unit_shape=lambda model_cfg: (),
+    dummy_batch=lambda model_cfg, batch_size=1, seq_len=None: kinds.layout_batch(
+        model_cfg, (), batch_size, seq_len),
+    synthetic_batch=lambda model_cfg, rng, leading_shape: kinds.random_batch(
+        model_cfg, (), rng, leading_shape, 0, model_cfg.vocab_size),
+    param_breakdown=param_breakdown,
+    flops_per_target=flops_per_target,
+    target_unit='tokens',
+    featurizer='tokens',
+    generation='tokens',
+))

@@ -20,13 +20,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from stlm import config_errors
+from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import
+from stlm.models import kinds
 from stlm.models import layers
 from stlm.models import transformer
 
-# The byte-id scheme of stlm/data/chunking.py (models may not import data; kept equal by
-# tests/test_byte_pool.py).
-PAD, END_OF_CHUNK, EOT, BYTE_OFFSET = 0, 1, 2, 3
-BYTE_VOCAB = 256 + BYTE_OFFSET
+POOLINGS = ('mean', 'attention', 'last')
+DECODERS = ('autoregressive', 'parallel')
 NEG_INF = -1e30
 # Chunk vectors enter the core, and core vectors enter the decoder, at the scale of the
 # baseline's token embeddings (std 0.02; their inputs are RMS-normed, unit variance). At unit
@@ -97,7 +98,7 @@ class ByteEncoder(nn.Module):
   @nn.compact
   def __call__(self, ids_NxC, *, deterministic: bool):
     cfg, b = self.cfg, self.cfg.byte_pool
-    if b.pooling not in ('mean', 'attention', 'last'):
+    if b.pooling not in POOLINGS:
       raise ValueError(f'model.byte_pool.pooling {b.pooling!r} unknown; choose mean, '
                        'attention or last')
     bcfg = byte_cfg(cfg, num_layers=b.encoder_layers, num_heads=b.encoder_heads,
@@ -138,7 +139,7 @@ class ByteDecoder(nn.Module):
   @nn.compact
   def __call__(self, y_BxTxD, targets_BxTxC, *, deterministic: bool):
     cfg, b = self.cfg, self.cfg.byte_pool
-    if b.decoder not in ('autoregressive', 'parallel'):
+    if b.decoder not in DECODERS:
       raise ValueError(f'model.byte_pool.decoder {b.decoder!r} unknown; choose autoregressive '
                        'or parallel')
     bcfg = byte_cfg(cfg, num_layers=b.decoder_layers, num_heads=b.decoder_heads,
@@ -265,3 +266,62 @@ def format_param_report(report: dict[str, int]) -> str:
           f"{report['baseline_embed_head']:,} ({100 * saved:.1f}% fewer); core "
           f"{report['core']:,}; total {report['total']:,} (baseline with this core "
           f"{report['baseline_total']:,})")
+
+
+def param_breakdown(params, model_cfg) -> dict[str, Any]:
+  """embedding = the byte encoder, head = the byte decoder, core = the causal transformer."""
+  del model_cfg
+  params = nn.unbox(params)
+  total = kinds.count_params(params)
+  embedding = sum(kinds.count_params(v) for k, v in params.items() if 'encoder' in k)
+  head = sum(kinds.count_params(v) for k, v in params.items() if 'decoder' in k)
+  return dict(embedding=embedding, head=head, core=total - embedding - head, total=total,
+              tied=False)
+
+
+def flops_per_target(model_cfg, breakdown) -> float:
+  """6 x (core + the byte encoder and decoder, which run once per byte slot) + attention."""
+  m = model_cfg
+  per_chunk = chunk_width(m.byte_pool.max_bytes_per_chunk)
+  return 6 * (breakdown['core'] + per_chunk * (breakdown['embedding'] + breakdown['head'])) \
+      + kinds.attention_flops_per_target(m)
+
+
+def validate(model_cfg) -> None:
+  """The byte-pool keys: choices, chunk size, heads dividing byte_dim."""
+  b = model_cfg.byte_pool
+  for key, choices in (('pooling', POOLINGS), ('decoder', DECODERS)):
+    if b[key] not in choices:
+      config_errors.fail(f'model.byte_pool.{key}', b[key],
+                         f'unknown value; choose one of {", ".join(choices)}')
+  if b.max_bytes_per_chunk < 1:
+    config_errors.fail('model.byte_pool.max_bytes_per_chunk', b.max_bytes_per_chunk,
+                       'must be >= 1')
+  for enc in ('encoder', 'decoder'):
+    heads = b[f'{enc}_heads']
+    if b.byte_dim % heads:
+      config_errors.fail(f'model.byte_pool.{enc}_heads', heads,
+                         f'does not divide model.byte_pool.byte_dim={b.byte_dim}')
+
+
+def _unit_shape(model_cfg):
+  return (chunk_width(model_cfg.byte_pool.max_bytes_per_chunk),)
+
+
+KIND = kinds.register_kind(kinds.ModelKind(
+    name='byte_pool',
+    build=BytePoolLM,
+    unit_shape=_unit_shape,
+    # One slot more than the longest chunk: room for its end-of-chunk symbol.
+    dummy_batch=lambda model_cfg, batch_size=1, seq_len=None: kinds.layout_batch(
+        model_cfg, _unit_shape(model_cfg), batch_size, seq_len),
+    synthetic_batch=lambda model_cfg, rng, leading_shape: kinds.random_batch(
+        model_cfg, _unit_shape(model_cfg), rng, leading_shape, BYTE_OFFSET, BYTE_VOCAB),
+    param_breakdown=param_breakdown,
+    flops_per_target=flops_per_target,
+    target_unit='chunks',
+    featurizer='chunks',
+    generation='chunks',
+    validate=validate,
+    param_report=lambda params, model_cfg: format_param_report(param_report(params, model_cfg)),
+))

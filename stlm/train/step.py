@@ -25,24 +25,39 @@ def loss_sums(model: nn.Module, params, batch, *, rng=None, train: bool = False)
 
   nll: nats over all real targets; units: predictions (tokens, or bytes + end-of-chunk);
   bytes: UTF-8 text bytes of the targets, so nll / ln2 / bytes is bits per byte.
+  Optional model outputs (docs/architecture.md): `extra_nll` (summed nats added to the
+  training objective only, e.g. early-exit losses) is returned as 'extra_nll'; `stats`
+  (name -> summed scalar) as 'stats', each later divided by the number of targets.
   """
   rngs = {'dropout': rng} if train else None
   out = model.apply({'params': params}, batch, deterministic=not train, rngs=rngs)
   mask = batch['loss_mask'].astype(jnp.float32)
-  return {
+  sums = {
       'nll': -jnp.sum(out['logprobs'] * mask),
       'units': jnp.sum(out['units'] * mask),
       'bytes': jnp.sum(batch['target_bytes'].astype(jnp.float32) * mask),
       'targets': jnp.sum(mask),
   }
+  if 'extra_nll' in out:
+    sums['extra_nll'] = jnp.asarray(out['extra_nll'], jnp.float32)
+  if out.get('stats'):
+    sums['stats'] = {k: jnp.asarray(v, jnp.float32) for k, v in out['stats'].items()}
+  return sums
+
+
+def stats_metrics(sums) -> dict:
+  """Per-target averages of a model's `stats` sums (empty when it reports none)."""
+  targets = jnp.maximum(sums['targets'], 1.0)
+  return {k: v / targets for k, v in sums.get('stats', {}).items()}
 
 
 def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.GradientTransformation,
                schedule=None):
   """One optimizer update over grad_accum micro-batches (leading axis of every batch leaf).
 
-  Gradients of the summed nll are accumulated and divided by the total number of predicted
-  units, so accumulation gives exactly the gradient of one big batch.
+  Gradients of the summed nll (+ the model's extra_nll) are accumulated and divided by the
+  total number of predicted units, so accumulation gives exactly the gradient of one big batch.
+  Reported loss and bits per byte count the nll only.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -53,7 +68,7 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
 
     def nll_fn(params):
       sums = loss_sums(model, params, batch, rng=rng, train=True)
-      return sums['nll'], sums
+      return sums['nll'] + sums.get('extra_nll', 0.0), sums
 
     grads, sums = jax.grad(nll_fn, has_aux=True)(state.params)
     return (jax.tree.map(jnp.add, grads_acc, grads),
@@ -61,7 +76,12 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
 
   n_micro = jax.tree.leaves(batches)[0].shape[0]
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  zero_sums = {k: jnp.zeros((), jnp.float32) for k in ('nll', 'units', 'bytes', 'targets')}
+  # The sums' structure (optional extra_nll / stats) is the model's: read it off a trace.
+  first = jax.tree.map(lambda x: x[0], batches)
+  zero_sums = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype),
+      jax.eval_shape(lambda p, b: loss_sums(model, p, b, rng=step_rng, train=True),
+                     state.params, first))
   (grads, sums), _ = jax.lax.scan(micro, (zeros, zero_sums), (jnp.arange(n_micro), batches))
   denom = jnp.maximum(sums['units'], 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
@@ -73,7 +93,10 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
       'grad_norm': optax.tree.norm(grads),
       'units': sums['units'],
       'targets': sums['targets'],
+      **stats_metrics(sums),
   }
+  if 'extra_nll' in sums:  # the training objective's extra terms, per unit
+    metrics['extra_loss'] = sums['extra_nll'] / denom
   if schedule is not None:
     metrics['lr'] = schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -1,0 +1,161 @@
+"""The model-kind registry: everything the rest of stlm needs to know about a model kind.
+
+A kind (`config.model.kind`) is described ONCE, by a `ModelKind` registered from its own
+module (`stlm/models/baseline.py`, `stlm/models/byte_pool.py`). The factory, trainer,
+metrics, generation, evaluation and benchmarks ask the registry; none of them branches on a
+kind's name. A new kind is one module that calls `register_kind` plus one line in
+`_KIND_MODULES`; its featurizer is registered where data lives
+(`stlm.data.featurize.register_featurizer`, under the kind's `featurizer` name) and its
+generation strategy in `stlm.generate` (under the kind's `generation` name), so this package
+still imports no data code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+# Modules that register the built-in kinds when imported (lazily: registering imports the
+# model code, and the registry must be importable from that code without a cycle).
+_KIND_MODULES = ('stlm.models.baseline', 'stlm.models.byte_pool')
+
+Batch = dict[str, np.ndarray]
+
+
+def _no_report(params, model_cfg) -> str | None:
+  del params, model_cfg
+  return None
+
+
+def _no_checks(model_cfg) -> None:
+  del model_cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+  """One model kind. Every callable takes the `config.model` section as `model_cfg`.
+
+  name: the value of `config.model.kind`.
+  build(model_cfg) -> nn.Module: the LM (see docs/architecture.md for its output contract).
+  unit_shape(model_cfg) -> tuple: trailing shape of one input/target unit beyond B x T:
+    () for a token id, (C,) for a chunk row of C byte slots.
+  dummy_batch(model_cfg, batch_size, seq_len) -> dict of numpy: a batch of the kind's layout
+    (zeros; for init and shape inference, no device work).
+  synthetic_batch(model_cfg, rng: np.random.Generator, leading_shape) -> dict of numpy:
+    random real ids in every target (no padding), arrays shaped leading_shape + (T, ...) with
+    T = model_cfg.max_len; for benchmarks.
+  param_breakdown(params, model_cfg) -> dict(embedding, head, core, total, tied, ...):
+    parameters by role (boxed or unboxed params, arrays or ShapeDtypeStructs).
+  flops_per_target(model_cfg, breakdown) -> float: training FLOPs (forward + backward) per
+    target; counts compute per layer, so weights applied in several layers count each time.
+  validate(model_cfg): kind-specific checks; raises `stlm.config_errors.ConfigError` naming
+    the key.
+  target_unit: what one target is, 'tokens' | 'chunks' (progress bar and log labels).
+  featurizer: name of the featurizer factory in `stlm.data.featurize` (text -> examples).
+  generation: name of the generation strategy in `stlm.generate`.
+  param_report(params, model_cfg) -> str | None: extra start-up lines, or None.
+  """
+  name: str
+  build: Callable[[Any], nn.Module]
+  unit_shape: Callable[[Any], tuple[int, ...]]
+  dummy_batch: Callable[[Any, int, int], Batch]
+  synthetic_batch: Callable[[Any, np.random.Generator, tuple[int, ...]], Batch]
+  param_breakdown: Callable[[Any, Any], dict[str, Any]]
+  flops_per_target: Callable[[Any, dict[str, Any]], float]
+  target_unit: str
+  featurizer: str
+  generation: str
+  validate: Callable[[Any], None] = _no_checks
+  param_report: Callable[[Any, Any], str | None] = _no_report
+
+
+_REGISTRY: dict[str, ModelKind] = {}
+_loaded = False
+_missing: dict[str, str] = {}   # kind module -> why it could not be imported
+
+
+def register_kind(kind: ModelKind) -> ModelKind:
+  """Adds `kind` (a module registers its kind at import); re-registering replaces it."""
+  if not isinstance(kind, ModelKind):
+    raise TypeError(f'register_kind needs a ModelKind, got {type(kind).__name__}')
+  _REGISTRY[kind.name] = kind
+  return kind
+
+
+def _load_builtin() -> None:
+  global _loaded
+  if _loaded:
+    return
+  _loaded = True
+  for module in _KIND_MODULES:
+    try:
+      importlib.import_module(module)
+    except ModuleNotFoundError as e:
+      if e.name != module:  # a dependency of the module is missing: a real error
+        raise
+      # A checkout without this kind's file still runs the other kinds.
+      _missing[module] = module.replace('.', '/') + '.py'
+
+
+def kind_names() -> tuple[str, ...]:
+  """Every registered kind's name, in registration order."""
+  _load_builtin()
+  return tuple(_REGISTRY)
+
+
+def get_kind(name: str) -> ModelKind:
+  """The registered kind `name`; an unknown name raises ValueError listing the known ones."""
+  _load_builtin()
+  if name not in _REGISTRY:
+    if _missing:
+      raise ImportError(f'model.kind {name!r} is not registered (known: '
+                        f'{", ".join(_REGISTRY)}); these kind modules are not present in this '
+                        f'checkout: {", ".join(_missing.values())}')
+    raise ValueError(f'model.kind {name!r} unknown; choose one of {", ".join(_REGISTRY)}')
+  return _REGISTRY[name]
+
+
+# Helpers shared by the kinds' descriptions.
+
+
+def layout_batch(model_cfg, unit_shape: tuple[int, ...], batch_size: int,
+                 seq_len: int | None = None) -> Batch:
+  """Zeros in the batch layout of docs/architecture.md (every target real, one segment)."""
+  T = seq_len or min(model_cfg.max_len, 16)
+  shape = (batch_size, T)
+  return dict(
+      inputs=np.zeros(shape + tuple(unit_shape), np.int32),
+      targets=np.zeros(shape + tuple(unit_shape), np.int32),
+      segment_ids=np.ones(shape, np.int32),
+      positions=np.broadcast_to(np.arange(T, dtype=np.int32), shape).copy(),
+      loss_mask=np.ones(shape, np.float32),
+      target_bytes=np.ones(shape, np.int32),
+  )
+
+
+def random_batch(model_cfg, unit_shape, rng: np.random.Generator, leading_shape,
+                 low: int, high: int) -> Batch:
+  """`layout_batch` with ids uniform in [low, high) and targets = inputs shifted by one."""
+  leading_shape = tuple(leading_shape)
+  T = model_cfg.max_len
+  base = layout_batch(model_cfg, unit_shape, 1, T)
+  batch = {k: np.broadcast_to(v[0], leading_shape + v.shape[1:]).copy() for k, v in base.items()}
+  ids = rng.integers(low, high, leading_shape + (T,) + tuple(unit_shape)).astype(np.int32)
+  batch.update(inputs=ids, targets=np.roll(ids, -1, axis=len(leading_shape)))
+  return batch
+
+
+def attention_flops_per_target(model_cfg) -> float:
+  """Training FLOPs of the core's attention scores and mixing per target (causal: half)."""
+  m = model_cfg
+  return 12 * m.num_layers * m.max_len * m.hidden_dim / 2
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a pytree of arrays, ShapeDtypeStructs or boxed params."""
+  return int(sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(nn.unbox(tree))))
