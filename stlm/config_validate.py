@@ -8,7 +8,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    'model.kind': ('baseline', 'byte_pool'),
+    'model.kind': ('baseline', 'byte_pool', 'encoder'),
     'model.ffn_type': ('swiglu', 'gelu'),
     'model.position': ('rope', 'sincos', 'learned', 'none'),
     'model.norm': ('rms', 'layer'),

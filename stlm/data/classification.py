@@ -25,7 +25,7 @@ import os
 import pathlib
 import re
 
-AGNEWS_CLASSES = ('World', 'Sports', 'Business', 'Sci/Tech')
+AGNEWS_CLASSES = ('World', 'Sports', 'Business', 'Science/Tech')  # classes.txt
 # The release order of DBpedia-14 (classes.txt: id 1 = Company ... 14 = WrittenWork).
 DBPEDIA_CLASSES = ('Company', 'EducationalInstitution', 'Artist', 'Athlete', 'OfficeHolder',
                    'MeanOfTransportation', 'Building', 'NaturalPlace', 'Village', 'Animal',

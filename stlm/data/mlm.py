@@ -21,6 +21,18 @@ import numpy as np
 from stlm.tokenizers import Tokenizer
 
 
+def mask_id(tokenizer: Tokenizer) -> int:
+  """[MASK]: one id past the tokenizer's vocabulary (the encoder has an extra embedding row)."""
+  return int(tokenizer.vocab_size)
+
+
+def make_mlm_featurizer(config, tokenizer: Tokenizer) -> 'MLMFeaturizer':
+  m = config.model.mlm
+  return MLMFeaturizer(tokenizer, config.model.max_len, mask_id=mask_id(tokenizer),
+                       mask_rate=m.mask_rate, mask_prob=m.mask_prob, random_prob=m.random_prob,
+                       seed=config.seed)
+
+
 class MLMFeaturizer:
   """Featurizer of the encoder kind (same interface as featurize.TokenFeaturizer)."""
 

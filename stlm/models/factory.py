@@ -13,6 +13,9 @@ MODEL_KINDS = ('baseline', 'byte_pool')
 def build_model(model_cfg) -> nn.Module:
   """The LM named by model_cfg.kind."""
   kind = model_cfg.kind
+  from stlm.models import kinds  # pylint: disable=g-import-not-at-top
+  if kind in kinds.kind_names() and kind not in MODEL_KINDS:
+    return kinds.get_kind(kind).build(model_cfg)
   if kind == 'baseline':
     from stlm.models import baseline  # pylint: disable=g-import-not-at-top
     return baseline.BaselineLM(model_cfg)
@@ -92,6 +95,9 @@ def param_breakdown(params, model_cfg) -> dict[str, Any]:
   core = everything else. byte_pool: embedding = top-level submodules whose name has
   'encoder', head = those with 'decoder', core = the rest (the causal transformer).
   """
+  from stlm.models import kinds  # pylint: disable=g-import-not-at-top
+  if model_cfg.kind not in MODEL_KINDS:
+    return kinds.get_kind(model_cfg.kind).param_breakdown(params, model_cfg)
   params = nn.unbox(params)
   total = count_params(params)
   if model_cfg.kind == 'byte_pool':
