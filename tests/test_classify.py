@@ -34,6 +34,20 @@ def _backbone():
   return backbone_lib.scratch_backbone(c, seed=0)
 
 
+def test_causal_backbone_pools_its_last_position():
+  from configs import baseline as baseline_config  # pylint: disable=g-import-not-at-top
+  c = baseline_config.get_config('tiny')
+  c.model.update(num_layers=1, hidden_dim=32, num_heads=4, num_kv_heads=2, ffn_dim=64,
+                 max_len=16)
+  c.tokenizer.kind = 'bytes'
+  bb = backbone_lib.scratch_backbone(c)
+  assert bb.pooling('first') == 'last' and _backbone().pooling('first') == 'first'
+  arrays = backbone_lib.tokenize(bb.tokenizer, ['abcd', 'ab'], bb.max_len)
+  z = np.asarray(backbone_lib.pooled_fn(bb, 'mean')(bb.params, arrays))
+  h = np.asarray(backbone_lib.hidden_fn(bb)(bb.params, arrays))
+  np.testing.assert_allclose(z, np.stack([h[0, 4], h[1, 2]]), rtol=1e-6)
+
+
 def _fit(labels_shuffled: bool):
   bb = _backbone()
   tr_t, tr_y = _texts(256, 0)
@@ -43,7 +57,7 @@ def _fit(labels_shuffled: bool):
     tr_y = np.random.default_rng(3).permutation(tr_y)
     va_y = np.random.default_rng(4).permutation(va_y)
   tok = lambda t: backbone_lib.tokenize(bb.tokenizer, t, bb.max_len)
-  s = finetune.TrainSettings(lr=3e-3, batch_size=32, max_steps=120, eval_every=40, patience=2)
+  s = finetune.TrainSettings(lr=3e-3, batch_size=32, max_steps=90, eval_every=30, patience=2)
   clf = finetune.train_classifier(bb, tok(tr_t), tr_y, tok(va_t), va_y, 4, s, log=lambda m: 0)
   probs = clf.predict_proba(tok(te_t))
   return finetune.accuracy_with_se(probs.argmax(1), te_y)

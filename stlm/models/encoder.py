@@ -75,14 +75,16 @@ def param_breakdown(params, model_cfg) -> dict[str, Any]:
 
 
 def flops_per_target(model_cfg, breakdown) -> float:
-  """Per input position: 6 x (core + tied head matmul) + full (not causal) attention.
+  """Training FLOPs per masked target: per position cost / mask_rate.
 
-  Every position runs the head (logits are computed densely, loss is read at the chosen
-  ones), so this is per position, not per masked target.
+  Every position runs the core and the head (logits are dense; loss is read at the chosen
+  ones): 6 x (core + tied head matmul) + full (not causal, so twice the causal) attention,
+  and only a fraction mask_rate of positions are targets.
   """
   m = model_cfg
-  return 6 * (breakdown['core'] + m.vocab_size * m.hidden_dim) \
+  per_position = 6 * (breakdown['core'] + m.vocab_size * m.hidden_dim) \
       + 2 * kinds.attention_flops_per_target(m)
+  return per_position / m.mlm.mask_rate
 
 
 def _synthetic_batch(model_cfg, rng: np.random.Generator, leading_shape) -> kinds.Batch:

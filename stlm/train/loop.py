@@ -20,6 +20,7 @@ from stlm.data import featurize
 from stlm.data import pipeline
 from stlm.data import tfds_builders
 from stlm.models import factory
+from stlm.models import kinds
 from stlm.train import checkpoint
 from stlm.train import metrics as metrics_lib
 from stlm.train import optimizer as optimizer_lib
@@ -91,8 +92,10 @@ def _stack(batches):
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def evaluate(eval_fn, params, eval_iter, mesh, max_batches=None) -> dict:
-  """Validation loss and bits per byte over (up to max_batches of) the validation split."""
+def evaluate(eval_fn, params, eval_iter, mesh, max_batches=None,
+             reports_bits_per_byte: bool = True) -> dict:
+  """Validation loss, bits per byte (where the kind reports it) and the model's per-target
+  stats (e.g. masked-token accuracy) over (up to max_batches of) the validation split."""
   totals, template, it, i = None, None, iter(eval_iter), 0
   while max_batches is None or i < max_batches:
     batch = next(it, None)
@@ -113,9 +116,13 @@ def evaluate(eval_fn, params, eval_iter, mesh, max_batches=None) -> dict:
   if totals is None:
     raise ValueError('the validation split produced no batches; raise config.data.val_fraction')
   totals = jax.device_get(totals)
-  return {'loss': totals['nll'] / max(totals['units'], 1.0),
-          'bits_per_byte': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
-          'targets': totals['targets'], 'bytes': totals['bytes']}
+  out = {'loss': totals['nll'] / max(totals['units'], 1.0),
+         'targets': totals['targets'], 'bytes': totals['bytes']}
+  if reports_bits_per_byte:
+    out['bits_per_byte'] = totals['nll'] / math.log(2) / max(totals['bytes'], 1.0)
+  for k, v in totals.get('stats', {}).items():
+    out[k] = v / max(totals['targets'], 1.0)
+  return out
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -158,10 +165,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flops_per_unit = metrics_lib.flops_per_unit(config, breakdown)
 
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
+    bpb = kinds.get_kind(config.model.kind).reports_bits_per_byte
 
     if start_step == 0:  # the untrained reference every learning curve is read against
       ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
-                    config.train.eval_batches or None)
+                    config.train.eval_batches or None, bpb)
       writer.write(0, 'validation', ev)
     last_time, last_step = time.perf_counter(), start_step
     final_eval = None
@@ -170,11 +178,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, m = train_fn(state, sharding.global_batch(_stack(micro), mesh, True))
       if step % config.train.log_every == 0 or step == config.train.steps:
         m = jax.device_get(m)
+        if not bpb:  # the kind's nll / bytes is not a bits per byte (e.g. masked LM)
+          m = {k: v for k, v in m.items() if k != 'bits_per_byte'}
         now = time.perf_counter()
         rate = float(m['targets']) * (step - last_step) / (now - last_time)
         mfu = rate * flops_per_unit / (peak * jax.device_count())
         writer.write(step, 'train', {**m, 'targets_per_s': rate, 'mfu': mfu})
-        writer.progress(step, {'loss': m['loss'], 'bpb': m['bits_per_byte'],
+        writer.progress(step, {'loss': m['loss'],
+                               **({'bpb': m['bits_per_byte']} if bpb else {}),
+                               **({'acc': m['accuracy']} if 'accuracy' in m else {}),
                                'tok/s': rate, 'mfu': mfu})
         if not np.isfinite(m['loss']):
           raise FloatingPointError(f'loss became {m["loss"]} at step {step}; stopping before '
@@ -182,10 +194,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_time, last_step = time.perf_counter(), step
       if step % config.train.eval_every == 0 or step == config.train.steps:
         ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
-                      config.train.eval_batches or None)
+                      config.train.eval_batches or None, bpb)
         writer.write(step, 'validation', ev)
-        writer.message(f'step {step}: validation loss {ev["loss"]:.4f}, '
-                       f'bits/byte {ev["bits_per_byte"]:.4f}')
+        labels = {'bits_per_byte': 'bits/byte'}   # then the model's stats by name
+        writer.message(f'step {step}: validation ' + ', '.join(
+            f'{labels.get(k, k)} {ev[k]:.4f}' for k in ev if k not in ('targets', 'bytes')))
         final_eval = ev
         last_time = time.perf_counter()  # evaluation time is not training throughput
       if step % config.train.ckpt_every == 0 or step == config.train.steps:
@@ -196,7 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     if final_eval is None:  # resumed at the last step: nothing left to train
       final_eval = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
-                            config.train.eval_batches or None)
+                            config.train.eval_batches or None, bpb)
     export_dir = os.path.join(workdir, 'export')
     export_lib.save_export(export_dir, state.params, config)
     writer.message(f'exported params + config to {export_dir}')
