@@ -24,9 +24,10 @@ import numpy as np
 
 from stlm import config_validate
 from stlm.models import factory
-from stlm.train import loop
+from stlm.models import kinds
 from stlm.train import metrics as metrics_lib
 from stlm.train import sharding
+from stlm.train import state as state_lib
 
 config_flags.DEFINE_config_file('config', 'configs/baseline.py', 'Config file[:preset].')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile-and-warm-up step).')
@@ -34,17 +35,8 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile-and-w
 
 def synthetic_batches(config, rng):
   """grad_accum x batch rows of the model's layout, every target real (no padding)."""
-  m, t = config.model, config.train
-  shape = (t.grad_accum, t.batch_size, m.max_len)
-  batch = factory.dummy_batch(m, t.batch_size, m.max_len)
-  if m.kind == 'byte_pool':
-    width = batch['inputs'].shape[-1]
-    ids = rng.integers(3, 259, shape + (width,)).astype(np.int32)
-  else:
-    ids = rng.integers(0, m.vocab_size, shape).astype(np.int32)
-  stacked = {k: np.broadcast_to(v, (t.grad_accum,) + v.shape).copy() for k, v in batch.items()}
-  stacked.update(inputs=ids, targets=np.roll(ids, -1, axis=2))
-  return stacked
+  return kinds.get_kind(config.model.kind).synthetic_batch(
+      config.model, rng, (config.train.grad_accum, config.train.batch_size))
 
 
 def main(argv):
@@ -55,7 +47,7 @@ def main(argv):
   model = factory.build_model(config.model)
   batches = sharding.global_batch(synthetic_batches(config, np.random.default_rng(0)), mesh,
                                   leading_microbatch_axis=True)
-  train_step = loop.build_train_step(config, model, mesh)
+  train_step = state_lib.build_train_step(config, model, mesh)
   train_fn, state = train_step.step, train_step.init()
   with sharding.mesh_context(mesh):
     breakdown = factory.param_breakdown(state.params, config.model)
@@ -75,7 +67,8 @@ def main(argv):
   print(f'{config.name}:{config.preset} on {jax.device_count()} x {jax.devices()[0].device_kind}, '
         f'mesh {dict(mesh.shape)}, dtype {config.model.dtype}, '
         f'{breakdown["total"]:,} params')
-  print(f'step {step_s * 1e3:.1f} ms (median of {len(times)}), {rate:,.0f} targets/s, '
+  unit = kinds.get_kind(config.model.kind).target_unit
+  print(f'step {step_s * 1e3:.1f} ms (median of {len(times)}), {rate:,.0f} {unit}/s, '
         f'MFU {mfu:.1%} of {peak / 1e12:.3g} TFLOP/s per device ({source})')
 
 

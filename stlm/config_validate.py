@@ -2,21 +2,17 @@
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key."""
-
+from stlm.config_errors import ConfigError  # pylint: disable=unused-import (re-exported)
+from stlm.config_errors import fail as _fail
+from stlm.models import kinds
 
 _CHOICES = {
-    'model.kind': ('baseline', 'byte_pool', 'encoder'),
     'model.ffn_type': ('swiglu', 'gelu'),
     'model.position': ('rope', 'sincos', 'learned', 'none'),
     'model.norm': ('rms', 'layer'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention_impl': ('xla', 'pallas', 'auto'),
-    'model.byte_pool.pooling': ('mean', 'attention', 'last'),
-    'model.byte_pool.decoder': ('autoregressive', 'parallel'),
     'tokenizer.kind': ('gpt2', 'sentencepiece', 'bytes'),
     'data.split_by': ('auto', 'file', 'blank_line', 'eot', 'line'),
     'data.decode_errors': ('strict', 'replace'),
@@ -38,12 +34,11 @@ def _get(c, key):
   return node
 
 
-def _fail(key, value, why):
-  raise ConfigError(f'config.{key}={value!r}: {why}')
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first impossible setting found."""
+  if c.model.kind not in kinds.kind_names():
+    _fail('model.kind', c.model.kind,
+          f'unknown value; choose one of {", ".join(kinds.kind_names())}')
   for key, choices in _CHOICES.items():
     value = _get(c, key)
     if value not in choices:
@@ -67,15 +62,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f'(model.position_table_len={m.position_table_len})')
   if not 0.0 <= m.dropout < 1.0:
     _fail('model.dropout', m.dropout, 'must be in [0, 1)')
-  if m.kind == 'byte_pool':
-    b = m.byte_pool
-    if b.max_bytes_per_chunk < 1:
-      _fail('model.byte_pool.max_bytes_per_chunk', b.max_bytes_per_chunk, 'must be >= 1')
-    for enc in ('encoder', 'decoder'):
-      heads = b[f'{enc}_heads']
-      if b.byte_dim % heads:
-        _fail(f'model.byte_pool.{enc}_heads', heads,
-              f'does not divide model.byte_pool.byte_dim={b.byte_dim}')
+  kinds.get_kind(m.kind).validate(m)
 
   t = c.train
   if not isinstance(t.eval_batches, int) or t.eval_batches < 0:

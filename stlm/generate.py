@@ -2,12 +2,14 @@
 
   python -m stlm.generate --checkpoint=<workdir>/export --prompt="Once upon a time"
 
-baseline: token by token with the KV cache (`BaselineLM.logits(..., decode=True)`).
-byte_pool: chunk by chunk: the core runs once per new chunk on its KV cache (the prefix is
-never recomputed), then the byte decoder writes the next chunk's bytes one at a time until
-END_OF_CHUNK. Both stop at end-of-text or after --max_bytes bytes. A prompt longer than the
-context keeps its last max_len units (with a warning); when the cache fills during generation
-the last half of the context is re-encoded into a fresh cache (also warned).
+The model kind's registered `generation` strategy (stlm/models/kinds.py) picks the loop:
+'tokens': token by token with the KV cache (the model's `logits(..., decode=True)`).
+'chunks': chunk by chunk: the core runs once per new chunk on its KV cache (the prefix is
+never recomputed, `core_step`), then the byte decoder (`decode_logits`) writes the next
+chunk's bytes one at a time until END_OF_CHUNK.
+Both stop at end-of-text or after --max_bytes bytes. A prompt longer than the context keeps
+its last max_len units (with a warning); when the cache fills during generation the last half
+of the context is re-encoded into a fresh cache (also warned).
 """
 
 import functools
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stlm.data import chunking
+from stlm.models import kinds
 
 
 class ContextTruncated(UserWarning):
@@ -150,12 +153,14 @@ def _context(model, params, model_cfg, method, unit_shape) -> CachedContext:
   return CachedContext(functools.partial(step, params), empty, model_cfg.max_len)
 
 
-def byte_pool_context(model, params, model_cfg) -> CachedContext:
-  width = chunking.chunk_width(model_cfg.byte_pool.max_bytes_per_chunk)
-  return _context(model, params, model_cfg, 'core_step', (width,))
+def chunk_context(model, params, model_cfg) -> CachedContext:
+  """The cached core of a chunk model: `core_step` outputs for chunk rows."""
+  unit_shape = kinds.get_kind(model_cfg.kind).unit_shape(model_cfg)
+  return _context(model, params, model_cfg, 'core_step', unit_shape)
 
 
-def baseline_context(model, params, model_cfg) -> CachedContext:
+def token_context(model, params, model_cfg) -> CachedContext:
+  """The cached logits of a token model."""
   return _context(model, params, model_cfg, 'logits', ())
 
 
@@ -193,48 +198,61 @@ def prompt_bytes(prompt) -> bytes:
     return prompt.encode('utf-8', errors='replace')
 
 
+def _generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling):
+  (width,) = kinds.get_kind(model_cfg.kind).unit_shape(model_cfg)
+  max_chunk = width - 1  # one slot is END_OF_CHUNK's
+  rows, _ = chunking.encode_chunks(chunking.chunk_bytes(data, tokenizer, max_chunk), width,
+                                   end_of_chunk=False)
+  eot_row = np.zeros((1, width), np.int32)
+  eot_row[0, 0] = chunking.EOT
+  ctx = chunk_context(model, params, model_cfg)
+  sampler = chunk_sampler(model, params, width, **sampling)
+  y = ctx.prefill(list(np.concatenate([eot_row, rows])))
+  out = bytearray()
+  for i in range(max_bytes):  # every chunk adds >= 1 byte
+    ids = np.asarray(sampler(y, jax.random.fold_in(rng, i)))
+    chunk, is_eot = chunking.decode_chunk_ids(ids)
+    if is_eot:
+      break
+    out += chunk
+    if len(out) >= max_bytes:
+      break
+    row, _ = chunking.encode_chunks([chunk], width, end_of_chunk=False)
+    y = ctx.feed(row[0])
+  return out
+
+
+def _generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling):
+  ctx = token_context(model, params, model_cfg)
+  logits = ctx.prefill([tokenizer.eot_id] + tokenizer.encode(
+      data.decode('utf-8', errors='replace')))
+  out = bytearray()
+  for i in range(max_bytes):
+    token = int(_pick_token(jax.random.fold_in(rng, i), logits, **sampling))
+    if token == tokenizer.eot_id:
+      break
+    out += tokenizer.token_bytes(token)
+    if len(out) >= max_bytes:
+      break
+    logits = ctx.feed(token)
+  return out
+
+
+# Generation strategies by name (a model kind's `generation` field names one):
+# fn(model, params, model_cfg, tokenizer, prompt bytes, rng, max_bytes, sampling) -> bytes.
+GENERATORS = {'tokens': _generate_tokens, 'chunks': _generate_chunks}
+
+
 def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, temperature=0.0,
              top_k=0, top_p=1.0, seed=0) -> bytes:
   """The bytes generated after `prompt` (at most max_bytes; stops at end-of-text)."""
   sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-  rng = jax.random.key(seed)
-  data = prompt_bytes(prompt)
-  m = config.model
-  out = bytearray()
-  if m.kind == 'byte_pool':
-    width = chunking.chunk_width(m.byte_pool.max_bytes_per_chunk)
-    rows, _ = chunking.encode_chunks(
-        chunking.chunk_bytes(data, tokenizer, m.byte_pool.max_bytes_per_chunk), width,
-        end_of_chunk=False)
-    eot_row = np.zeros((1, width), np.int32)
-    eot_row[0, 0] = chunking.EOT
-    ctx = byte_pool_context(model, params, m)
-    sampler = chunk_sampler(model, params, width, **sampling)
-    y = ctx.prefill(list(np.concatenate([eot_row, rows])))
-    for i in range(max_bytes):  # every chunk adds >= 1 byte
-      ids = np.asarray(sampler(y, jax.random.fold_in(rng, i)))
-      chunk, is_eot = chunking.decode_chunk_ids(ids)
-      if is_eot:
-        break
-      out += chunk
-      if len(out) >= max_bytes:
-        break
-      row, _ = chunking.encode_chunks([chunk], width, end_of_chunk=False)
-      y = ctx.feed(row[0])
-  elif m.kind == 'baseline':
-    ctx = baseline_context(model, params, m)
-    logits = ctx.prefill([tokenizer.eot_id] + tokenizer.encode(
-        data.decode('utf-8', errors='replace')))
-    for i in range(max_bytes):
-      token = int(_pick_token(jax.random.fold_in(rng, i), logits, **sampling))
-      if token == tokenizer.eot_id:
-        break
-      out += tokenizer.token_bytes(token)
-      if len(out) >= max_bytes:
-        break
-      logits = ctx.feed(token)
-  else:
-    raise ValueError(f'model.kind {m.kind!r} unknown; choose baseline or byte_pool')
+  name = kinds.get_kind(config.model.kind).generation
+  if name not in GENERATORS:
+    raise ValueError(f'model.kind {config.model.kind!r} names generation strategy {name!r}; '
+                     f'stlm.generate knows {", ".join(GENERATORS)}')
+  out = GENERATORS[name](model, params, config.model, tokenizer, prompt_bytes(prompt),
+                         jax.random.key(seed), max_bytes, sampling)
   return bytes(out[:max_bytes])
 
 

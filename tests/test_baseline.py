@@ -13,6 +13,7 @@ import pytest
 from stlm import config
 from stlm.models import baseline
 from stlm.models import factory
+from stlm.models import kinds
 from tests.param_fill import fill_like
 
 B, T, V, D = 2, 10, 61, 32
@@ -213,5 +214,10 @@ def test_byte_pool_missing_gives_clear_error(monkeypatch):
   import stlm.models  # pylint: disable=g-import-not-at-top
   monkeypatch.delattr(stlm.models, 'byte_pool', raising=False)
   monkeypatch.setitem(sys.modules, 'stlm.models.byte_pool', None)  # as if the file were absent
+  # A registry that has not yet loaded its kind modules, so it tries (and fails) again.
+  monkeypatch.setattr(kinds, '_REGISTRY', {k: v for k, v in kinds._REGISTRY.items()
+                                           if k != 'byte_pool'})
+  monkeypatch.setattr(kinds, '_loaded', False)
+  monkeypatch.setattr(kinds, '_missing', {})
   with pytest.raises(ImportError, match='byte_pool.py'):
     factory.build_model(tiny_cfg(kind='byte_pool'))

@@ -82,7 +82,7 @@ def test_cached_core_matches_full_forward(byte_model, gpt2):
   n = int((batch['segment_ids'][0] > 0).sum())
   _, full = forward(params, batch)
   dec = tbp.jit(lambda p, y, t: model.apply({'params': p}, y, t, method='decode_logits'))
-  ctx = generate.byte_pool_context(model, params, config.model)
+  ctx = generate.chunk_context(model, params, config.model)
   for t in range(n):
     y = ctx.prefill(batch['inputs'][0, :3]) if t == 2 else (
         ctx.feed(batch['inputs'][0, t]) if t > 2 else None)
@@ -108,7 +108,7 @@ def test_baseline_cache_matches_full_forward(base_model):
   ids = np.random.default_rng(1).integers(0, 257, tbp.T)
   seg, pos = np.ones((1, tbp.T), np.int32), np.arange(tbp.T)[None]
   full = logits(params, ids[None], seg, pos)
-  ctx = generate.baseline_context(model, params, config.model)
+  ctx = generate.token_context(model, params, config.model)
   out = ctx.prefill(list(ids[:2]))
   np.testing.assert_allclose(out, full[0, 1], rtol=1e-4, atol=1e-4)
   for t in range(2, tbp.T):

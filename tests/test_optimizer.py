@@ -1,5 +1,6 @@
 """Schedules and the AdamW decay mask."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,11 +37,17 @@ def test_decay_shapes():
 
 
 def test_decay_mask_skips_norms_biases_and_embeddings():
-  params = {'embed': {'embedding': jnp.ones((10, 4))},
-            'block_0': {'attn': {'q': {'kernel': jnp.ones((4, 2, 2))}},
-                        'norm': {'scale': jnp.ones(4)}, 'ffn': {'bias': jnp.ones(8)}},
-            'pos_embed': {'table': jnp.ones((16, 4))}}
+  # Decided by each param's logical axis names, as the models box them.
+  box = lambda shape, names: nn.LogicallyPartitioned(jnp.ones(shape), names)
+  boxed = {'embed': {'embedding': box((10, 4), ('vocab', 'embed'))},
+           'block_0': {'attn': {'q': {'kernel': box((4, 2, 2), ('embed', 'heads', 'head_dim'))}},
+                       'norm': {'scale': box((4,), ('norm',))},
+                       'ffn': {'bias': box((8,), ('mlp',))}},
+           'pos_embed': {'table': box((16, 4), ('position', 'embed'))},
+           'lm_head': box((4, 10), ('embed', 'vocab'))}
+  params = optimizer.param_axes(boxed)
   mask = optimizer.decay_mask(params)
+  assert mask['lm_head']  # an output head is a matrix, not a lookup table
   assert mask['block_0']['attn']['q']['kernel']
   assert not mask['embed']['embedding'] and not mask['pos_embed']['table']
   assert not mask['block_0']['norm']['scale'] and not mask['block_0']['ffn']['bias']

@@ -154,7 +154,7 @@ def open_checkpoint(path: str):
   """`load_export(path)`, after checking that `path` is an export and not another kind."""
   # Imported here: orbax (via export) is only needed when reading a checkpoint from disk.
   from stlm import export  # pylint: disable=g-import-not-at-top
-  from stlm.models import factory  # pylint: disable=g-import-not-at-top
+  from stlm.models import kinds  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise loaders.DataError(f'--checkpoint {path} does not exist (expected <workdir>/export)')
@@ -169,9 +169,9 @@ def open_checkpoint(path: str):
       hint = f'an export holds {export.CONFIG_FILE} and {export.PARAMS_DIR}/'
     raise loaders.DataError(f'--checkpoint {path} is not an stlm export: {hint}.')
   kind = export.load_config(path).model.kind
-  if kind not in factory.MODEL_KINDS:
+  if kind not in kinds.kind_names():
     raise loaders.DataError(f'--checkpoint {path} holds a model of kind {kind!r}; this '
-                            f'evaluator knows {", ".join(factory.MODEL_KINDS)}.')
+                            f'evaluator knows {", ".join(kinds.kind_names())}.')
   return export.load_export(path)
 
 

@@ -1,11 +1,9 @@
 """The training run: config -> tokenizer -> data -> sharded state -> steps -> checkpoints -> export."""
 
-import dataclasses
 import functools
 import math
 import os
 import time
-from typing import Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -23,8 +21,8 @@ from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import checkpoint
 from stlm.train import metrics as metrics_lib
-from stlm.train import optimizer as optimizer_lib
 from stlm.train import sharding
+from stlm.train import state as state_lib
 from stlm.train import step as step_lib
 
 
@@ -149,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _check_export_is_ours(workdir, config)
   make_eval_iter = functools.partial(pipeline.make_eval_iter, config, featurizer, 'validation',
                                      process_index=proc, process_count=nproc)
-  train_step = build_train_step(config, model, mesh)
+  train_step = state_lib.build_train_step(config, model, mesh)
   train_fn, state = train_step.step, train_step.init()
   # The mesh plus the logical axis rules: the models' activation constraints resolve to it.
   with sharding.mesh_context(mesh):
@@ -159,13 +157,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       start_step = int(state.step)
 
     breakdown = factory.param_breakdown(state.params, config.model)
+    kind = kinds.get_kind(config.model.kind)
     writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step)
     writer.message(_describe(config, state.params, breakdown, mesh, workdir, start_step))
     peak, peak_source = metrics_lib.peak_flops_per_device()
-    flops_per_unit = metrics_lib.flops_per_unit(config, breakdown)
+    flops_per_unit = kind.flops_per_target(config.model, breakdown)
+    rate_label = {'tokens': 'tok/s'}.get(kind.target_unit, f'{kind.target_unit}/s')
 
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
-    bpb = kinds.get_kind(config.model.kind).reports_bits_per_byte
+    bpb = kind.reports_bits_per_byte
 
     if start_step == 0:  # the untrained reference every learning curve is read against
       ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
@@ -187,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.progress(step, {'loss': m['loss'],
                                **({'bpb': m['bits_per_byte']} if bpb else {}),
                                **({'acc': m['accuracy']} if 'accuracy' in m else {}),
-                               'tok/s': rate, 'mfu': mfu})
+                               rate_label: rate, 'mfu': mfu})
         if not np.isfinite(m['loss']):
           raise FloatingPointError(f'loss became {m["loss"]} at step {step}; stopping before '
                                    'a checkpoint of the diverged state is written')
@@ -218,62 +218,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return final_eval
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainStep:
-  """The jitted pieces of training on one mesh (shared by the loop, benchmarks and tests).
-
-  Call `step` under `sharding.mesh_context(mesh)`: the models' activation constraints resolve
-  to it at trace time. `step` donates the state it is given.
-  """
-  init: Callable[[], step_lib.TrainState]   # a freshly initialised state on the mesh
-  step: Callable                            # (state, stacked micro-batches) -> (state, metrics)
-  state_shardings: step_lib.TrainState
-  abstract_state: step_lib.TrainState       # shapes + shardings: what a checkpoint restores onto
-
-
-def build_train_step(config, model, mesh) -> TrainStep:
-  """Sharded init and the donating train step of `config` on `mesh`.
-
-  Call it outside `sharding.mesh_context`: the shardings come from an abstract init that the
-  logical rules would otherwise constrain.
-  """
-  tx = optimizer_lib.make_optimizer(config.train)
-  schedule = optimizer_lib.make_schedule(config.train)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-
-  def init_state():
-    params = factory.init_params(model, config.model, init_rng)
-    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=tx.init(params), rng=dropout_rng)
-
-  state_shardings = _state_shardings(model, config, mesh, tx, init_state)
-  jitted_init = jax.jit(init_state, out_shardings=state_shardings)
-
-  def init():
-    with sharding.mesh_context(mesh):
-      return jitted_init()
-
-  batch_sharding = sharding.batch_sharding(mesh, leading_microbatch_axis=True)
-  train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
-                                       schedule=schedule),
-                     in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=(state_shardings, None), donate_argnums=0)
-  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          jax.eval_shape(init_state), state_shardings)
-  return TrainStep(init=init, step=train_fn, state_shardings=state_shardings,
-                   abstract_state=abstract)
-
-
-def _state_shardings(model, config, mesh, tx, init_state):
-  """Params sharded by their logical axes, optimizer moments like their params, rest replicated."""
-  boxed = jax.eval_shape(lambda: factory.init_boxed_params(model, config.model, jax.random.key(0)))
-  param_sh = sharding.param_shardings(boxed, mesh)
-  abstract = jax.eval_shape(init_state)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_sh = sharding.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
-  return step_lib.TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
-
-
 def _describe(config, params, breakdown, mesh, workdir, start_step) -> str:
   b = breakdown
   lines = [f'run {config.name}:{config.preset} in {workdir}'
@@ -282,9 +226,9 @@ def _describe(config, params, breakdown, mesh, workdir, start_step) -> str:
            f'device(s), {jax.process_count()} process(es)',
            'parameters: ' + ', '.join(f'{k} {v:,}' if isinstance(v, int) else f'{k} {v}'
                                       for k, v in b.items())]
-  if config.model.kind == 'byte_pool':
-    from stlm.models import byte_pool  # pylint: disable=g-import-not-at-top
-    lines.append(byte_pool.format_param_report(byte_pool.param_report(params, config.model)))
+  report = kinds.get_kind(config.model.kind).param_report(params, config.model)
+  if report:
+    lines.append(report)
   return '\n'.join(lines)
 
 

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from stlm.models import kinds
+
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets; MFU is relative to these.
 _PEAK_FLOPS = {
     'h100': 989e12, 'h200': 989e12, 'a100': 312e12, 'l4': 121e12, 'a10': 125e12,
@@ -38,18 +40,8 @@ def peak_flops_per_device() -> tuple[float, str]:
 
 
 def flops_per_unit(config, breakdown: dict) -> float:
-  """Training FLOPs per target (token or chunk): 6 x matmul params + attention scores.
-
-  For the baseline the head matmul counts even when tied (it runs once per token); for the
-  byte-pool model the byte encoder and decoder run once per byte slot of a chunk.
-  """
-  m = config.model
-  attention = 12 * m.num_layers * m.max_len * m.hidden_dim / 2  # causal: half the score matrix
-  if m.kind == 'byte_pool':
-    per_chunk = m.byte_pool.max_bytes_per_chunk + 1
-    return 6 * (breakdown['core'] + per_chunk * (breakdown['embedding'] + breakdown['head'])) \
-        + attention
-  return 6 * (breakdown['core'] + m.vocab_size * m.hidden_dim) + attention
+  """Training FLOPs per target (token or chunk), as the model kind counts them."""
+  return kinds.get_kind(config.model.kind).flops_per_target(config.model, breakdown)
 
 
 class MetricsWriter:
