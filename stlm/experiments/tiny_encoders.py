@@ -101,14 +101,8 @@ def classify(bb, task: str) -> dict:
 
 
 def task_texts(task: str) -> list[str]:
-  from stlm.classify import run  # pylint: disable=g-import-not-at-top
-  from stlm.data import classification as cd  # pylint: disable=g-import-not-at-top
-  data_dir = pathlib.Path(FLAGS.data_root) / TASK_DIRS[task]
-  if task == 'fewrel':
-    rel = cd.load_fewrel(data_dir / 'val_wiki.json')
-    return [' '.join(x.tokens) for v in rel.values() for x in v]
-  sp = run.task_splits(task, str(data_dir), _split())
-  return sp.train.texts + sp.test.texts
+  from stlm.classify import overlap  # pylint: disable=g-import-not-at-top
+  return overlap.task_texts(task, str(pathlib.Path(FLAGS.data_root) / TASK_DIRS[task]))
 
 
 def gap_study(out: pathlib.Path) -> list[dict]:
