@@ -82,7 +82,7 @@ def task_splits(task: str, data_dir: str, s: SplitSettings) -> Splits:
   return Splits(train, val, test, info)
 
 
-def _fit(backbones, sp: Splits, train: finetune.TrainSettings, log):
+def fit_members(backbones, sp: Splits, train: finetune.TrainSettings, log):
   """Fine-tunes each backbone on its own; (classifier, test probs, record, test arrays)."""
   out = []
   for i, bb in enumerate(backbones):
@@ -105,7 +105,7 @@ def _fit(backbones, sp: Splits, train: finetune.TrainSettings, log):
 LATENCY_EXAMPLES = 256   # test examples each latency measurement runs over
 
 
-def _latency(fitted) -> float:
+def latency(fitted) -> float:
   arrays = {k: v[:LATENCY_EXAMPLES] for k, v in fitted[0][3].items()}
   return committee_lib.latency_per_example([c for c, *_ in fitted], arrays)
 
@@ -117,7 +117,7 @@ def committee_curve(fitted, labels) -> list[dict]:
     probs = committee_lib.average_probabilities([p for _, p, *_ in fitted[:k]])
     acc, se = finetune.accuracy_with_se(probs.argmax(1), labels)
     rows.append({'members': k, 'accuracy': acc, 'stderr': se,
-                 'latency_s_per_example': _latency(fitted[:k])})
+                 'latency_s_per_example': latency(fitted[:k])})
   return rows
 
 
@@ -125,7 +125,7 @@ def text_task(backbones, task: str, data_dir: str, split: SplitSettings,
               train: finetune.TrainSettings, reference=None, log=print) -> dict:
   """Fine-tunes each backbone; with several, tests the committee (mean probabilities)."""
   sp = task_splits(task, data_dir, split)
-  fitted = _fit(backbones, sp, train, log)
+  fitted = fit_members(backbones, sp, train, log)
   probs = committee_lib.average_probabilities([p for _, p, *_ in fitted])
   acc, se = finetune.accuracy_with_se(probs.argmax(1), sp.test.labels)
   out = {'task': task, 'mode': train.mode, 'accuracy': acc, 'stderr': se,
@@ -134,11 +134,11 @@ def text_task(backbones, task: str, data_dir: str, split: SplitSettings,
          'members': [r for _, _, r, _ in fitted], 'settings': dataclasses.asdict(train)}
   if len(backbones) > 1 or reference is not None:
     out['committee'] = {'size': len(backbones),
-                        'latency_s_per_example': _latency(fitted),
+                        'latency_s_per_example': latency(fitted),
                         'latency_examples': LATENCY_EXAMPLES}
     if reference is not None:
-      ref = _fit([reference], sp, train, log)
-      out['reference'] = dict(ref[0][2], latency_s_per_example=_latency(ref))
+      ref = fit_members([reference], sp, train, log)
+      out['reference'] = dict(ref[0][2], latency_s_per_example=latency(ref))
   return out
 
 

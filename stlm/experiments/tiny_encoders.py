@@ -146,12 +146,11 @@ def committee_study(out: pathlib.Path) -> dict:
              for s in range(FLAGS.committee_size)]
   deep = backbone.load_backbone(pretrain(BERT6, n, 0, f'bert6_docs{n}_seed0'))
   sp = run.task_splits(task, str(pathlib.Path(FLAGS.data_root) / TASK_DIRS[task]), _split())
-  # pylint: disable=protected-access
-  fitted = run._fit(members, sp, _train(), print)
+  fitted = run.fit_members(members, sp, _train(), print)
   curve = run.committee_curve(fitted, sp.test.labels)
-  ref = run._fit([deep], sp, _train(), print)
+  ref = run.fit_members([deep], sp, _train(), print)
   rec = {'task': task, 'docs': n, 'curve': curve,
-         'bert6': dict(ref[0][2], latency_s_per_example=run._latency(ref))}
+         'bert6': dict(ref[0][2], latency_s_per_example=run.latency(ref))}
   path.write_text(json.dumps(rec, indent=2))
   return rec
 
