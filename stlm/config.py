@@ -81,6 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
   b.ngram_sizes = (3, 4)         # hashed byte n-gram embeddings added in the encoder (BLT)
   b.ngram_buckets = 512          # rows per n-gram table (0 = none); tiny's budget: 90% < 3.2M
 
+  # Masked-LM encoder (config.model.kind == 'encoder', stlm/data/mlm.py); ignored otherwise.
+  mlm = m.mlm = ml_collections.ConfigDict()
+  mlm.mask_rate = 0.15           # fraction of tokens chosen for prediction
+  mlm.mask_prob = 0.8            # chosen -> [MASK]
+  mlm.random_prob = 0.1          # chosen -> random token (the rest keep their token)
+
   t = c.tokenizer = ml_collections.ConfigDict()
   t.kind = 'gpt2'                # gpt2 | sentencepiece | bytes
   t.sp_model_path = ''           # sentencepiece: existing model, or where to save a trained one
@@ -94,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.jsonl_field = 'text'
   d.decode_errors = 'strict'     # strict | replace (bad UTF-8 bytes become U+FFFD, with a warning)
   d.val_fraction = 0.05          # held out by document
+  d.max_train_docs = 0           # > 0: train on only the first N train documents (subset studies)
   d.data_dir = ''                # where tfds writes ArrayRecord ('' = ~/.cache/stlm/tfds)
   d.mix = ml_collections.ConfigDict()   # source name -> weight, for source == 'mix'
   d.shuffle_buffer = 1024

@@ -112,3 +112,11 @@ def _chunk_featurizer(config, tokenizer):
 
 register_featurizer('tokens', lambda config, tok: TokenFeaturizer(tok, config.model.max_len))
 register_featurizer('chunks', _chunk_featurizer)
+
+
+def _mlm_featurizer(config, tokenizer):
+  from stlm.data import mlm  # pylint: disable=g-import-not-at-top
+  return mlm.make_mlm_featurizer(config, tokenizer)
+
+
+register_featurizer('mlm', _mlm_featurizer)

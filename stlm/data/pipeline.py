@@ -66,8 +66,12 @@ def _source_datasets(config, split: str, process_index: int, process_count: int
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} outside [0, {process_count})')
   out = []
+  limit = int(config.data.get('max_train_docs', 0) or 0) if split == 'train' else 0
   for name, (source, weight) in tfds_builders.document_sources(config.data, split).items():
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = grain.MapDataset.source(source)
+    if limit > 0:  # a pretraining subset: the first N documents, before sharding
+      ds = ds[:limit]
+    ds = ds[process_index::process_count]
     if len(ds) == 0:  # pylint: disable=g-explicit-length-test
       raise ValueError(f'{name} {split} split has {len(source)} documents: too few for '
                        f'{process_count} processes')

@@ -40,6 +40,10 @@ class BaselineLM(nn.Module):
       self.lm_head = layers.make_param(self, 'lm_head', layers.fan_in_init(),
                                        (cfg.hidden_dim, cfg.vocab_size), ('embed', 'vocab'), cfg)
 
+  def features(self, inputs_BxT, segment_ids_BxT, positions_BxT, *, deterministic=True):
+    """Final-norm hidden states B x T x D (classification pools the last position)."""
+    return self.hidden(inputs_BxT, segment_ids_BxT, positions_BxT, deterministic=deterministic)
+
   def head(self, y_BxTxD):
     """Float32 logits B x T x V of final-normed core outputs (also the early exits' head)."""
     if self.cfg.tie_embeddings:

@@ -22,7 +22,7 @@ import numpy as np
 
 # Modules that register the built-in kinds when imported (lazily: registering imports the
 # model code, and the registry must be importable from that code without a cycle).
-_KIND_MODULES = ('stlm.models.baseline', 'stlm.models.byte_pool')
+_KIND_MODULES = ('stlm.models.baseline', 'stlm.models.byte_pool', 'stlm.models.encoder')
 
 Batch = dict[str, np.ndarray]
 
@@ -59,6 +59,11 @@ class ModelKind:
   featurizer: name of the featurizer factory in `stlm.data.featurize` (text -> examples).
   generation: name of the generation strategy in `stlm.generate`.
   param_report(params, model_cfg) -> str | None: extra start-up lines, or None.
+  reports_bits_per_byte: whether nll / bytes of the targets is a language-modelling bits per
+    byte (False for masked-LM kinds: their targets are a sample of the text, predicted from
+    both sides, so the ratio measures nothing; they report loss and `stats` accuracy).
+  causal: whether position t sees only positions <= t (then a sequence summary for
+    classification is the last position; bidirectional kinds pool the first or the mean).
   """
   name: str
   build: Callable[[Any], nn.Module]
@@ -72,6 +77,8 @@ class ModelKind:
   generation: str
   validate: Callable[[Any], None] = _no_checks
   param_report: Callable[[Any, Any], str | None] = _no_report
+  reports_bits_per_byte: bool = True
+  causal: bool = True
 
 
 _REGISTRY: dict[str, ModelKind] = {}

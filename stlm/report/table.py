@@ -61,7 +61,7 @@ def row(run: Run) -> list[str]:
     status += f" (step {info.get('steps_done', '?')}/{info.get('total_steps', '?')})"
   return [run.name, status, model,
           f'{_count(total)} / {_count(emb_head)}' if total is not None else '-',
-          _count(tokens), f"{val['bits_per_byte']:.3f}" if val else '-',
+          _count(tokens), f"{val['bits_per_byte']:.3f}" if val and 'bits_per_byte' in val else '-',
           *[benchmark_cell(bench.get(k)) for k, _ in BENCHMARKS], _duration(wall)]
 
 

@@ -121,8 +121,10 @@ def _stack(batches):
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def evaluate(eval_fn, params, eval_iter, mesh, max_batches=None) -> dict:
-  """Validation loss and bits per byte over (up to max_batches of) the validation split."""
+def evaluate(eval_fn, params, eval_iter, mesh, max_batches=None,
+             reports_bits_per_byte: bool = True) -> dict:
+  """Validation loss, bits per byte (where the kind reports it) and the model's per-target
+  stats (e.g. masked-token accuracy) over (up to max_batches of) the validation split."""
   totals, template, it, i = None, None, iter(eval_iter), 0
   while max_batches is None or i < max_batches:
     batch = next(it, None)
@@ -143,10 +145,13 @@ def evaluate(eval_fn, params, eval_iter, mesh, max_batches=None) -> dict:
   if totals is None:
     raise ValueError('the validation split produced no batches; raise config.data.val_fraction')
   totals = jax.device_get(totals)
-  return {'loss': totals['nll'] / max(totals['units'], 1.0),
-          'bits_per_byte': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
-          'targets': totals['targets'], 'bytes': totals['bytes'],
-          **{k: v / max(totals['targets'], 1.0) for k, v in totals.get('stats', {}).items()}}
+  out = {'loss': totals['nll'] / max(totals['units'], 1.0),
+         'targets': totals['targets'], 'bytes': totals['bytes']}
+  if reports_bits_per_byte:
+    out['bits_per_byte'] = totals['nll'] / math.log(2) / max(totals['bytes'], 1.0)
+  for k, v in totals.get('stats', {}).items():
+    out[k] = v / max(totals['targets'], 1.0)
+  return out
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -217,6 +222,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
     rate_label = {'tokens': 'tok/s'}.get(kind.target_unit, f'{kind.target_unit}/s')
 
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
+    bpb = kind.reports_bits_per_byte
 
     guard = divergence.DivergenceGuard(config.train.nonfinite_policy,
                                        config.train.max_consecutive_skips, start_step)
@@ -226,7 +232,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
     with preemption.PreemptionWatcher() as watcher:
       if start_step == 0:  # the untrained reference every learning curve is read against
         ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
-                      config.train.eval_batches or None)
+                      config.train.eval_batches or None, bpb)
         writer.write(0, 'validation', ev)
         writer.message(_eval_line(0, ev))
       last_time, last_step = time.perf_counter(), start_step
@@ -237,19 +243,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
           guard.observe(m)   # device-side: no host sync
           if step % config.train.log_every == 0 or step == config.train.steps:
             m = jax.device_get(m)
+            if not bpb:  # the kind's nll / bytes is not a bits per byte (e.g. masked LM)
+              m = {k: v for k, v in m.items() if k != 'bits_per_byte'}
             now = time.perf_counter()
             rate = float(m['targets']) * (step - last_step) / (now - last_time)
             mfu = rate * flops_per_unit / (peak * jax.device_count())
             m = {k: v for k, v in m.items() if k != 'nonfinite'}
             writer.write(step, 'train', {**m, 'skipped': guard.interval_skips(),
                                          'targets_per_s': rate, 'mfu': mfu})
-            writer.progress(step, {'loss': m['loss'], 'bpb': m['bits_per_byte'],
+            writer.progress(step, {'loss': m['loss'],
+                                   **({'bpb': m['bits_per_byte']} if bpb else {}),
+                                   **({'acc': m['accuracy']} if 'accuracy' in m else {}),
                                    rate_label: rate, 'mfu': mfu})
             guard.check(state.params)
             last_time, last_step = time.perf_counter(), step
           if step % config.train.eval_every == 0 or step == config.train.steps:
             ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
-                          config.train.eval_batches or None)
+                          config.train.eval_batches or None, bpb)
             writer.write(step, 'validation', ev)
             writer.message(_eval_line(step, ev))
             final_eval = ev
@@ -278,7 +288,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
 
     if final_eval is None:  # resumed at the last step: nothing left to train
       final_eval = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
-                            config.train.eval_batches or None)
+                            config.train.eval_batches or None, bpb)
     guard.check(state.params, 'exporting')
     export_dir = os.path.join(workdir, 'export')
     export_lib.save_export(export_dir, state.params, config)
@@ -292,8 +302,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
 
 
 def _eval_line(step: int, ev: dict) -> str:
-  return (f'step {step}: validation loss {ev["loss"]:.4f}, '
-          f'bits/byte {ev["bits_per_byte"]:.4f}')
+  labels = {'bits_per_byte': 'bits/byte'}   # then the model's stats by name
+  return f'step {step}: validation ' + ', '.join(
+      f'{labels.get(k, k)} {ev[k]:.4f}' for k in ev if k not in ('targets', 'bytes'))
 
 
 def _describe(config, params, breakdown, mesh, workdir, start_step) -> str:

@@ -110,8 +110,9 @@ class RunRecorder:
 
   def evaluated(self, step: int, validation: dict, targets_per_s: float | None = None) -> None:
     self.info.update(steps_done=int(step), tokens_seen=int(step) * self.info['tokens_per_step'],
-                     final_validation=dict(step=int(step), loss=float(validation['loss']),
-                                           bits_per_byte=float(validation['bits_per_byte'])))
+                     final_validation={'step': int(step), **{
+                         k: float(v) for k, v in validation.items()
+                         if k not in ('targets', 'bytes')}})
     if targets_per_s is not None:
       self.info['throughput'] = dict(targets_per_s=float(targets_per_s))
     self._write()

@@ -1,0 +1,111 @@
+"""python -m stlm.classify --checkpoint=<export>|scratch --task=... --data_dir=... (see flags).
+
+Prints accuracy ± standard error on the test split and writes the JSON record to --output.
+Examples:
+  python -m stlm.classify --checkpoint=runs/enc/export --task=agnews \\
+      --data_dir=../shared/data/classification/agnews --output=agnews.json
+  python -m stlm.classify --checkpoint=scratch --config=configs/encoder.py:bert1 \\
+      --config.tokenizer.sp_model_path=runs/enc/export/tokenizer.model --task=agnews ...
+  python -m stlm.classify --committee=runs/b1_s0/export,runs/b1_s1/export \\
+      --reference=runs/b6/export --task=dbpedia --data_dir=...
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Config[:preset] of the model for '
+                                '--checkpoint=scratch.', lock_config=False)
+flags.DEFINE_string('checkpoint', None, 'Export directory (<workdir>/export), or "scratch".')
+flags.DEFINE_list('committee', [], 'Export directories fine-tuned separately whose class '
+                  'probabilities are averaged (replaces --checkpoint).')
+flags.DEFINE_string('reference', None, 'Export of one (deep) model fine-tuned alongside the '
+                    'committee, for accuracy and latency per example.')
+flags.DEFINE_enum('task', None, ['agnews', 'dbpedia', 'fewrel'], 'Task.')
+flags.DEFINE_string('data_dir', '', 'Directory in the task\'s release layout.')
+flags.DEFINE_string('train_file', '', 'Train file (default: the documented name in data_dir).')
+flags.DEFINE_string('test_file', '', 'Test file (default: the documented name in data_dir; '
+                    'AG News without test.csv: a test split carved from train).')
+flags.DEFINE_enum('mode', 'finetune', ['finetune', 'probe'], 'Fine-tune everything, or train '
+                  'a linear probe on the frozen backbone.')
+flags.DEFINE_enum('pool', 'first', ['first', 'mean'], 'Pooling of a bidirectional backbone '
+                  '(causal backbones always pool their last position).')
+flags.DEFINE_string('output', '', 'JSON file for the result record.')
+flags.DEFINE_integer('max_train', 0, 'Train examples (0 = all left after validation).')
+flags.DEFINE_integer('val_size', 500, 'Validation examples carved from train.')
+flags.DEFINE_integer('max_test', 0, 'Test examples (0 = all).')
+flags.DEFINE_integer('carve_test', 2000, 'Test examples carved from train without a test file.')
+flags.DEFINE_integer('max_steps', 600, 'Maximum training steps.')
+flags.DEFINE_integer('batch_size', 32, 'Training batch size.')
+flags.DEFINE_float('lr', 3e-4, 'Fine-tuning peak learning rate.')
+flags.DEFINE_float('probe_lr', 1e-2, 'Linear-probe learning rate.')
+flags.DEFINE_integer('eval_every', 50, 'Steps between validation checks.')
+flags.DEFINE_integer('patience', 4, 'Checks without improvement before stopping.')
+flags.DEFINE_integer('seed', 0, 'Seed of splits, shuffling, head init and FewRel episodes.')
+flags.DEFINE_list('fewrel_settings', ['5w1s', '10w5s'], 'FewRel N-way K-shot settings.')
+flags.DEFINE_integer('episodes', 100, 'FewRel episodes per setting.')
+flags.DEFINE_integer('queries', 5, 'FewRel queries per relation per episode.')
+FLAGS = flags.FLAGS
+
+
+def _backbone(spec: str):
+  from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
+  if spec == 'scratch':
+    if FLAGS.config is None:
+      raise app.UsageError('--checkpoint=scratch needs --config=<file>[:preset]')
+    return backbone.scratch_backbone(FLAGS.config)
+  return backbone.load_backbone(spec)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  # pylint: disable=g-import-not-at-top
+  from stlm.classify import finetune
+  from stlm.classify import run
+  from stlm.data import classification as cls_data
+  specs = FLAGS.committee or ([FLAGS.checkpoint] if FLAGS.checkpoint else [])
+  if not specs:
+    raise app.UsageError('give --checkpoint=<export>|scratch or --committee=<e1>,<e2>,...')
+  try:
+    if FLAGS.task == 'fewrel':
+      if len(specs) > 1:
+        raise app.UsageError('FewRel episodes use one backbone (no committees)')
+      record = run.fewrel_task(_backbone(specs[0]), FLAGS.data_dir, FLAGS.test_file,
+                               FLAGS.fewrel_settings, FLAGS.episodes, FLAGS.queries, FLAGS.seed)
+    else:
+      split = run.SplitSettings(train_file=FLAGS.train_file, test_file=FLAGS.test_file,
+                                val_size=FLAGS.val_size, max_train=FLAGS.max_train,
+                                max_test=FLAGS.max_test, carve_test=FLAGS.carve_test,
+                                seed=FLAGS.seed)
+      train = finetune.TrainSettings(mode=FLAGS.mode, pool=FLAGS.pool, lr=FLAGS.lr,
+                                     probe_lr=FLAGS.probe_lr, batch_size=FLAGS.batch_size,
+                                     max_steps=FLAGS.max_steps, eval_every=FLAGS.eval_every,
+                                     patience=FLAGS.patience, seed=FLAGS.seed)
+      reference = _backbone(FLAGS.reference) if FLAGS.reference else None
+      record = run.text_task([_backbone(s) for s in specs], FLAGS.task, FLAGS.data_dir, split,
+                             train, reference=reference)
+  except (cls_data.DataFormatError, FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: {e}')
+  line = (f'{record["task"]} {record["mode"]}: accuracy {record["accuracy"]:.4f} ± '
+          f'{record["stderr"]:.4f} (n_test={record["n_test"]})')
+  if 'reference' in record:
+    ref = record['reference']
+    line += (f'; committee latency {record["committee"]["latency_s_per_example"] * 1e3:.3f} '
+             f'ms/example vs reference {ref["accuracy"]:.4f} ± {ref["stderr"]:.4f}, '
+             f'{ref["latency_s_per_example"] * 1e3:.3f} ms/example')
+  print(line)
+  if FLAGS.output:
+    with open(FLAGS.output, 'w', encoding='utf-8') as f:
+      json.dump(record, f, indent=2)
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('task')
+  app.run(main)

@@ -1,0 +1,167 @@
+"""One classification experiment: splits, backbone(s), training, test accuracy, JSON record.
+
+Used by the CLI (`python -m stlm.classify`) and by the experiment grid
+(stlm.experiments.tiny_encoders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+
+import numpy as np
+
+from stlm.classify import backbone as backbone_lib
+from stlm.classify import committee as committee_lib
+from stlm.classify import fewrel as fewrel_lib
+from stlm.classify import finetune
+from stlm.data import classification as cls_data
+
+
+@dataclasses.dataclass
+class SplitSettings:
+  train_file: str = ''        # '' = the first documented train file present in data_dir
+  test_file: str = ''         # '' = the documented test file; absent: carve from train
+  val_size: int = 500         # validation examples carved from train (early stopping)
+  max_train: int = 0          # 0 = all remaining train examples
+  max_test: int = 0           # 0 = the whole test split
+  carve_test: int = 2000      # test examples carved from train when there is no test file
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Splits:
+  train: cls_data.Examples
+  val: cls_data.Examples
+  test: cls_data.Examples
+  info: dict
+
+
+def _norm(text: str) -> str:
+  return re.sub(r'[^a-z0-9]+', '', text.lower())
+
+
+def task_splits(task: str, data_dir: str, s: SplitSettings) -> Splits:
+  """Train / validation (carved from train) / test of a text task, deterministic by seed."""
+  train_path = pathlib.Path(s.train_file) if s.train_file else cls_data.find_file(
+      task, data_dir, cls_data.TRAIN_FILES[task])
+  if train_path is None or not train_path.is_file():
+    raise FileNotFoundError(f'no {task} train file: give --train_file, or --data_dir holding '
+                            f'one of {cls_data.TRAIN_FILES[task]} (got {data_dir!r})')
+  test_path = pathlib.Path(s.test_file) if s.test_file else cls_data.find_file(
+      task, data_dir, cls_data.TEST_FILES[task])
+  if test_path is not None and not test_path.is_file():
+    raise FileNotFoundError(f'--test_file {test_path} does not exist')
+  full = cls_data.load_task_file(task, train_path)
+  rng = np.random.default_rng(s.seed)
+  order = rng.permutation(len(full))
+  info = {'train_file': str(train_path)}
+  if test_path is None:
+    test = full.subset(order[:s.carve_test])
+    order = order[s.carve_test:]
+    info['test_file'] = f'carved from {train_path} ({s.carve_test} rows, seed {s.seed})'
+  else:
+    test = cls_data.load_task_file(task, test_path)
+    info['test_file'] = str(test_path)
+    # Texts that also occur in train (e.g. ~150 dhim rows are in keaml) are not a test.
+    seen = {_norm(t) for t in full.texts}
+    keep = [i for i, t in enumerate(test.texts) if _norm(t) not in seen]
+    info['test_dropped_as_in_train'] = len(test) - len(keep)
+    test = test.subset(keep)
+  if s.max_test and len(test) > s.max_test:
+    test = test.subset(np.sort(np.random.default_rng(s.seed + 1).permutation(len(test))
+                               [:s.max_test]))
+  val = full.subset(order[:s.val_size])
+  rest = order[s.val_size:]
+  train = full.subset(rest[:s.max_train] if s.max_train else rest)
+  if len(train) == 0 or len(val) == 0:
+    raise ValueError(f'{train_path} has {len(full)} rows: too few for val_size={s.val_size}')
+  info.update(n_train=len(train), n_val=len(val), n_test=len(test),
+              val='carved from train', seed=s.seed)
+  return Splits(train, val, test, info)
+
+
+def fit_members(backbones, sp: Splits, train: finetune.TrainSettings, log):
+  """Fine-tunes each backbone on its own; (classifier, test probs, record, test arrays)."""
+  out = []
+  for i, bb in enumerate(backbones):
+    tr = backbone_lib.tokenize(bb.tokenizer, sp.train.texts, bb.max_len)
+    va = backbone_lib.tokenize(bb.tokenizer, sp.val.texts, bb.max_len)
+    te = backbone_lib.tokenize(bb.tokenizer, sp.test.texts, bb.max_len)
+    log(f'{bb.source} ({train.mode}): {len(sp.train)} train / {len(sp.val)} val')
+    clf = finetune.train_classifier(bb, tr, sp.train.labels, va, sp.val.labels,
+                                    len(sp.train.classes),
+                                    dataclasses.replace(train, seed=train.seed + i), log=log)
+    probs = clf.predict_proba(te)
+    acc, se = finetune.accuracy_with_se(probs.argmax(1), sp.test.labels)
+    log(f'  test accuracy {acc:.4f} ± {se:.4f} (n={len(sp.test)})')
+    out.append((clf, probs, {'checkpoint': bb.source, 'accuracy': acc, 'stderr': se,
+                             'best_step': clf.best_step,
+                             'train_seconds': round(clf.train_seconds, 1)}, te))
+  return out
+
+
+LATENCY_EXAMPLES = 256   # test examples each latency measurement runs over
+
+
+def latency(fitted) -> float:
+  arrays = {k: v[:LATENCY_EXAMPLES] for k, v in fitted[0][3].items()}
+  return committee_lib.latency_per_example([c for c, *_ in fitted], arrays)
+
+
+def committee_curve(fitted, labels) -> list[dict]:
+  """Accuracy and latency of the committees of the first 1, 2, ... fitted members."""
+  rows = []
+  for k in range(1, len(fitted) + 1):
+    probs = committee_lib.average_probabilities([p for _, p, *_ in fitted[:k]])
+    acc, se = finetune.accuracy_with_se(probs.argmax(1), labels)
+    rows.append({'members': k, 'accuracy': acc, 'stderr': se,
+                 'latency_s_per_example': latency(fitted[:k])})
+  return rows
+
+
+def text_task(backbones, task: str, data_dir: str, split: SplitSettings,
+              train: finetune.TrainSettings, reference=None, log=print) -> dict:
+  """Fine-tunes each backbone; with several, tests the committee (mean probabilities)."""
+  sp = task_splits(task, data_dir, split)
+  fitted = fit_members(backbones, sp, train, log)
+  probs = committee_lib.average_probabilities([p for _, p, *_ in fitted])
+  acc, se = finetune.accuracy_with_se(probs.argmax(1), sp.test.labels)
+  out = {'task': task, 'mode': train.mode, 'accuracy': acc, 'stderr': se,
+         'n_test': len(sp.test), 'split': sp.info, 'pool': fitted[0][0].pool,
+         'checkpoint': ','.join(bb.source for bb in backbones),
+         'members': [r for _, _, r, _ in fitted], 'settings': dataclasses.asdict(train)}
+  if len(backbones) > 1 or reference is not None:
+    out['committee'] = {'size': len(backbones),
+                        'latency_s_per_example': latency(fitted),
+                        'latency_examples': LATENCY_EXAMPLES}
+    if reference is not None:
+      ref = fit_members([reference], sp, train, log)
+      out['reference'] = dict(ref[0][2], latency_s_per_example=latency(ref))
+  return out
+
+
+def fewrel_task(bb, data_dir: str, test_file: str = '', settings=('5w1s', '10w5s'),
+                n_episodes: int = 100, n_query: int = 5, seed: int = 0, log=print) -> dict:
+  path = pathlib.Path(test_file) if test_file else cls_data.find_file(
+      'fewrel', data_dir, cls_data.TEST_FILES['fewrel'])
+  if path is None or not path.is_file():
+    raise FileNotFoundError(f'no FewRel file: give --test_file, or --data_dir holding '
+                            f'{cls_data.TEST_FILES["fewrel"]} (got {data_dir!r})')
+  relations = cls_data.load_fewrel(path)
+  results = []
+  for name in settings:
+    m = re.fullmatch(r'(\d+)w(\d+)s', name)
+    if not m:
+      raise ValueError(f'FewRel setting {name!r}: write N-way K-shot as e.g. 5w1s')
+    r = fewrel_lib.evaluate(bb, relations, int(m.group(1)), int(m.group(2)), n_query,
+                            n_episodes, seed)
+    log(f'fewrel {name}: {bb.source}: accuracy {r["accuracy"]:.4f} ± {r["stderr"]:.4f} '
+        f'({r["n_episodes"]} episodes)')
+    results.append(r)
+  first = results[0]
+  return {'task': 'fewrel', 'mode': 'prototype', 'setting': first['setting'],
+          'accuracy': first['accuracy'], 'stderr': first['stderr'], 'n_test': first['n_test'],
+          'split': {'test_file': str(path), 'episodes_seed': seed}, 'settings': results,
+          'checkpoint': bb.source}

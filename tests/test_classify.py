@@ -1,0 +1,136 @@
+"""Tests for stlm/classify: learning a synthetic task, chance on shuffled labels, committees,
+FewRel episodes and prototypes, pooling, token overlap."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from configs import encoder as encoder_config
+from stlm import tokenizers
+from stlm.classify import backbone as backbone_lib
+from stlm.classify import committee
+from stlm.classify import fewrel
+from stlm.classify import finetune
+from stlm.classify import overlap
+from stlm.data import classification as cd
+
+LETTERS = ('abc', 'def', 'ghi', 'jkl')   # class c writes words from its own letters
+
+
+def _texts(n, seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 4, n)
+  texts = [''.join(rng.choice(list(LETTERS[c]), 10)) for c in labels]
+  return texts, labels
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone():
+  c = encoder_config.get_config('tiny')
+  c.model.update(num_layers=1, hidden_dim=32, num_heads=4, num_kv_heads=4, ffn_dim=64,
+                 max_len=16)
+  c.tokenizer.kind = 'bytes'
+  return backbone_lib.scratch_backbone(c, seed=0)
+
+
+def test_causal_backbone_pools_its_last_position():
+  from configs import baseline as baseline_config  # pylint: disable=g-import-not-at-top
+  c = baseline_config.get_config('tiny')
+  c.model.update(num_layers=1, hidden_dim=32, num_heads=4, num_kv_heads=2, ffn_dim=64,
+                 max_len=16)
+  c.tokenizer.kind = 'bytes'
+  bb = backbone_lib.scratch_backbone(c)
+  assert bb.pooling('first') == 'last' and _backbone().pooling('first') == 'first'
+  arrays = backbone_lib.tokenize(bb.tokenizer, ['abcd', 'ab'], bb.max_len)
+  z = np.asarray(backbone_lib.pooled_fn(bb, 'mean')(bb.params, arrays))
+  h = np.asarray(backbone_lib.hidden_fn(bb)(bb.params, arrays))
+  np.testing.assert_allclose(z, np.stack([h[0, 4], h[1, 2]]), rtol=1e-6)
+
+
+def _fit(labels_shuffled: bool):
+  bb = _backbone()
+  tr_t, tr_y = _texts(256, 0)
+  va_t, va_y = _texts(64, 1)
+  te_t, te_y = _texts(200, 2)
+  if labels_shuffled:
+    tr_y = np.random.default_rng(3).permutation(tr_y)
+    va_y = np.random.default_rng(4).permutation(va_y)
+  tok = lambda t: backbone_lib.tokenize(bb.tokenizer, t, bb.max_len)
+  s = finetune.TrainSettings(lr=3e-3, batch_size=32, max_steps=90, eval_every=30, patience=2)
+  clf = finetune.train_classifier(bb, tok(tr_t), tr_y, tok(va_t), va_y, 4, s, log=lambda m: 0)
+  probs = clf.predict_proba(tok(te_t))
+  return finetune.accuracy_with_se(probs.argmax(1), te_y)
+
+
+def test_learns_a_synthetic_task():
+  acc, se = _fit(labels_shuffled=False)
+  assert acc >= 0.97, (acc, se)
+
+
+def test_shuffled_labels_stay_at_chance():
+  acc, _ = _fit(labels_shuffled=True)
+  assert acc < 0.4   # chance is 0.25; n = 200 gives SE ~ 0.03
+
+
+def test_accuracy_standard_error():
+  acc, se = finetune.accuracy_with_se(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0]))
+  assert acc == 0.75 and se == pytest.approx(np.sqrt(0.75 * 0.25 / 4))
+
+
+def test_committee_is_the_mean_of_members():
+  rng = np.random.default_rng(0)
+  members = [rng.dirichlet(np.ones(5), size=7) for _ in range(3)]
+  np.testing.assert_allclose(committee.average_probabilities(members),
+                             (members[0] + members[1] + members[2]) / 3)
+  with pytest.raises(ValueError, match='output shape'):
+    committee.average_probabilities([members[0], members[1][:3]])
+
+
+def test_pooling():
+  h = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+  seg = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+  np.testing.assert_allclose(backbone_lib.pool(h, seg, 'first'), h[:, 0])
+  np.testing.assert_allclose(backbone_lib.pool(h, seg, 'last'), np.stack([h[0, 2], h[1, 1]]))
+  np.testing.assert_allclose(backbone_lib.pool(h, seg, 'mean'),
+                             np.stack([h[0, :3].mean(0), h[1, :2].mean(0)]))
+
+
+def _relations():
+  inst = lambda r, i: cd.RelationInstance(['w'] * 5, [0], [3], r, f'{r}[{i}]')
+  return {f'P{r}': [inst(f'P{r}', i) for i in range(12)] for r in range(8)}
+
+
+def test_fewrel_episodes_deterministic_and_disjoint():
+  rel = _relations()
+  a = fewrel.sample_episodes(rel, 5, 2, 3, 20, seed=7)
+  b = fewrel.sample_episodes(rel, 5, 2, 3, 20, seed=7)
+  assert a == b
+  assert a != fewrel.sample_episodes(rel, 5, 2, 3, 20, seed=8)
+  for ep in a:
+    assert len(set(ep.relations)) == 5
+    assert len(ep.support) == 10 and len(ep.query) == 15
+    assert not set(ep.support) & set(ep.query)          # a query never in its support set
+    assert {r for r, _ in ep.support} == set(ep.relations)
+  with pytest.raises(ValueError, match='needs 13'):
+    fewrel.sample_episodes(rel, 5, 10, 3, 1, seed=0)
+
+
+def test_prototype_predicts_nearest_mean():
+  sz = np.array([[0.0, 0], [0, 2], [10, 10], [10, 12]])
+  pred = fewrel.prototype_predict(sz, [0, 0, 1, 1], np.array([[1.0, 1], [9, 9]]), 2)
+  np.testing.assert_array_equal(pred, [0, 1])
+
+
+def test_fewrel_encodings_have_two_marker_vectors():
+  bb = _backbone()
+  rel = _relations()
+  z = fewrel.encode_instances(bb, rel['P0'][:3])
+  assert z.shape == (3, 2 * bb.hidden_dim)
+
+
+def test_token_overlap():
+  tok = tokenizers.ByteTokenizer()
+  r = overlap.token_overlap(tok, ['aab', 'c'], ['abz'])
+  assert r['types'] == pytest.approx(2 / 3)          # a, b seen; c not
+  assert r['occurrences'] == pytest.approx(3 / 4)    # a, a, b of a, a, b, c
