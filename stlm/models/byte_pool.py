@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from stlm import config_errors
-from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import
+# The byte ids live in stlm/byte_ids.py (data and models share them); re-exported here.
+from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import,line-too-long
 from stlm.models import kinds
 from stlm.models import layers
 from stlm.models import sharing
