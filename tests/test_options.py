@@ -81,6 +81,38 @@ def test_options_off_keep_todays_param_tree():
   assert set(core['block_0']) == {'attn', 'attn_norm', 'ffn', 'ffn_norm'}
 
 
+# Row 0 of the logprobs and the param count of tiny models under param_fill.fill_like(seed 0),
+# computed with the code before these options existed (commit add999d): options off must
+# reproduce them.
+_BEFORE_OPTIONS = {
+    'baseline': ([-4.1872, -4.4245, -5.0734, -4.1341,
+                  -2.7910, -4.1435, -4.1157, -5.1574], 20),
+    'byte_pool': ([-17.1379, -17.3620, -16.9812, -16.6045,
+                  -17.0105, -16.8270, -17.0359, -16.6606], 43),
+}
+
+
+@pytest.mark.parametrize('kind', ['baseline', 'byte_pool'])
+def test_options_off_reproduce_the_model_before_them(kind):
+  cfg = model_cfg(kind)
+  model = factory.build_model(cfg)
+  abstract = nn.unbox(factory.abstract_params(model, cfg))
+  params = param_fill.fill_like(abstract, seed=0)
+  rng = np.random.default_rng(0)
+  b = factory.dummy_batch(cfg, 2, 8)
+  lo, hi = (0, V) if kind == 'baseline' else (3, 259)
+  b['inputs'] = rng.integers(lo, hi, b['inputs'].shape).astype(np.int32)
+  b['targets'] = rng.integers(lo, hi, b['targets'].shape).astype(np.int32)
+  if kind == 'byte_pool':  # two bytes, END_OF_CHUNK, padding
+    b['inputs'][..., 2:] = 0
+    b['targets'][..., 2] = 1
+    b['targets'][..., 3:] = 0
+  want_row, want_leaves = _BEFORE_OPTIONS[kind]
+  assert len(jax.tree.leaves(abstract)) == want_leaves
+  logprobs = model.apply({'params': params}, b)['logprobs']
+  np.testing.assert_allclose(logprobs[0], want_row, atol=2e-4, rtol=0)
+
+
 def test_dropout_without_a_schedule_is_flax_dropout():
   x = jnp.arange(1.0, 257.0)
   rngs = {'dropout': jax.random.key(3)}

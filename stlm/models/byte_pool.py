@@ -22,7 +22,8 @@ import ml_collections
 
 from stlm import byte_ids
 from stlm import config_errors
-from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import
+# The byte ids live in stlm/byte_ids.py (data and models share them); re-exported here.
+from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import,line-too-long
 from stlm.models import byte_pool_v2
 from stlm.models import depth
 from stlm.models import kinds

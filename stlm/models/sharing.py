@@ -71,7 +71,8 @@ class LoRA(nn.Module):
   def __call__(self):
     r = lora_rank(self.cfg)
     out = {}
-    for name, (in_shape, in_axes, out_shape, out_axes) in kernel_shapes(self.cfg, self.part).items():
+    shapes = kernel_shapes(self.cfg, self.part)
+    for name, (in_shape, in_axes, out_shape, out_axes) in shapes.items():
       n_in = len(in_shape)
       a = layers.make_param(self, f'{name}_a',
                             layers.fan_in_init(tuple(range(n_in)), n_in),
