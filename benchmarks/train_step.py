@@ -181,7 +181,7 @@ def main(argv):
   print(f'step {step_s * 1e3:.1f} ms (median of {len(times)}, min {min(times) * 1e3:.1f}), '
         f'{rate:,.0f} {unit}/s, {achieved / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} of '
         f'{peak / 1e12:.3g} TFLOP/s per device ({source})')
-  print(f'FLOPs/target {fpt / 1e6:,.1f} M (the model kind's own accounting)')
+  print(f'FLOPs/target {fpt / 1e6:,.1f} M (the model kind\'s own accounting)')
   print(f'compile {compile_s:.1f} s, time to first step {first_step_s:.1f} s '
         f'(process start to first step done)')
   print(memory_line(compiled))
