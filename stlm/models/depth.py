@@ -189,7 +189,7 @@ def routed_block(block, router: Router, x_BxTxD, segment_ids_BxT, positions_BxT,
     sel_BxT = jnp.zeros((B, T), bool).at[rows, idx_Bxk].set(True) & real_BxT
     # The predictor learns top-k membership (binary cross-entropy on its logits).
     label = sel_BxT.astype(jnp.float32)
-    bce_BxT = optax_sigmoid_bce(pred_BxT, label)
+    bce_BxT = sigmoid_bce(pred_BxT, label)
   else:
     if decode_mask_Bx1xTxL is not None:
       # Processed queries see processed keys only; the others keep the plain mask (their
@@ -207,7 +207,7 @@ def routed_block(block, router: Router, x_BxTxD, segment_ids_BxT, positions_BxT,
   return x_out, sel_BxT.astype(jnp.float32), bce_BxT
 
 
-def optax_sigmoid_bce(logits, labels):
+def sigmoid_bce(logits, labels):
   """Binary cross-entropy with logits (numerically stable), elementwise."""
   return jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
