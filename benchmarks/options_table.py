@@ -40,7 +40,7 @@ def run(name, kind, args):
   rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   val = [r for r in rows if r['split'] == 'validation']
   train = [r for r in rows if r['split'] == 'train']
-  params = re.search(r'parameters: .*?core ([\d,]+), total ([\d,]+)', log)
+  params = re.search(r'parameters: .*?core ([\d,]*\d), total ([\d,]*\d)', log)
   return dict(name=name, kind=kind, core=params.group(1), total=params.group(2),
               bpb=val[-1]['bits_per_byte'], bpb0=val[0]['bits_per_byte'],
               rate=statistics.median(r['targets_per_s'] for r in train[1:] or train))
