@@ -119,14 +119,21 @@ def test_packing_never_drops_or_duplicates_a_target(docs, max_len):
 @given(context=TEXT, continuation=TEXT.filter(bool))
 def test_context_continuation_split_loses_no_byte(context, continuation):
   for f in _featurizers(max_len=512):
-    example, mask = f.pair(context, continuation)
     if isinstance(f, chunking.ChunkFeaturizer):
-      pieces = [chunking.decode_chunk_ids(r)[0] for r in example['targets']]
+      piece = lambda unit: chunking.decode_chunk_ids(unit)[0]
     else:
-      pieces = [f.tokenizer.token_bytes(int(t)) for t in example['targets']]
-    ctx = b''.join(p for p, m in zip(pieces, mask) if not m)
-    cont = b''.join(p for p, m in zip(pieces, mask) if m)
-    assert ctx + cont == (context + continuation).encode('utf-8')
-    stripped = context.rstrip()
-    assert ctx == stripped.encode('utf-8')   # trailing whitespace moves to the continuation
-    assert cont == (context[len(stripped):] + continuation).encode('utf-8')
+      piece = lambda unit: f.tokenizer.token_bytes(int(unit))
+    # Both prefix conventions: end-of-text only before an empty context (the harness's,
+    # default), or always. The first input (end-of-text: b'', or the context's first unit,
+    # which is never a target) plus the targets is the whole text.
+    for always_prefix_eot in (False, True):
+      example, mask = f.pair(context, continuation, always_prefix_eot=always_prefix_eot)
+      pieces = [piece(t) for t in example['targets']]
+      first = piece(example['inputs'][0])
+      assert not always_prefix_eot or first == b''
+      ctx = first + b''.join(p for p, m in zip(pieces, mask) if not m)
+      cont = b''.join(p for p, m in zip(pieces, mask) if m)
+      assert ctx + cont == (context + continuation).encode('utf-8')
+      stripped = context.rstrip()
+      assert ctx == stripped.encode('utf-8')   # trailing whitespace moves to the continuation
+      assert cont == (context[len(stripped):] + continuation).encode('utf-8')
