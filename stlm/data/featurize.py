@@ -13,6 +13,12 @@ import numpy as np
 from stlm.tokenizers import Tokenizer
 
 
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+  """int32 [vocab]: UTF-8 bytes each token id stands for (0 for specials)."""
+  return np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)],
+                  np.int32)
+
+
 class TokenFeaturizer:
   """Baseline featurizer: one token per position."""
 
@@ -27,9 +33,7 @@ class TokenFeaturizer:
   def byte_lengths(self) -> np.ndarray:
     """int32 [vocab]: bytes each token stands for (0 for specials); built on first use."""
     if self._nbytes is None:
-      tok = self.tokenizer
-      self._nbytes = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)],
-                              np.int32)
+      self._nbytes = token_byte_lengths(self.tokenizer)
     return self._nbytes
 
   def _example(self, seq: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import zlib
 
 import numpy as np
 
+from stlm.data import featurize
 from stlm.tokenizers import Tokenizer
 
 
@@ -55,9 +56,7 @@ class MLMFeaturizer:
   @property
   def byte_lengths(self) -> np.ndarray:
     if self._nbytes is None:
-      tok = self.tokenizer
-      self._nbytes = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)],
-                              np.int32)
+      self._nbytes = featurize.token_byte_lengths(self.tokenizer)
     return self._nbytes
 
   def mask(self, seq: np.ndarray, rng: np.random.Generator,
