@@ -7,11 +7,13 @@
 Each run is `python main.py --config=configs/<name>.py:<preset> --config.model.kind=<kind>`
 with the same steps, seed and data; the table gives parameters (total and core), the final
 validation bits per byte, and the median training throughput (targets/s: tokens for the
-baseline, chunks for byte_pool) from each run's metrics.jsonl. Runs are sequential; on a
-shared machine the throughput column is only comparable within one invocation.
+baseline, chunks for byte_pool) from each run's metrics.jsonl. A dropout schedule's switch
+step is scaled with --steps (same fraction of the run as at the preset). Runs are sequential;
+on a shared machine the throughput column is only comparable within one invocation.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -23,6 +25,21 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def scaled_overrides(name, args) -> list[str]:
+  """Keeps a dropout schedule's switch at the same fraction of the run when --steps differs
+  from the preset's steps (the named configs set it from the preset)."""
+  if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))   # the config files import stlm
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  train = module.get_config(args.preset).train
+  switch = train.get('dropout_schedule_steps', 0)
+  if not switch or train.steps == args.steps:
+    return []
+  return [f'--config.train.dropout_schedule_steps={max(switch * args.steps // train.steps, 1)}']
+
+
 def run(name, kind, args):
   workdir = pathlib.Path(args.out, f'{name}_{kind}')
   cmd = [sys.executable, 'main.py', f'--config=configs/{name}.py:{args.preset}',
@@ -30,7 +47,7 @@ def run(name, kind, args):
          f'--config.seed={args.seed}', '--config.data.source=local',
          f'--config.data.path={os.path.abspath(args.data)}',
          f'--config.data.data_dir={os.path.abspath(os.path.join(args.out, "tfds"))}',
-         f'--workdir={workdir}']
+         f'--workdir={workdir}'] + scaled_overrides(name, args)
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
   log = proc.stdout + proc.stderr
   workdir.mkdir(parents=True, exist_ok=True)
