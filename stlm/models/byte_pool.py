@@ -18,7 +18,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from stlm import byte_ids
 from stlm import config_errors
@@ -28,6 +27,7 @@ from stlm.models import byte_pool_v2
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
+from stlm.models import local_transformer
 from stlm.models import pause
 from stlm.models import sharing
 from stlm.models import transformer
@@ -49,16 +49,9 @@ def byte_cfg(cfg, *, num_layers, num_heads, ffn_dim):
   the bidirectional encoder no order at all) and attention is always XLA (a chunk is
   <= 17 slots; a flash kernel gains nothing there).
   """
-  b = cfg.byte_pool
-  if b.byte_dim % num_heads or (b.byte_dim // num_heads) % 2:
-    raise ValueError(f'model.byte_pool.byte_dim={b.byte_dim} must split into {num_heads} '
-                     'heads of even size (RoPE)')
-  return ml_collections.FrozenConfigDict(dict(
-      num_layers=num_layers, hidden_dim=b.byte_dim, num_heads=num_heads,
-      num_kv_heads=num_heads, ffn_dim=ffn_dim, ffn_type=cfg.ffn_type, position='rope',
-      rope_theta=cfg.rope_theta, max_len=b.max_bytes_per_chunk + 1, norm=cfg.norm,
-      norm_eps=cfg.norm_eps, dropout=cfg.dropout, use_bias=cfg.use_bias, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, attention_impl='xla', vocab_size=BYTE_VOCAB))
+  return local_transformer.local_cfg(
+      cfg, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
+      window=cfg.byte_pool.max_bytes_per_chunk + 1, vocab=BYTE_VOCAB)
 
 
 def slot_mask(num_slots: int, max_bytes: int):
