@@ -1,6 +1,9 @@
 """run.json: docstring, git state, status through start / evaluation / crash / resume."""
 
 import json
+import os
+import subprocess
+import sys
 
 from stlm import config as config_lib
 from stlm.train import run_info
@@ -32,6 +35,7 @@ def test_status_running_then_crashed_then_resumed(tmp_path):
   info = run_info.read(str(tmp_path))
   assert info['status'] == 'running' and info['params']['total'] == 15
   assert info['config'] == json.loads(json.dumps(c.to_dict())) and info['tokens_per_step'] == 8 * 128
+  rec.first_step(1, 7.5)
   rec.evaluated(100, dict(loss=3.5, bits_per_byte=2.25), 1234.0)
   rec.crashed(FloatingPointError('loss became nan at step 101'))
   info = run_info.read(str(tmp_path))
@@ -43,5 +47,33 @@ def test_status_running_then_crashed_then_resumed(tmp_path):
   resumed.start(c, dict(total=15), 100)
   info = json.loads((tmp_path / 'run.json').read_text())
   assert info['status'] == 'running' and info['wall_time_s'] >= wall
+  resumed.first_step(101, 4.25)   # each start adds its time to first step; none is lost
+  assert run_info.read(str(tmp_path))['starts'] == [dict(step=1, time_to_first_step_s=7.5),
+                                                    dict(step=101, time_to_first_step_s=4.25)]
   resumed.finished()
   assert run_info.read(str(tmp_path))['status'] == 'finished'
+
+
+def test_metrics_writer_starts_without_importing_torch(tmp_path):
+  # tensorboardX pulls in torch (seconds of start-up) when it is installed; the writer must
+  # not, and a later `import torch` in the same process must still work.
+  code = f'''
+import sys
+from stlm.train import metrics
+w = metrics.MetricsWriter({str(tmp_path)!r}, 3, 0)
+w.write(1, 'train', dict(loss=1.5))
+w.close()
+assert 'torch' not in sys.modules, 'torch was imported'
+assert 0 < metrics.seconds_since_process_start() < 600
+try:
+  import torch
+except ImportError:
+  pass   # not installed: nothing to check
+else:
+  assert torch.ones(2).sum().item() == 2.0
+print('ok')
+'''
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-2000:]
+  assert '"loss": 1.5' in (tmp_path / 'metrics.jsonl').read_text()

@@ -194,19 +194,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   make_eval_iter = functools.partial(pipeline.make_eval_iter, config, featurizer, 'validation',
                                      process_index=proc, process_count=nproc)
   train_step = state_lib.build_train_step(config, model, mesh)
-  train_fn, state = train_step.step, train_step.init()
+  train_fn, state = train_step.step, None
   # The mesh plus the logical axis rules: the models' activation constraints resolve to it.
   with sharding.mesh_context(mesh):
     start_step, fallback_notes = 0, []
     if ckpts.latest_step() is not None:
-      restored, start_step = ckpts.restore_intact(
+      # Restored onto the abstract state: a resumed run never runs (or compiles) the init.
+      state, start_step = ckpts.restore_intact(
           train_step.abstract_state, train_iter, fallback=config.train.restore_fallback,
           log=fallback_notes.append)
-      if restored is not None:
-        state = restored
-      else:   # every checkpoint was damaged (and moved aside): the data iterator restarts too
+      if state is None:  # every checkpoint was damaged (and moved aside): restart the data too
         train_iter = pipeline.make_train_iter(config, featurizer, 'train',
                                               process_index=proc, process_count=nproc)
+    if state is None:
+      state = train_step.init()
 
     breakdown = factory.param_breakdown(state.params, config.model)
     kind = kinds.get_kind(config.model.kind)
@@ -241,6 +242,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
           micro = [next(train_iter) for _ in range(config.train.grad_accum)]
           state, m = train_fn(state, sharding.global_batch(_stack(micro), mesh, True))
           guard.observe(m)   # device-side: no host sync
+          if step == start_step + 1:  # one sync, once: how long a (re)start takes to train
+            jax.block_until_ready(m)
+            first_s = metrics_lib.seconds_since_process_start()
+            recorder.first_step(step, first_s)
+            writer.message(f'step {step} done {first_s:.1f} s after process start')
           if step % config.train.log_every == 0 or step == config.train.steps:
             m = jax.device_get(m)
             if not bpb:  # the kind's nll / bytes is not a bits per byte (e.g. masked LM)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -33,6 +34,42 @@ def measured_matmul_flops(n: int = 512, reps: int = 8) -> float:
     y = f(x)
   y.block_until_ready()
   return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+_IMPORTED_AT = time.time()
+
+
+def seconds_since_process_start() -> float:
+  """Wall seconds since this process started (Linux /proc), else since this module's import."""
+  try:
+    with open('/proc/self/stat', encoding='ascii') as f:
+      # Field 22 (after the parenthesised command name, which may hold spaces): start time in
+      # clock ticks after boot.
+      start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    with open('/proc/uptime', encoding='ascii') as f:
+      uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError):
+    return time.time() - _IMPORTED_AT
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch when it is installed (to accept torch tensors), which costs
+  ~6 s of every run's start-up; the loop logs Python floats only. A None entry in
+  sys.modules makes that optional import fail fast; it is removed again right after, so a
+  later `import torch` in this process works as usual.
+  """
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if blocked:
+      del sys.modules['torch']
+  return SummaryWriter
 
 
 def peak_flops_per_device() -> tuple[float, str]:
@@ -105,8 +142,7 @@ class MetricsWriter:
     self.tb_dir = os.path.join(workdir, 'tensorboard')
     truncate_jsonl(self.jsonl_path, initial_step if initial_step else -1)
     self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(self.tb_dir, purge_step=initial_step + 1 if initial_step else 0)
+    self._tb = _summary_writer_class()(self.tb_dir, purge_step=initial_step + 1 if initial_step else 0)
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
                           desc='train', mininterval=1.0)
 

@@ -82,7 +82,7 @@ class RunRecorder:
         total_steps=int(config.train.steps), tokens_per_step=tokens_per_step(config),
         tokens_seen=0, throughput=None, final_validation=None, params=None,
         benchmarks_requested=config.train.get('final_eval_benchmarks', ''),
-        results=None, error=None, config=config.to_dict())
+        results=None, error=None, starts=[], config=config.to_dict())
 
   def _write(self) -> None:
     if not (self.enabled and self.started):
@@ -100,12 +100,19 @@ class RunRecorder:
     previous = _read(self.path)
     if previous and start_step:
       self.info['start_time'] = previous.get('start_time', self.info['start_time'])
+      self.info['starts'] = list(previous.get('starts') or [])
       self._t0 -= float(previous.get('wall_time_s') or 0.0)
     self.info.update(status='running', config=config.to_dict(),
                      params={k: (int(v) if not isinstance(v, bool) else v)
                              for k, v in breakdown.items()},
                      steps_done=int(start_step), tokens_seen=int(start_step) * self.info[
                          'tokens_per_step'])
+    self._write()
+
+  def first_step(self, step: int, seconds: float) -> None:
+    """One entry per process start: its first step and the wall seconds from process start
+    (imports, data, restore, compilation or cache load, the step itself) to that step's end."""
+    self.info['starts'].append(dict(step=int(step), time_to_first_step_s=round(seconds, 3)))
     self._write()
 
   def evaluated(self, step: int, validation: dict, targets_per_s: float | None = None) -> None:

@@ -47,7 +47,8 @@ def build_train_step(config, model, mesh) -> TrainStep:
     return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params), rng=dropout_rng)
 
-  state_shardings = _state_shardings(boxed, mesh, tx, init_state)
+  abstract_init = jax.eval_shape(init_state)   # traced once: shapes for shardings and restore
+  state_shardings = _state_shardings(boxed, mesh, tx, abstract_init)
   jitted_init = jax.jit(init_state, out_shardings=state_shardings)
 
   def init():
@@ -62,15 +63,14 @@ def build_train_step(config, model, mesh) -> TrainStep:
   train_fn = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, None), donate_argnums=0)
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          jax.eval_shape(init_state), state_shardings)
+                          abstract_init, state_shardings)
   return TrainStep(init=init, step=train_fn, state_shardings=state_shardings,
                    abstract_state=abstract)
 
 
-def _state_shardings(boxed, mesh, tx, init_state):
+def _state_shardings(boxed, mesh, tx, abstract):
   """Params sharded by their logical axes, optimizer moments like their params, rest replicated."""
   param_sh = sharding.param_shardings(boxed, mesh)
-  abstract = jax.eval_shape(init_state)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_sh = sharding.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
   return step_lib.TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
