@@ -276,3 +276,24 @@ def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path):
   last = json.loads(path.read_text().splitlines()[-1])
   assert isinstance(last.pop('time'), float)   # wall clock, for curves against time
   assert last == {'step': 4, 'split': 'train', 'loss': None, 'x': None, 'y': 2.0}
+
+
+def test_config_check_falls_back_to_an_older_copy_when_the_newest_is_unreadable(tmp_path):
+  # A run must never resume over another config's checkpoints just because the newest
+  # checkpoint's config item is damaged: the next older checkpoint holds the same run's config.
+  import grain  # pylint: disable=g-import-not-at-top
+  config = baseline.get_config('tiny')
+  state = {'w': np.arange(4, dtype=np.float32)}
+  data_iter = iter(grain.MapDataset.range(10).to_iter_dataset())
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path), config, keep=3, async_save=False)
+  for step in (1, 2):
+    ckpts.save(step, state, data_iter, force=True)
+  ckpts.close()
+  # Same size, so the file manifest still passes: only parsing the JSON finds the damage.
+  item = tmp_path / 'checkpoints' / '2' / 'config' / 'metadata'
+  item.write_bytes(b'#' * item.stat().st_size)
+  other = baseline.get_config('tiny')
+  other.model.hidden_dim = 48
+  with pytest.raises(checkpoint.CheckpointMismatchError, match='hidden_dim'):
+    checkpoint.RunCheckpoints(str(tmp_path), other, keep=3, async_save=False).check_config()
+  checkpoint.RunCheckpoints(str(tmp_path), config, keep=3, async_save=False).check_config()

@@ -198,14 +198,21 @@ class RunCheckpoints:
     return None, damaged
 
   def check_config(self) -> None:
-    """Raises CheckpointMismatchError if the newest readable checkpoint is of another config."""
-    step, _ = self._first_intact_looking()
-    if step is None:
-      return
-    try:
-      saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    except Exception:  # pylint: disable=broad-exception-caught
-      return  # unreadable: restore() reports it as damaged
+    """Raises CheckpointMismatchError if the newest readable checkpoint is of another config.
+
+    Every checkpoint of a workdir holds the same run's config, so when the newest one's config
+    item cannot be read (restore() then reports that checkpoint as damaged), the next older
+    readable one is compared instead: a damaged file never lets another config resume here.
+    """
+    saved, step = None, None
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        break
+      except Exception:  # pylint: disable=broad-exception-caught
+        continue  # unreadable here: try the next older checkpoint's copy
+    if saved is None:
+      return  # no readable config at all: restore() reports every checkpoint as damaged
     diffs = config_differences(saved['config'], self.config)
     if diffs:
       raise CheckpointMismatchError(
