@@ -1,0 +1,78 @@
+"""Row layout of the scorer: which spans share a row, which length bucket, how many targets.
+
+A span is `length` positions of one request with `targets` of them scored. Rows are
+`max_len` long; with packing, spans are placed back to back (best fit, longest first) so
+BLiMP's short sentences fill rows instead of padding them. A finished row is then run at
+the smallest bucket length that holds both its positions and its targets, so the compiled
+shapes are one per bucket: B rows x T positions x K(T) scored positions.
+
+K(T) = ceil(fraction * T) is the gathered output-layer budget of bucket T (fixed per
+scorer, so shapes never depend on the requests); the largest bucket keeps K = T, so every
+span fits somewhere (a rolling window scores all its positions) and a full packed row of
+short all-target requests (BLiMP) wastes nothing. A row whose targets exceed a bucket's
+budget simply runs at a larger bucket.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Sequence
+
+DEFAULT_FRACTION = 0.5  # K(T) / T below the largest bucket
+_SCAN = 16              # open rows tried per span before a new row is opened
+
+
+def budget(T: int, fraction: float, max_len: int) -> int:
+  """K(T): scored positions per row in bucket T (all of them in the largest bucket)."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f'score fraction must be in (0, 1], got {fraction!r}')
+  if T >= max_len:
+    return T
+  return max(1, min(T, math.ceil(fraction * T)))
+
+
+def pick_bucket(buckets: Sequence[int], length: int, targets: int,
+                fraction: float | None) -> int:
+  """Smallest bucket holding `length` positions and (fraction given) `targets` targets."""
+  for b in buckets:
+    if length <= b and (fraction is None or targets <= budget(b, fraction, buckets[-1])):
+      return b
+  raise ValueError(f'a span of {length} positions / {targets} targets fits no bucket '
+                   f'{tuple(buckets)} (fraction {fraction})')
+
+
+def pack(lengths: Sequence[int], targets: Sequence[int], max_len: int,
+         max_targets: int) -> list[list[int]]:
+  """Span indices per row: best fit by length, longest first, within both capacities.
+
+  Every row holds at most `max_len` positions and `max_targets` targets. Open rows are
+  kept sorted by free length; a span goes to the row with the least free length that still
+  fits it (checking up to _SCAN rows for target room), else to a new row.
+  """
+  for n, k in zip(lengths, targets):
+    if n > max_len or k > max_targets:
+      raise ValueError(f'a span of {n} positions / {k} targets exceeds a row '
+                       f'({max_len} / {max_targets})')
+  rows: list[list[int]] = []
+  free_len: list[int] = []
+  free_tg: list[int] = []
+  open_rows: list[tuple[int, int]] = []  # (free length, row), sorted
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    n, k = lengths[i], targets[i]
+    at = bisect.bisect_left(open_rows, (n, -1))
+    pos = next((p for p in range(at, min(at + _SCAN, len(open_rows)))
+                if free_tg[open_rows[p][1]] >= k), None)
+    if pos is None:
+      r = len(rows)
+      rows.append([i])
+      free_len.append(max_len - n)
+      free_tg.append(max_targets - k)
+    else:
+      r = open_rows.pop(pos)[1]
+      rows[r].append(i)
+      free_len[r] -= n
+      free_tg[r] -= k
+    if free_len[r] > 0 and free_tg[r] > 0:
+      bisect.insort(open_rows, (free_len[r], r))
+  return rows
