@@ -6,10 +6,11 @@ BLiMP's short sentences fill rows instead of padding them. A finished row is the
 the smallest bucket length that holds both its positions and its targets, so the compiled
 shapes are one per bucket: B rows x T positions x K(T) scored positions.
 
-K(T) = ceil(fraction * T) is the gathered output-layer budget of bucket T (fixed per
-scorer, so shapes never depend on the requests); the largest bucket keeps K = T, so every
-span fits somewhere (a rolling window scores all its positions) and a full packed row of
-short all-target requests (BLiMP) wastes nothing. A row whose targets exceed a bucket's
+K(T) = ceil(fraction * T) is the gathered output-layer budget of bucket T, fixed per scorer
+so the compiled shapes never depend on the requests. A span with more targets than the
+largest bucket's budget (a rolling window, a long continuation) is scored as several
+pieces: the same window, each piece summing a disjoint part of its targets (`split`), so
+every target still sees exactly its unpacked context. A row whose targets exceed a bucket's
 budget simply runs at a larger bucket.
 """
 
@@ -19,24 +20,35 @@ import bisect
 import math
 from typing import Sequence
 
+import numpy as np
+
 DEFAULT_FRACTION = 0.5  # K(T) / T below the largest bucket
 _SCAN = 16              # open rows tried per span before a new row is opened
 
 
-def budget(T: int, fraction: float, max_len: int) -> int:
-  """K(T): scored positions per row in bucket T (all of them in the largest bucket)."""
+def budget(T: int, fraction: float) -> int:
+  """K(T): scored positions per row in bucket T."""
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f'score fraction must be in (0, 1], got {fraction!r}')
-  if T >= max_len:
-    return T
   return max(1, min(T, math.ceil(fraction * T)))
+
+
+def split(mask: np.ndarray, k: int) -> list[np.ndarray]:
+  """Masks partitioning `mask`'s True entries into runs of at most k (in order)."""
+  idx = np.flatnonzero(mask)
+  out = []
+  for a in range(0, len(idx), k):
+    m = np.zeros_like(mask)
+    m[idx[a:a + k]] = True
+    out.append(m)
+  return out
 
 
 def pick_bucket(buckets: Sequence[int], length: int, targets: int,
                 fraction: float | None) -> int:
   """Smallest bucket holding `length` positions and (fraction given) `targets` targets."""
   for b in buckets:
-    if length <= b and (fraction is None or targets <= budget(b, fraction, buckets[-1])):
+    if length <= b and (fraction is None or targets <= budget(b, fraction)):
       return b
   raise ValueError(f'a span of {length} positions / {targets} targets fits no bucket '
                    f'{tuple(buckets)} (fraction {fraction})')
@@ -58,7 +70,9 @@ def pack(lengths: Sequence[int], targets: Sequence[int], max_len: int,
   free_len: list[int] = []
   free_tg: list[int] = []
   open_rows: list[tuple[int, int]] = []  # (free length, row), sorted
-  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+  # Order by (length, targets) only: the same multiset of spans in any order gives rows of
+  # the same shapes, so re-scoring reordered requests never compiles a new bucket.
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], -targets[i], i)):
     n, k = lengths[i], targets[i]
     at = bisect.bisect_left(open_rows, (n, -1))
     pos = next((p for p in range(at, min(at + _SCAN, len(open_rows)))

@@ -107,9 +107,9 @@ class Scorer:
 
   pack / gather: None uses what the model's kind supports (`kinds.Scoring`); False turns a
   fast path off (False, False is the plain path: one span per row, output layer at every
-  position). score_fraction: K(T) / T, the output-layer positions per row of a bucket
-  below the largest (see stlm/eval/packing.py); fixed per scorer, so the compiled shapes
-  never depend on the requests.
+  position). score_fraction: K(T) / T, the output-layer positions per row of bucket T
+  (see stlm/eval/packing.py; 1.0 suits requests that are all targets, like BLiMP's); fixed
+  per scorer, so the compiled shapes never depend on the requests.
   """
 
   def __init__(self, model, params, featurizer, *, max_len: int | None = None,
@@ -135,7 +135,7 @@ class Scorer:
     self.gather = _resolve('gather', gather, support.gather)
     self.score_fraction = float(packing.DEFAULT_FRACTION if score_fraction is None
                                 else score_fraction)
-    packing.budget(1, self.score_fraction, 2)  # checks the value once, here
+    packing.budget(1, self.score_fraction)  # checks the value once, here
     self.compile_count = 0  # bumped inside the traced body, so it counts traces only
     self.compiles_by_shape: dict = {}  # (T, K or None) -> traces of that bucket's shape
     self.stats: dict = {}
@@ -161,22 +161,29 @@ class Scorer:
   # ---------------------------------------------------------------- host side
 
   def _rows(self, spans: Sequence[_Span]):
-    """[(bucket T, K or None, [span indices of one row])], rows of a bucket together."""
-    lengths = [s.hi - s.lo for s in spans]
-    targets = [int(s.mask.sum()) for s in spans]
+    """(pieces, [(bucket T, K or None, [piece indices of one row])]), rows sorted by T.
+
+    Pieces are the spans with at least one target; under `gather`, a span with more targets
+    than the largest bucket's K is cut into pieces of the same window (packing.split).
+    """
     fraction = self.score_fraction if self.gather else None
+    k_max = self.max_len if fraction is None else packing.budget(self.max_len, fraction)
+    pieces = []
+    for s in spans:
+      pieces += [dataclasses.replace(s, mask=m) for m in packing.split(s.mask, k_max)]
+    lengths = [s.hi - s.lo for s in pieces]
+    targets = [int(s.mask.sum()) for s in pieces]
     if self.pack:
-      rows = packing.pack(lengths, targets, self.max_len, self.max_len)
+      rows = packing.pack(lengths, targets, self.max_len, k_max)
     else:
-      rows = [[i] for i in range(len(spans))]
+      rows = [[i] for i in range(len(pieces))]
     out = []
     for row in rows:
       n, k = sum(lengths[i] for i in row), sum(targets[i] for i in row)
       T = packing.pick_bucket(self.buckets, n, k, fraction)
-      K = None if fraction is None else packing.budget(T, fraction, self.max_len)
-      out.append((T, K, row))
+      out.append((T, None if fraction is None else packing.budget(T, fraction), row))
     out.sort(key=lambda r: r[0])
-    return out
+    return pieces, out
 
   def _batch(self, spans: Sequence[_Span], rows: Sequence[Sequence[int]], T: int, K):
     """(batch, valid mask, owner per scored slot, -1 = none) for rows of span indices."""
@@ -227,9 +234,9 @@ class Scorer:
     for s in spans:
       count[s.owner] += int(s.mask.sum())
     compiles0, t0 = self.compile_count, time.perf_counter()
-    rows = self._rows(spans) if spans else []
+    pieces, rows = self._rows(spans)
     jobs = _split_mixed(rows, self.batch_size)
-    bar = tqdm.tqdm(total=len(spans), desc=desc, unit='item', disable=not self.progress,
+    bar = tqdm.tqdm(total=len(pieces), desc=desc, unit='item', disable=not self.progress,
                     file=sys.stderr, leave=False)
     in_flight = []
     model_stats: dict = {}
@@ -245,7 +252,7 @@ class Scorer:
       bar.update(n_spans)
 
     for T, K, chunk in jobs:
-      batch, valid, owner = self._batch(spans, chunk, T, K)
+      batch, valid, owner = self._batch(pieces, chunk, T, K)
       in_flight.append((sum(map(len, chunk)), owner, self._forward(self.params, batch, valid)))
       if len(in_flight) > _PIPELINE_DEPTH:
         collect()
@@ -257,7 +264,8 @@ class Scorer:
                       items_per_s=len(spans) / max(seconds, 1e-9),
                       compiles=self.compile_count - compiles0,
                       compile_count=self.compile_count,
-                      rows=len(rows), positions_used=sum(s.hi - s.lo for s in spans),
+                      rows=len(rows), pieces=len(pieces),
+                      positions_used=sum(s.hi - s.lo for s in pieces),
                       positions_run=sum(self.batch_size * T for T, _, _ in jobs),
                       buckets={T: K for T, K, _ in jobs})
     positions = model_stats.pop('positions', 0.0)

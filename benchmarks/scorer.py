@@ -1,0 +1,141 @@
+"""Scorer throughput on BLiMP: the plain path vs packed rows + gathered head, same run.
+
+  python benchmarks/scorer.py --data_dir=../shared/data/benchmarks \
+      [--config=configs/baseline.py:tiny] [--limit=2000] [--batch_size=32] [--repeats=3] \
+      [--task=blimp] [--score_fraction=1.0]
+
+Random-init params of the config (no checkpoint needed: speed does not depend on weights).
+BLiMP pairs (a `--limit` sample, seeded) become 2 requests each (`--task` scores another
+benchmark's requests instead). Each path (plain: one
+request per row, output layer at every position; fast: what the kind supports, see
+`kinds.Scoring`) is first run once to compile, then timed `--repeats` times, the two paths
+interleaved so they see the same machine load. Prints per path: requests/s (median; the
+scorer's own time, plus end to end with tokenization), compilations per bucket shape
+(T, K), rows and padding; then the forward-pass FLOP rate (a plain jitted forward of a full
+batch of random tokens at the largest bucket) and the fraction of it each path reaches:
+useful FLOPs / s over that rate, where a request's useful FLOPs are its real positions
+times the forward FLOPs per position (1/3 of the kind's training FLOPs per target,
+`ModelKind.flops_per_target`), i.e. what an unpadded forward of just that request costs.
+"""
+
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from stlm import tokenizers
+from stlm.data import featurize
+from stlm.eval import benchmarks
+from stlm.eval import loaders
+from stlm.eval import scorer as scorer_lib
+from stlm.models import factory
+from stlm.models import kinds
+
+config_flags.DEFINE_config_file('config', 'configs/baseline.py', 'Config file[:preset].')
+_DATA = flags.DEFINE_string('data_dir', None, 'Benchmark release root (holds blimp/).')
+_TASK = flags.DEFINE_string('task', 'blimp', 'Benchmark whose requests are scored.')
+_LIMIT = flags.DEFINE_integer('limit', 2000, 'Items sampled (seeded; 0 = all).')
+_BATCH = flags.DEFINE_integer('batch_size', 32, 'Rows per scorer batch.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per path (after a compile run).')
+_FRACTION = flags.DEFINE_float('score_fraction', None, 'Fast path K(T) / T (default: the '
+                                'scorer\'s own).')
+_FORWARD_REPS = flags.DEFINE_integer('forward_reps', 10, 'Timed full-batch forwards.')
+
+
+def forward_rate(model, params, model_cfg, batch_size: int, reps: int) -> tuple[float, float]:
+  """(seconds per full-batch forward, median; forward FLOPs of that batch)."""
+  kind = kinds.get_kind(model_cfg.kind)
+  batch = kind.synthetic_batch(model_cfg, np.random.default_rng(0), (batch_size,))
+  fwd = jax.jit(lambda p, b: model.apply({'params': p}, b, deterministic=True)['logprobs'])
+  jax.block_until_ready(fwd(params, batch))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fwd(params, batch))
+    times.append(time.perf_counter() - start)
+  positions = float(np.sum(batch['loss_mask']))
+  return statistics.median(times), positions * forward_flops_per_position(model, params,
+                                                                          model_cfg)
+
+
+def forward_flops_per_position(model, params, model_cfg) -> float:
+  del model
+  kind = kinds.get_kind(model_cfg.kind)
+  return kind.flops_per_target(model_cfg, kind.param_breakdown(params, model_cfg)) / 3.0
+
+
+def main(argv):
+  del argv
+  config = ml_collections.ConfigDict(flags.FLAGS.config.to_dict())
+  tok = tokenizers.build_tokenizer(config.tokenizer)
+  config.model.vocab_size = tok.vocab_size
+  model = factory.build_model(config.model)
+  params = factory.init_params(model, config.model, jax.random.PRNGKey(0))
+  feat = featurize.make_featurizer(config, tok)
+  items = benchmarks.sample(loaders.load(_TASK.value, _DATA.value), _LIMIT.value or None)
+  requests = [r for p in benchmarks.build_prompts(_TASK.value, items, _DATA.value)
+              for r in p.requests]
+  m = config.model
+  print(f'{config.name}:{config.preset} {m.kind}, {kinds.count_params(params):,} params, '
+        f'vocab {m.vocab_size}, window {m.max_len}, {jax.devices()[0].device_kind}; '
+        f'{_TASK.value} {len(items)} items = {len(requests)} requests, {_BATCH.value} rows '
+        f'per batch')
+
+  kw = dict(max_len=m.max_len, batch_size=_BATCH.value)
+  paths = dict(plain=scorer_lib.Scorer(model, params, feat, pack=False, gather=False, **kw),
+               fast=scorer_lib.Scorer(model, params, feat, score_fraction=_FRACTION.value,
+                                      **kw))
+  compile_s, times, e2e, stats = {}, {n: [] for n in paths}, {n: [] for n in paths}, {}
+  for name, s in paths.items():
+    start = time.perf_counter()
+    s.loglikelihood(requests)
+    compile_s[name] = time.perf_counter() - start
+  results = {}
+  for _ in range(_REPEATS.value):
+    for name, s in paths.items():  # interleaved: both paths see the same load
+      start = time.perf_counter()
+      results[name] = s.loglikelihood(requests)
+      e2e[name].append(time.perf_counter() - start)
+      times[name].append(s.stats['seconds'])
+      stats[name] = dict(s.stats)
+  diff = max(abs(a.logprob - b.logprob) for a, b in zip(results['plain'], results['fast']))
+  same_greedy = all(a.is_greedy == b.is_greedy for a, b in zip(results['plain'],
+                                                                results['fast']))
+
+  step_s, step_flops = forward_rate(model, params, m, _BATCH.value, _FORWARD_REPS.value)
+  rate = step_flops / step_s
+  per_pos = forward_flops_per_position(model, params, m)
+  useful = stats['plain']['positions_used'] * per_pos
+  print(f'forward pass: {_BATCH.value} x {m.max_len} random tokens in {step_s * 1e3:.1f} ms '
+        f'(median of {_FORWARD_REPS.value}) = {rate / 1e9:.2f} GFLOP/s '
+        f'({per_pos / 1e6:.2f} MFLOP per position, the kind\'s flops_per_target / 3)')
+  for name, s in paths.items():
+    st = stats[name]
+    sec, sec_e2e = statistics.median(times[name]), statistics.median(e2e[name])
+    shapes = ', '.join(f'T={T}' + (f' K={K}' if K else '') + f': {c}'
+                       for (T, K), c in sorted(s.compiles_by_shape.items(),
+                                               key=lambda x: (x[0][0], x[0][1] or 0)))
+    fraction = f' K/T={s.score_fraction:g}' if s.gather else ''
+    print(f'{name:5s} pack={s.pack!s:5s} gather={s.gather!s:5s}{fraction}: '
+          f'{len(requests) / sec:,.0f} requests/s scorer ({len(requests) / sec_e2e:,.0f} end to '
+          f'end with tokenization), {useful / sec / rate:.1%} of the forward FLOP rate '
+          f'({useful / sec_e2e / rate:.1%} end to end); {st["rows"]} rows, '
+          f'{st["positions_used"] / st["positions_run"]:.1%} of run positions real; '
+          f'compile run {compile_s[name]:.1f} s; compilations per bucket: {shapes}')
+  speedup = statistics.median(times['plain']) / statistics.median(times['fast'])
+  print(f'speed-up fast / plain: {speedup:.2f}x (scorer time); max |logprob difference| '
+        f'{diff:.2e}, greedy flags identical: {same_greedy}')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('data_dir')
+  app.run(main)
