@@ -140,6 +140,9 @@ def test_pack_fills_rows_within_capacity():
   parts = packing.split(mask, 2)
   assert [list(np.flatnonzero(p)) for p in parts] == [[1, 2], [4, 5], [6]]
   assert packing.split(np.zeros(3, bool), 2) == []
+  # Free slots of a bigger bucket's last batch take smaller buckets' rows.
+  got = packing.batches({8: [[1], [2]], 16: [[3]], 32: [[4], [5], [6]]}, 2)
+  assert got == [(32, [[4], [5]]), (32, [[6], [3]]), (8, [[1], [2]])]
   with pytest.raises(ValueError, match='score fraction'):
     packing.budget(8, 0.0)
 

@@ -1,7 +1,7 @@
 """Row layout of the scorer: which spans share a row, which length bucket, how many targets.
 
 A span is `length` positions of one request with `targets` of them scored. Rows are
-`max_len` long; with packing, spans are placed back to back (best fit, longest first) so
+`max_len` long; with packing, spans are placed back to back (best fit, longest first), so
 BLiMP's short sentences fill rows instead of padding them. A finished row is then run at
 the smallest bucket length that holds both its positions and its targets, so the compiled
 shapes are one per bucket: B rows x T positions x K(T) scored positions.
@@ -16,14 +16,12 @@ budget simply runs at a larger bucket.
 
 from __future__ import annotations
 
-import bisect
 import math
 from typing import Sequence
 
 import numpy as np
 
 DEFAULT_FRACTION = 0.5  # K(T) / T below the largest bucket
-_SCAN = 16              # open rows tried per span before a new row is opened
 
 
 def budget(T: int, fraction: float) -> int:
@@ -56,37 +54,54 @@ def pick_bucket(buckets: Sequence[int], length: int, targets: int,
 
 def pack(lengths: Sequence[int], targets: Sequence[int], max_len: int,
          max_targets: int) -> list[list[int]]:
-  """Span indices per row: best fit by length, longest first, within both capacities.
+  """Span indices per row: best fit, longest first, within both capacities.
 
-  Every row holds at most `max_len` positions and `max_targets` targets. Open rows are
-  kept sorted by free length; a span goes to the row with the least free length that still
-  fits it (checking up to _SCAN rows for target room), else to a new row.
+  Every row holds at most `max_len` positions and `max_targets` targets. A span goes to the
+  open row it fits that has the least slack left (free positions / max_len + free targets /
+  max_targets, so whichever capacity binds is filled), else to a new row.
   """
   for n, k in zip(lengths, targets):
     if n > max_len or k > max_targets:
       raise ValueError(f'a span of {n} positions / {k} targets exceeds a row '
                        f'({max_len} / {max_targets})')
   rows: list[list[int]] = []
-  free_len: list[int] = []
-  free_tg: list[int] = []
-  open_rows: list[tuple[int, int]] = []  # (free length, row), sorted
+  free_len = np.zeros(len(lengths), np.int64)  # per row; at most one row per span
+  free_tg = np.zeros(len(lengths), np.int64)
   # Order by (length, targets) only: the same multiset of spans in any order gives rows of
   # the same shapes, so re-scoring reordered requests never compiles a new bucket.
   for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], -targets[i], i)):
     n, k = lengths[i], targets[i]
-    at = bisect.bisect_left(open_rows, (n, -1))
-    pos = next((p for p in range(at, min(at + _SCAN, len(open_rows)))
-                if free_tg[open_rows[p][1]] >= k), None)
-    if pos is None:
-      r = len(rows)
-      rows.append([i])
-      free_len.append(max_len - n)
-      free_tg.append(max_targets - k)
-    else:
-      r = open_rows.pop(pos)[1]
+    m = len(rows)
+    fits = np.flatnonzero((free_len[:m] >= n) & (free_tg[:m] >= k))
+    if fits.size:
+      slack = free_len[fits] / max_len + free_tg[fits] / max_targets
+      r = int(fits[np.argmin(slack)])
       rows[r].append(i)
-      free_len[r] -= n
-      free_tg[r] -= k
-    if free_len[r] > 0 and free_tg[r] > 0:
-      bisect.insort(open_rows, (free_len[r], r))
+    else:
+      r = m
+      rows.append([i])
+      free_len[r], free_tg[r] = max_len, max_targets
+    free_len[r] -= n
+    free_tg[r] -= k
   return rows
+
+
+def batches(rows_by_bucket: dict, batch_size: int) -> list[tuple[int, list]]:
+  """(T, rows) batches of at most batch_size rows, largest buckets first.
+
+  The last batch of a bucket is topped up with rows of smaller buckets (a row fits any
+  larger bucket): those slots would run as padding anyway, and a small bucket whose rows
+  all move up costs no batch (and no compilation) at all.
+  """
+  groups = {T: list(rows) for T, rows in rows_by_bucket.items() if rows}
+  order = sorted(groups, reverse=True)
+  out = []
+  for a, T in enumerate(order):
+    group = groups[T]
+    free = (-len(group)) % batch_size
+    for smaller in order[a + 1:]:
+      while free and groups[smaller]:
+        group.append(groups[smaller].pop())
+        free -= 1
+    out += [(T, group[i:i + batch_size]) for i in range(0, len(group), batch_size)]
+  return out

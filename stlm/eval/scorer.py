@@ -66,16 +66,6 @@ def _resolve(name: str, asked: bool | None, supported: bool) -> bool:
   return supported if asked is None else bool(asked)
 
 
-def _split_mixed(rows, batch_size: int):
-  """Jobs (T, K, [rows]) of at most batch_size rows, each of one bucket (rows are sorted)."""
-  jobs = []
-  for T, K, row in rows:
-    if not jobs or jobs[-1][0] != T or len(jobs[-1][2]) == batch_size:
-      jobs.append((T, K, []))
-    jobs[-1][2].append(row)
-  return jobs
-
-
 def bucket_lengths(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
   """Powers of two from `min_bucket` below `max_len`, then `max_len` itself."""
   out, b = [], max(1, int(min_bucket))
@@ -161,13 +151,12 @@ class Scorer:
   # ---------------------------------------------------------------- host side
 
   def _rows(self, spans: Sequence[_Span]):
-    """(pieces, [(bucket T, K or None, [piece indices of one row])]), rows sorted by T.
+    """(pieces, {bucket T: [rows of piece indices]}).
 
     Pieces are the spans with at least one target; under `gather`, a span with more targets
     than the largest bucket's K is cut into pieces of the same window (packing.split).
     """
-    fraction = self.score_fraction if self.gather else None
-    k_max = self.max_len if fraction is None else packing.budget(self.max_len, fraction)
+    k_max = self._k(self.max_len) or self.max_len
     pieces = []
     for s in spans:
       pieces += [dataclasses.replace(s, mask=m) for m in packing.split(s.mask, k_max)]
@@ -177,13 +166,16 @@ class Scorer:
       rows = packing.pack(lengths, targets, self.max_len, k_max)
     else:
       rows = [[i] for i in range(len(pieces))]
-    out = []
+    fraction = self.score_fraction if self.gather else None
+    by_bucket = {}
     for row in rows:
       n, k = sum(lengths[i] for i in row), sum(targets[i] for i in row)
-      T = packing.pick_bucket(self.buckets, n, k, fraction)
-      out.append((T, None if fraction is None else packing.budget(T, fraction), row))
-    out.sort(key=lambda r: r[0])
-    return pieces, out
+      by_bucket.setdefault(packing.pick_bucket(self.buckets, n, k, fraction), []).append(row)
+    return pieces, by_bucket
+
+  def _k(self, T: int) -> int | None:
+    """Gathered positions per row of bucket T (None: the full head)."""
+    return packing.budget(T, self.score_fraction) if self.gather else None
 
   def _batch(self, spans: Sequence[_Span], rows: Sequence[Sequence[int]], T: int, K):
     """(batch, valid mask, owner per scored slot, -1 = none) for rows of span indices."""
@@ -235,7 +227,7 @@ class Scorer:
       count[s.owner] += int(s.mask.sum())
     compiles0, t0 = self.compile_count, time.perf_counter()
     pieces, rows = self._rows(spans)
-    jobs = _split_mixed(rows, self.batch_size)
+    jobs = [(T, self._k(T), chunk) for T, chunk in packing.batches(rows, self.batch_size)]
     bar = tqdm.tqdm(total=len(pieces), desc=desc, unit='item', disable=not self.progress,
                     file=sys.stderr, leave=False)
     in_flight = []
@@ -264,7 +256,7 @@ class Scorer:
                       items_per_s=len(spans) / max(seconds, 1e-9),
                       compiles=self.compile_count - compiles0,
                       compile_count=self.compile_count,
-                      rows=len(rows), pieces=len(pieces),
+                      rows=sum(map(len, rows.values())), pieces=len(pieces),
                       positions_used=sum(s.hi - s.lo for s in pieces),
                       positions_run=sum(self.batch_size * T for T, _, _ in jobs),
                       buckets={T: K for T, K, _ in jobs})
@@ -272,8 +264,8 @@ class Scorer:
     if model_stats:  # per real position, e.g. layers_used = average layers per token
       self.stats['model_stats'] = {k: v / max(positions, 1.0) for k, v in model_stats.items()}
     if self.verbose:
-      print(f'[scorer] {desc}: {len(spans)} spans in {len(rows)} rows, {len(jobs)} batches, '
-            f'{seconds:.2f}s, {self.stats["items_per_s"]:.1f} items/s, '
+      print(f'[scorer] {desc}: {len(spans)} spans in {self.stats["rows"]} rows, '
+            f'{len(jobs)} batches, {seconds:.2f}s, {self.stats["items_per_s"]:.1f} items/s, '
             f'{self.stats["compiles"]} new compilations ({self.compile_count} in all)',
             file=sys.stderr)
     return logprob, missed == 0, count
