@@ -6,16 +6,21 @@
 
 Random-init params of the config (no checkpoint needed: speed does not depend on weights).
 BLiMP pairs (a `--limit` sample, seeded) become 2 requests each (`--task` scores another
-benchmark's requests instead). Each path (plain: one
-request per row, output layer at every position; fast: what the kind supports, see
-`kinds.Scoring`) is first run once to compile, then timed `--repeats` times, the two paths
-interleaved so they see the same machine load. Prints per path: requests/s (median; the
-scorer's own time, plus end to end with tokenization), compilations per bucket shape
-(T, K), rows and padding; then the forward-pass FLOP rate (a plain jitted forward of a full
-batch of random tokens at the largest bucket) and the fraction of it each path reaches:
-useful FLOPs / s over that rate, where a request's useful FLOPs are its real positions
-times the forward FLOPs per position (1/3 of the kind's training FLOPs per target,
-`ModelKind.flops_per_target`), i.e. what an unpadded forward of just that request costs.
+benchmark's requests instead). Two scorer paths: plain (one request per row, output layer at
+every position) and fast (what the kind supports, see `kinds.Scoring`: packed rows, output
+layer at K(T) positions). Each is run once to compile, then `--repeats` times, interleaved
+with timings of a plain jitted forward of one full batch of random tokens at the largest
+bucket, so all see the same machine load.
+
+Prints per path: requests/s (median; the scorer's own time, and end to end with
+tokenization), compilations per bucket shape (T, K), rows and padding, and the fraction of
+the forward FLOP rate reached: useful FLOPs / s over the forward's FLOPs / s, where a
+request's useful FLOPs are its real positions times the forward FLOPs per position (1/3 of
+the kind's training FLOPs per target, `ModelKind.flops_per_target`): what an unpadded
+forward of just that request costs. The reference forward returns the model's outputs
+(log-probabilities and greedy flags); the rate of a forward returning log-probabilities
+only (XLA then drops the vocabulary argmax) is printed too. A fraction above 100% means
+the gathered head skipped positions whose score is not needed (context positions).
 """
 
 import pathlib
@@ -48,23 +53,33 @@ _BATCH = flags.DEFINE_integer('batch_size', 32, 'Rows per scorer batch.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per path (after a compile run).')
 _FRACTION = flags.DEFINE_float('score_fraction', None, 'Fast path K(T) / T (default: the '
                                 'scorer\'s own).')
-_FORWARD_REPS = flags.DEFINE_integer('forward_reps', 10, 'Timed full-batch forwards.')
+_FORWARD_REPS = flags.DEFINE_integer('forward_reps', 3, 'Timed full-batch forwards per '
+                                     'repeat (each reference).')
 
 
-def forward_rate(model, params, model_cfg, batch_size: int, reps: int) -> tuple[float, float]:
-  """(seconds per full-batch forward, median; forward FLOPs of that batch)."""
-  kind = kinds.get_kind(model_cfg.kind)
-  batch = kind.synthetic_batch(model_cfg, np.random.default_rng(0), (batch_size,))
-  fwd = jax.jit(lambda p, b: model.apply({'params': p}, b, deterministic=True)['logprobs'])
-  jax.block_until_ready(fwd(params, batch))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fwd(params, batch))
-    times.append(time.perf_counter() - start)
-  positions = float(np.sum(batch['loss_mask']))
-  return statistics.median(times), positions * forward_flops_per_position(model, params,
-                                                                          model_cfg)
+class Forward:
+  """A plain jitted forward of one full batch of random tokens at the largest bucket.
+
+  outputs='all' returns the model's whole output dict (log-probabilities and greedy flags,
+  what scoring needs); 'logprobs' returns only log-probabilities, so XLA may drop the argmax
+  over the vocabulary (a cheaper, optimistic reference).
+  """
+
+  def __init__(self, model, params, model_cfg, batch_size: int, outputs: str):
+    kind = kinds.get_kind(model_cfg.kind)
+    self.batch = kind.synthetic_batch(model_cfg, np.random.default_rng(0), (batch_size,))
+    self.params = params
+    pick = (lambda out: out) if outputs == 'all' else (lambda out: out['logprobs'])
+    self.fn = jax.jit(lambda p, b: pick(model.apply({'params': p}, b, deterministic=True)))
+    jax.block_until_ready(self.fn(params, self.batch))  # compile
+    self.positions = float(np.sum(self.batch['loss_mask']))
+    self.times = []
+
+  def time(self, reps: int) -> None:
+    for _ in range(reps):
+      start = time.perf_counter()
+      jax.block_until_ready(self.fn(self.params, self.batch))
+      self.times.append(time.perf_counter() - start)
 
 
 def forward_flops_per_position(model, params, model_cfg) -> float:
@@ -94,6 +109,8 @@ def main(argv):
   paths = dict(plain=scorer_lib.Scorer(model, params, feat, pack=False, gather=False, **kw),
                fast=scorer_lib.Scorer(model, params, feat, score_fraction=_FRACTION.value,
                                       **kw))
+  forwards = dict(all=Forward(model, params, m, _BATCH.value, 'all'),
+                  logprobs=Forward(model, params, m, _BATCH.value, 'logprobs'))
   compile_s, times, e2e, stats = {}, {n: [] for n in paths}, {n: [] for n in paths}, {}
   for name, s in paths.items():
     start = time.perf_counter()
@@ -101,23 +118,28 @@ def main(argv):
     compile_s[name] = time.perf_counter() - start
   results = {}
   for _ in range(_REPEATS.value):
-    for name, s in paths.items():  # interleaved: both paths see the same load
+    for name, s in paths.items():  # interleaved: the paths and the reference see one load
       start = time.perf_counter()
       results[name] = s.loglikelihood(requests)
       e2e[name].append(time.perf_counter() - start)
       times[name].append(s.stats['seconds'])
       stats[name] = dict(s.stats)
+    for f in forwards.values():
+      f.time(_FORWARD_REPS.value)
   diff = max(abs(a.logprob - b.logprob) for a, b in zip(results['plain'], results['fast']))
   same_greedy = all(a.is_greedy == b.is_greedy for a, b in zip(results['plain'],
                                                                 results['fast']))
 
-  step_s, step_flops = forward_rate(model, params, m, _BATCH.value, _FORWARD_REPS.value)
-  rate = step_flops / step_s
   per_pos = forward_flops_per_position(model, params, m)
+  rates = {k: f.positions * per_pos / statistics.median(f.times) for k, f in forwards.items()}
+  rate = rates['all']
   useful = stats['plain']['positions_used'] * per_pos
-  print(f'forward pass: {_BATCH.value} x {m.max_len} random tokens in {step_s * 1e3:.1f} ms '
-        f'(median of {_FORWARD_REPS.value}) = {rate / 1e9:.2f} GFLOP/s '
-        f'({per_pos / 1e6:.2f} MFLOP per position, the kind\'s flops_per_target / 3)')
+  for k, f in forwards.items():
+    print(f'forward pass ({k} outputs): {_BATCH.value} x {m.max_len} random tokens in '
+          f'{statistics.median(f.times) * 1e3:.1f} ms (median of {len(f.times)}, interleaved '
+          f'with the scorer runs) = {rates[k] / 1e9:.2f} GFLOP/s')
+  print(f'FLOPs per position {per_pos / 1e6:.2f} M (the kind\'s flops_per_target / 3); the '
+        f'fractions below are of the all-outputs rate (logprobs-only in brackets)')
   for name, s in paths.items():
     st = stats[name]
     sec, sec_e2e = statistics.median(times[name]), statistics.median(e2e[name])
@@ -128,7 +150,8 @@ def main(argv):
     print(f'{name:5s} pack={s.pack!s:5s} gather={s.gather!s:5s}{fraction}: '
           f'{len(requests) / sec:,.0f} requests/s scorer ({len(requests) / sec_e2e:,.0f} end to '
           f'end with tokenization), {useful / sec / rate:.1%} of the forward FLOP rate '
-          f'({useful / sec_e2e / rate:.1%} end to end); {st["rows"]} rows, '
+          f'[{useful / sec / rates["logprobs"]:.1%}] ({useful / sec_e2e / rate:.1%} end to end); '
+          f'{st["rows"]} rows, '
           f'{st["positions_used"] / st["positions_run"]:.1%} of run positions real; '
           f'compile run {compile_s[name]:.1f} s; compilations per bucket: {shapes}')
   speedup = statistics.median(times['plain']) / statistics.median(times['fast'])

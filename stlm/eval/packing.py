@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-DEFAULT_FRACTION = 0.5  # K(T) / T below the largest bucket
+DEFAULT_FRACTION = 0.5  # K(T) / T: half of a row's positions reach the output layer
 
 
 def budget(T: int, fraction: float) -> int:
