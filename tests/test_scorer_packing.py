@@ -37,9 +37,16 @@ def tiny():
   return c, model, params, TokenFeaturizer(ByteTokenizer(), WINDOW)
 
 
+_SCORERS = {}
+
+
 def make(tiny, **kw):
-  _, model, params, feat = tiny
-  return scorer_lib.Scorer(model, params, feat, batch_size=3, min_bucket=16, **kw)
+  """One scorer per setting for the whole module (compiled shapes are shared)."""
+  key = (id(tiny[1]), tuple(sorted(kw.items())))
+  if key not in _SCORERS:
+    _, model, params, feat = tiny
+    _SCORERS[key] = scorer_lib.Scorer(model, params, feat, batch_size=3, min_bucket=16, **kw)
+  return _SCORERS[key]
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +76,7 @@ def test_kind_declares_the_fast_paths(tiny):
 @pytest.mark.parametrize('pack,gather', [(True, True), (True, False), (False, True)])
 def test_fast_paths_equal_the_plain_path(tiny, plain, pack, gather):
   _, want, want_docs = plain
-  s = make(tiny, pack=pack, gather=gather)
+  s = make(tiny) if pack and gather else make(tiny, pack=pack, gather=gather)
   got = s.loglikelihood(REQUESTS)
   assert_same(got, want)
   assert got[-1].tokens == 0 and got[-1].logprob == 0.0  # empty continuation
@@ -80,13 +87,15 @@ def test_fast_paths_equal_the_plain_path(tiny, plain, pack, gather):
 
 
 def test_eot_convention_survives_packing(tiny):
-  _, model, params, feat = tiny
-  kw = dict(batch_size=3, min_bucket=16, always_prefix_eot=True)
-  fast = scorer_lib.Scorer(model, params, feat, **kw).loglikelihood(REQUESTS[:6])
-  slow = scorer_lib.Scorer(model, params, feat, pack=False, gather=False,
-                           **kw).loglikelihood(REQUESTS[:6])
-  assert_same(fast, slow)
-  assert fast[0].tokens == 4  # ' mat': the EOT prefix adds a position, not a target
+  fast, slow = make(tiny), make(tiny, pack=False, gather=False)
+  try:
+    fast.always_prefix_eot = slow.always_prefix_eot = True
+    got, want = fast.loglikelihood(REQUESTS[:6]), slow.loglikelihood(REQUESTS[:6])
+  finally:
+    fast.always_prefix_eot = slow.always_prefix_eot = False
+  assert_same(got, want)
+  assert got[0].tokens == 4  # ' mat': the EOT prefix adds a position, not a target
+  assert got[0].logprob != make(tiny).loglikelihood(REQUESTS[:1])[0].logprob
 
 
 def test_compiles_once_per_bucket_across_calls(tiny):
@@ -165,10 +174,10 @@ def test_byte_pool_keeps_the_plain_path(version):
   assert (s.pack, s.gather) == (False, False)
   with pytest.raises(ValueError, match='pack=True'):
     scorer_lib.Scorer(model, params, feat, max_len=16, pack=True)
-  reqs = [('The cat sat on the', ' mat.'), ('', ' Colorless green ideas sleep.'),
-          ('Once upon', ' a time, a fox ran far away from the hunters and their dogs.')]
+  reqs = [('The cat sat on', ' the mat.'), ('', ' Colorless green ideas.')]
   got = s.loglikelihood(reqs)
   want = [s.loglikelihood([r])[0] for r in reqs]  # alone in its batch: other row mates
   assert_same(got, want)
   assert all(np.isfinite(g.logprob) and g.tokens > 0 for g in got)
   assert all(K is None for _, K in s.compiles_by_shape)  # the full head, never gathered
+  assert s.compile_count == 1
