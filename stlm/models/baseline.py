@@ -136,7 +136,6 @@ class BaselineLM(nn.Module):
                                  deterministic=deterministic)
     return depth.add_token_aux(out, aux, batch['loss_mask'])
 
-
   def _gathered_scores(self, y_BxTxD, aux, batch, chunk: int):
     """logprobs / greedy B x K at rows' positions `score_idx` (output layer at K, not T)."""
     if depth.early_exits(self.cfg):
