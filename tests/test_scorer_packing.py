@@ -1,5 +1,7 @@
 """Scorer fast paths: packed rows and position-gathered heads give the plain path's scores."""
 
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from stlm import config as config_lib
 from stlm import tokenizers
 from stlm.data import featurize
 from stlm.data.featurize import TokenFeaturizer
+from stlm.eval import benchmarks
 from stlm.eval import packing
 from stlm.eval import scorer as scorer_lib
 from stlm.models import factory
@@ -71,6 +74,10 @@ def test_kind_declares_the_fast_paths(tiny):
   assert kinds.get_kind('baseline').scoring(c2.model) == kinds.Scoring(gather=False, pack=True)
   s = make(tiny)
   assert (s.pack, s.gather) == (True, True)
+  exported = types.SimpleNamespace(model=tiny[1], params=tiny[2], featurizer=tiny[3], config=c)
+  assert benchmarks.make_scorer(exported, score_fraction=1.0).score_fraction == 1.0
+  with pytest.raises(ValueError, match='score fraction'):
+    benchmarks.make_scorer(exported, score_fraction=1.5)
 
 
 @pytest.mark.parametrize('pack,gather', [(True, True), (True, False), (False, True)])
