@@ -94,7 +94,10 @@ def test_harness_matches_builtin_scorer(setup, harness_out, name, split, task):
     # The harness built the very same (context, continuation) strings from its templates.
     assert [tuple(a[:2]) for a in s['arguments']] == list(p.requests)
     theirs = [float(r[0][0]) for r in s['resps']]
-    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5)
+    # Same requests, but the harness batches them differently, so the scorer packs them at
+    # other row offsets and buckets: float32 rounding (about 1e-8 relative) is the only
+    # difference, and these sums reach thousands of nats.
+    np.testing.assert_allclose(theirs, ours, rtol=1e-6, atol=1e-5)
     accs.append(metrics.choice_metrics(ours, p.choices, p.gold)['acc'])
     assert s['acc'] == accs[-1]
   assert harness_out['results'][task]['acc,none'] == pytest.approx(np.mean(accs), abs=1e-12)

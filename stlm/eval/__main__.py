@@ -31,6 +31,9 @@ _LIMIT = flags.DEFINE_integer('limit', None, 'Items per benchmark, drawn with --
 _SEED = flags.DEFINE_integer('seed', benchmarks.DEFAULT_SEED, 'Seed of the --limit sample.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Scorer batch size.')
 _SHOTS = flags.DEFINE_integer('mmlu_shots', 0, 'MMLU examples from the dev split.')
+_FRACTION = flags.DEFINE_float('score_fraction', None, 'Scorer K(T) / T: share of a row\'s '
+                               'positions through the output layer (default 0.5; 1.0 suits '
+                               'all-target requests such as BLiMP and perplexity).')
 _OUT = flags.DEFINE_string('output', None, 'results.json path (default: beside --checkpoint).')
 
 
@@ -56,7 +59,8 @@ def main(argv):
     if _STRIDE.value is not None and not 1 <= _STRIDE.value <= window:
       raise loaders.DataError(f'--stride={_STRIDE.value} must be in 1..{window} (the window)')
     scorer = benchmarks.make_scorer(exported, _BATCH.value, progress=True, verbose=True,
-                                    always_prefix_eot=_PREFIX.value)
+                                    always_prefix_eot=_PREFIX.value,
+                                    score_fraction=_FRACTION.value)
     results = benchmarks.run_benchmarks(exported, _BENCH.value, _DATA.value, _LIMIT.value,
                                         seed=_SEED.value, mmlu_shots=_SHOTS.value,
                                         scorer=scorer, allow_split_fallback=_FALLBACK.value)

@@ -158,10 +158,12 @@ def evaluate(scorer: Scorer, name: str, data_dir, *, limit: int | None = None,
 
 
 def make_scorer(exported, batch_size: int = 32, progress: bool = False,
-                verbose: bool = False, always_prefix_eot: bool = False) -> Scorer:
+                verbose: bool = False, always_prefix_eot: bool = False,
+                score_fraction: float | None = None) -> Scorer:
   return Scorer(exported.model, exported.params, exported.featurizer,
                 max_len=exported.config.model.max_len, batch_size=batch_size,
-                progress=progress, verbose=verbose, always_prefix_eot=always_prefix_eot)
+                progress=progress, verbose=verbose, always_prefix_eot=always_prefix_eot,
+                score_fraction=score_fraction)
 
 
 def run_benchmarks(exported, names, data_dir, limit: int | None = None, *,

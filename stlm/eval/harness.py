@@ -35,7 +35,8 @@ class StlmLM(LM):
   """An stlm export as an lm_eval LM (`checkpoint=<workdir>/export`)."""
 
   def __init__(self, checkpoint: str | None = None, batch_size=32, always_prefix_eot=False,
-               max_gen_bytes: int = 256, exported=None, scorer=None, **unused):
+               max_gen_bytes: int = 256, exported=None, scorer=None, score_fraction=None,
+               **unused):
     super().__init__()
     del unused  # device, max_batch_size, ...: the scorer picks its own device and buckets
     # pylint: disable=g-import-not-at-top  (jax and the model only when a model is built)
@@ -46,8 +47,10 @@ class StlmLM(LM):
       exported = benchmarks.open_checkpoint(checkpoint)
     self.exported = exported
     bs = 32 if batch_size in (None, 'auto') else int(str(batch_size).split(':')[0])
+    fraction = None if score_fraction in (None, '') else float(score_fraction)
     self.scorer = scorer or benchmarks.make_scorer(exported, bs,
-                                                   always_prefix_eot=_bool(always_prefix_eot))
+                                                   always_prefix_eot=_bool(always_prefix_eot),
+                                                   score_fraction=fraction)
     self.max_gen_bytes = int(max_gen_bytes)
 
   @property

@@ -1,10 +1,18 @@
 """Jitted log-likelihood scorer for any model kind (baseline tokens or byte-pool chunks).
 
 Requests become *spans*: a window [lo, hi) of one featurized example plus a mask of the
-targets to sum. Spans are padded to a few fixed lengths (powers of two up to the window),
-batched to a fixed batch size and run through one jitted forward per length, so the number
-of compilations is bounded by the number of buckets, never by the number of items. Sums are
-taken on the host in float64, so a result does not depend on the padding or batch mates.
+targets to sum. Spans are laid out in rows of a few fixed lengths (powers of two up to the
+window), batched to a fixed number of rows and run through one jitted forward per length,
+so the number of compilations is bounded by the number of buckets, never by the number of
+items. Sums are taken on the host in float64, so a result does not depend on the padding or
+row mates beyond float32 rounding.
+
+Two fast paths, each used when the model's kind declares it (`kinds.Scoring`):
+  pack: short spans share a row (one segment id each, positions restarting at 0), placed
+    by stlm/eval/packing.py, so BLiMP's short sentences fill rows instead of padding;
+  gather: the model runs its output layer only at the K(T) scored positions of a row
+    (`batch['score_idx']`), not at all T.
+Other kinds (byte_pool) keep one span per row and the full forward.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+
+from stlm.eval import packing
+from stlm.models import kinds
 
 _PIPELINE_DEPTH = 2  # batches in flight before the oldest is fetched (async dispatch)
 
@@ -40,6 +51,19 @@ class _Span:
   hi: int
   mask: np.ndarray     # bool [hi - lo]: targets of the window to sum
   owner: int           # request index the span belongs to
+
+
+def _support(model) -> kinds.Scoring:
+  """The fast paths of the model's kind (a model without a `cfg.kind` gets none)."""
+  kind = getattr(getattr(model, 'cfg', None), 'kind', None)
+  return kinds.get_kind(kind).scoring(model.cfg) if kind else kinds.Scoring()
+
+
+def _resolve(name: str, asked: bool | None, supported: bool) -> bool:
+  if asked and not supported:
+    raise ValueError(f'Scorer({name}=True): this model kind does not support it '
+                     f'(kinds.Scoring.{name} is False)')
+  return supported if asked is None else bool(asked)
 
 
 def bucket_lengths(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
@@ -69,11 +93,20 @@ def cover(n: int, start: int, window: int, stride: int | None = None):
 
 
 class Scorer:
-  """Scores (context, continuation) pairs and whole documents with a model and featurizer."""
+  """Scores (context, continuation) pairs and whole documents with a model and featurizer.
+
+  pack / gather: None uses what the model's kind supports (`kinds.Scoring`); False turns a
+  fast path off (False, False is the plain path: one span per row, output layer at every
+  position). score_fraction: K(T) / T, the output-layer positions per row of bucket T
+  (see stlm/eval/packing.py; 1.0 suits requests that are all targets, like BLiMP's); fixed
+  per scorer, so the compiled shapes never depend on the requests.
+  """
 
   def __init__(self, model, params, featurizer, *, max_len: int | None = None,
                batch_size: int = 32, min_bucket: int = 16, progress: bool = False,
-               verbose: bool = False, always_prefix_eot: bool = False):
+               verbose: bool = False, always_prefix_eot: bool = False,
+               pack: bool | None = None, gather: bool | None = None,
+               score_fraction: float | None = None):
     self.model = model
     # False: end-of-text only before an empty context, as lm-eval-harness; True: before
     # every context (this repo's convention before the harness adapter existed).
@@ -85,85 +118,134 @@ class Scorer:
     self.buckets = bucket_lengths(self.max_len, min_bucket)
     self.progress = progress
     self.verbose = verbose
+    support = _support(model)
+    if hasattr(featurizer, 'batch_spans'):  # a row layout of its own: one span per row
+      support = kinds.Scoring()
+    self.pack = _resolve('pack', pack, support.pack)
+    self.gather = _resolve('gather', gather, support.gather)
+    self.score_fraction = float(packing.DEFAULT_FRACTION if score_fraction is None
+                                else score_fraction)
+    packing.budget(1, self.score_fraction)  # checks the value once, here
     self.compile_count = 0  # bumped inside the traced body, so it counts traces only
+    self.compiles_by_shape: dict = {}  # (T, K or None) -> traces of that bucket's shape
     self.stats: dict = {}
     self._forward = jax.jit(self._forward_fn)
 
   # ---------------------------------------------------------------- device side
 
-  def _forward_fn(self, params, batch, mask_BxT):
+  def _forward_fn(self, params, batch, valid):
+    """Per scored slot (B x T, or B x K with `score_idx`): log p, greedy; model stats."""
     self.compile_count += 1
+    shape = (batch['loss_mask'].shape[1], batch['score_idx'].shape[1] if 'score_idx' in batch
+             else None)
+    self.compiles_by_shape[shape] = self.compiles_by_shape.get(shape, 0) + 1
     out = self.model.apply({'params': params}, batch, deterministic=True)
     # where, not multiply: a fully padded row may hold NaN, which must not leak into sums.
-    logprobs_BxT = jnp.where(mask_BxT, out['logprobs'].astype(jnp.float32), 0.0)
-    greedy_B = jnp.all(jnp.where(mask_BxT, out['greedy'], True), axis=-1)
+    logprobs = jnp.where(valid, out['logprobs'].astype(jnp.float32), 0.0)
+    greedy = jnp.where(valid, out['greedy'], True)
     # The model's own statistics (e.g. layers used per token under early exit), summed over
     # every real position of the batch (context included: those positions ran too).
     stats = dict(out.get('stats', {}), positions=jnp.sum(batch['loss_mask']))
-    return logprobs_BxT, greedy_B, stats
+    return logprobs, greedy, stats
 
   # ---------------------------------------------------------------- host side
 
-  def _bucket(self, length: int) -> int:
-    for b in self.buckets:
-      if length <= b:
-        return b
-    raise AssertionError(f'span of {length} positions exceeds the window {self.max_len}')
+  def _rows(self, spans: Sequence[_Span]):
+    """(pieces, {bucket T: [rows of piece indices]}).
 
-  def _batch(self, spans: Sequence[_Span], T: int):
+    Pieces are the spans with at least one target; under `gather`, a span with more targets
+    than the largest bucket's K is cut into pieces of the same window (packing.split).
+    """
+    k_max = self._k(self.max_len) or self.max_len
+    pieces = []
+    for s in spans:
+      pieces += [dataclasses.replace(s, mask=m) for m in packing.split(s.mask, k_max)]
+    lengths = [s.hi - s.lo for s in pieces]
+    targets = [int(s.mask.sum()) for s in pieces]
+    if self.pack:
+      rows = packing.pack(lengths, targets, self.max_len, k_max)
+    else:
+      rows = [[i] for i in range(len(pieces))]
+    fraction = self.score_fraction if self.gather else None
+    by_bucket = {}
+    for row in rows:
+      n, k = sum(lengths[i] for i in row), sum(targets[i] for i in row)
+      by_bucket.setdefault(packing.pick_bucket(self.buckets, n, k, fraction), []).append(row)
+    return pieces, by_bucket
+
+  def _k(self, T: int) -> int | None:
+    """Gathered positions per row of bucket T (None: the full head)."""
+    return packing.budget(T, self.score_fraction) if self.gather else None
+
+  def _batch(self, spans: Sequence[_Span], rows: Sequence[Sequence[int]], T: int, K):
+    """(batch, valid mask, owner per scored slot, -1 = none) for rows of span indices."""
     B = self.batch_size
     if hasattr(self.featurizer, 'batch_spans'):  # a layout of its own (byte-pool v2 streams)
-      batch = self.featurizer.batch_spans([(s.example, s.lo, s.hi) for s in spans], B, T)
-      mask = np.zeros((B, T), bool)
-      for r, s in enumerate(spans):
-        mask[r, :s.hi - s.lo] = s.mask
-      return batch, mask & (batch['loss_mask'] > 0)
-    first = spans[0].example
+      row_spans = [spans[row[0]] for row in rows]
+      batch = self.featurizer.batch_spans([(s.example, s.lo, s.hi) for s in row_spans], B, T)
+      owner = np.full((B, T), -1, np.int64)
+      for r, s in enumerate(row_spans):
+        owner[r, :s.hi - s.lo][s.mask] = s.owner
+      owner[batch['loss_mask'] <= 0] = -1
+      return batch, owner >= 0, owner
+    first = spans[rows[0][0]].example
     batch = {k: np.zeros((B, T) + v.shape[1:], v.dtype) for k, v in first.items()}
     batch['segment_ids'] = np.zeros((B, T), np.int32)
     batch['positions'] = np.zeros((B, T), np.int32)
-    mask = np.zeros((B, T), bool)
-    for r, s in enumerate(spans):
-      n = s.hi - s.lo
-      for k, v in s.example.items():
-        batch[k][r, :n] = v[s.lo:s.hi]
-      batch['segment_ids'][r, :n] = 1
-      batch['positions'][r, :n] = np.arange(n)
-      mask[r, :n] = s.mask
+    owner_BxT = np.full((B, T), -1, np.int64)
+    for r, row in enumerate(rows):
+      at = 0
+      for seg, i in enumerate(row, start=1):  # one segment per span, positions from 0
+        s = spans[i]
+        n = s.hi - s.lo
+        for k, v in s.example.items():
+          batch[k][r, at:at + n] = v[s.lo:s.hi]
+        batch['segment_ids'][r, at:at + n] = seg
+        batch['positions'][r, at:at + n] = np.arange(n)
+        owner_BxT[r, at:at + n][s.mask] = s.owner
+        at += n
     if 'loss_mask' in batch:
-      mask &= batch['loss_mask'] > 0
-    return batch, mask
+      owner_BxT[batch['loss_mask'] <= 0] = -1
+    if K is None:
+      return batch, owner_BxT >= 0, owner_BxT
+    # Gathered: the scored positions of each row, left-aligned in K slots.
+    idx_BxK = np.zeros((B, K), np.int32)
+    owner_BxK = np.full((B, K), -1, np.int64)
+    for r in range(B):
+      pos = np.flatnonzero(owner_BxT[r] >= 0)
+      idx_BxK[r, :len(pos)] = pos
+      owner_BxK[r, :len(pos)] = owner_BxT[r, pos]
+    batch['score_idx'] = idx_BxK
+    return batch, owner_BxK >= 0, owner_BxK
 
   def score_spans(self, spans: Sequence[_Span], n_owners: int, desc: str = 'scoring'):
     """(float64 logprob sums, greedy flags, target counts) per owner."""
     logprob = np.zeros(n_owners, np.float64)
-    greedy = np.ones(n_owners, bool)
+    missed = np.zeros(n_owners, np.int64)  # scored targets that are not the argmax
     count = np.zeros(n_owners, np.int64)
-    by_bucket: dict[int, list[_Span]] = {}
     for s in spans:
-      by_bucket.setdefault(self._bucket(s.hi - s.lo), []).append(s)
-    jobs = [(T, group[i:i + self.batch_size]) for T, group in sorted(by_bucket.items())
-            for i in range(0, len(group), self.batch_size)]
+      count[s.owner] += int(s.mask.sum())
     compiles0, t0 = self.compile_count, time.perf_counter()
-    bar = tqdm.tqdm(total=len(spans), desc=desc, unit='item', disable=not self.progress,
+    pieces, rows = self._rows(spans)
+    jobs = [(T, self._k(T), chunk) for T, chunk in packing.batches(rows, self.batch_size)]
+    bar = tqdm.tqdm(total=len(pieces), desc=desc, unit='item', disable=not self.progress,
                     file=sys.stderr, leave=False)
     in_flight = []
     model_stats: dict = {}
 
     def collect():
-      chunk, (lp_dev, greedy_dev, stats_dev) = in_flight.pop(0)
+      n_spans, owner, (lp_dev, greedy_dev, stats_dev) = in_flight.pop(0)
       for k, v in stats_dev.items():
         model_stats[k] = model_stats.get(k, 0.0) + float(v)
-      lp, gr = np.asarray(lp_dev, np.float64), np.asarray(greedy_dev)
-      for r, s in enumerate(chunk):
-        logprob[s.owner] += lp[r].sum()
-        greedy[s.owner] &= bool(gr[r])
-        count[s.owner] += int(s.mask.sum())
-      bar.update(len(chunk))
+      keep = owner >= 0
+      who = owner[keep]
+      logprob[:] += np.bincount(who, np.asarray(lp_dev, np.float64)[keep], n_owners)
+      missed[:] += np.bincount(who, ~np.asarray(greedy_dev)[keep], n_owners).astype(np.int64)
+      bar.update(n_spans)
 
-    for T, chunk in jobs:
-      batch, mask = self._batch(chunk, T)
-      in_flight.append((chunk, self._forward(self.params, batch, mask)))
+    for T, K, chunk in jobs:
+      batch, valid, owner = self._batch(pieces, chunk, T, K)
+      in_flight.append((sum(map(len, chunk)), owner, self._forward(self.params, batch, valid)))
       if len(in_flight) > _PIPELINE_DEPTH:
         collect()
     while in_flight:
@@ -173,15 +255,20 @@ class Scorer:
     self.stats = dict(items=len(spans), batches=len(jobs), seconds=seconds,
                       items_per_s=len(spans) / max(seconds, 1e-9),
                       compiles=self.compile_count - compiles0,
-                      compile_count=self.compile_count)
+                      compile_count=self.compile_count,
+                      rows=sum(map(len, rows.values())), pieces=len(pieces),
+                      positions_used=sum(s.hi - s.lo for s in pieces),
+                      positions_run=sum(self.batch_size * T for T, _, _ in jobs),
+                      buckets={T: K for T, K, _ in jobs})
     positions = model_stats.pop('positions', 0.0)
     if model_stats:  # per real position, e.g. layers_used = average layers per token
       self.stats['model_stats'] = {k: v / max(positions, 1.0) for k, v in model_stats.items()}
     if self.verbose:
-      print(f'[scorer] {desc}: {len(spans)} spans in {len(jobs)} batches, {seconds:.2f}s, '
-            f'{self.stats["items_per_s"]:.1f} items/s, {self.stats["compiles"]} new '
-            f'compilations ({self.compile_count} in all)', file=sys.stderr)
-    return logprob, greedy, count
+      print(f'[scorer] {desc}: {len(spans)} spans in {self.stats["rows"]} rows, '
+            f'{len(jobs)} batches, {seconds:.2f}s, {self.stats["items_per_s"]:.1f} items/s, '
+            f'{self.stats["compiles"]} new compilations ({self.compile_count} in all)',
+            file=sys.stderr)
+    return logprob, missed == 0, count
 
   # ---------------------------------------------------------------- public API
 

@@ -117,6 +117,8 @@ class BaselineLM(nn.Module):
                               deterministic=deterministic, decode=False)
     targets_BxT = batch['targets']
     chunk = self.cfg.get('ce_chunk', 0)
+    if 'score_idx' in batch:  # the scorer asks for K positions per row only (kinds.Scoring)
+      return self._gathered_scores(y_BxTxD, aux, batch, chunk)
     if chunk:
       logprobs_BxT, greedy_BxT = self.chunked_target_scores(y_BxTxD, targets_BxT,
                                                             batch.get('loss_mask'), chunk)
@@ -133,6 +135,31 @@ class BaselineLM(nn.Module):
     out = depth.add_exit_outputs(self.cfg, out, aux, exit_scores, batch['loss_mask'],
                                  deterministic=deterministic)
     return depth.add_token_aux(out, aux, batch['loss_mask'])
+
+  def _gathered_scores(self, y_BxTxD, aux, batch, chunk: int):
+    """logprobs / greedy B x K at rows' positions `score_idx` (output layer at K, not T)."""
+    if depth.early_exits(self.cfg):
+      raise ValueError('score_idx: model.early_exit_layers need every position through the '
+                       'exits\' heads; score with the full head (kinds.Scoring.gather=False)')
+    idx_BxK = batch['score_idx'].astype(jnp.int32)
+    y_BxKxD = jnp.take_along_axis(y_BxTxD, idx_BxK[..., None], axis=1)
+    targets_BxK = jnp.take_along_axis(batch['targets'], idx_BxK, axis=1)
+    if chunk:
+      logprobs_BxK, greedy_BxK = self.chunked_target_scores(y_BxKxD, targets_BxK, None, chunk)
+    else:
+      logprobs_BxK, greedy_BxK = target_scores(self.head(y_BxKxD), targets_BxK)
+    out = dict(logprobs=logprobs_BxK, units=jnp.ones(targets_BxK.shape, jnp.float32),
+               greedy=greedy_BxK)
+    return depth.add_token_aux(out, aux, batch['loss_mask'])
+
+
+def scoring(model_cfg) -> kinds.Scoring:
+  """Gathered scoring unless early exits need every position's head; packing always.
+
+  Packing is exact: attention is masked by segment, positions restart per request, and
+  inference-time mixture-of-depths routing decides per token (stlm/models/depth.py).
+  """
+  return kinds.Scoring(gather=not depth.early_exits(model_cfg), pack=True)
 
 
 def param_breakdown(params, model_cfg) -> dict[str, Any]:
@@ -174,6 +201,7 @@ KIND = kinds.register_kind(kinds.ModelKind(
     target_unit='tokens',
     featurizer='tokens',
     generation='tokens',
+    scoring=scoring,
     param_report=lambda params, model_cfg: sharing.report(
         nn.unbox(params)['transformer'], model_cfg),
 ))

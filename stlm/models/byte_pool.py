@@ -408,6 +408,9 @@ KIND = kinds.register_kind(kinds.ModelKind(
     featurizer='chunks',
     generation='chunks',
     validate=validate,
+    # Neither scorer fast path: the byte heads are small (a few hundred wide, so gathering
+    # saves little), and the v2 streams have a row layout of their own (batch_spans).
+    scoring=lambda model_cfg: kinds.Scoring(),
     param_report=lambda params, model_cfg: '\n'.join(filter(None, [
         format_param_report(param_report(params, model_cfg)),
         sharing.report(nn.unbox(params)['core'], model_cfg)])),

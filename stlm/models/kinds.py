@@ -37,6 +37,23 @@ def _no_checks(model_cfg) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Scoring:
+  """Scorer fast paths a model supports (for one `config.model`).
+
+  gather: the model accepts `batch['score_idx']` (int32 B x K, row positions) and then
+    returns `logprobs` and `greedy` of shape B x K for those positions only, running the
+    output layer at K positions instead of T (a kind whose head is small, or whose outputs
+    at a position need the others', leaves it False).
+  pack: the scores of a request do not depend on other requests in its row when the rows
+    carry one segment id per request and positions restarting at 0 (attention masked by
+    segment, nothing pooled or routed across a row), so the scorer may pack several short
+    requests per row.
+  """
+  gather: bool = False
+  pack: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelKind:
   """One model kind. Every callable takes the `config.model` section as `model_cfg`.
 
@@ -64,6 +81,9 @@ class ModelKind:
     both sides, so the ratio measures nothing; they report loss and `stats` accuracy).
   causal: whether position t sees only positions <= t (then a sequence summary for
     classification is the last position; bidirectional kinds pool the first or the mean).
+  scoring(model_cfg) -> Scoring: what the log-likelihood scorer (stlm/eval/scorer.py) may
+    ask of this kind's model beyond the plain forward; default: nothing (one request per
+    row, every position through the output layer).
   """
   name: str
   build: Callable[[Any], nn.Module]
@@ -79,6 +99,7 @@ class ModelKind:
   param_report: Callable[[Any, Any], str | None] = _no_report
   reports_bits_per_byte: bool = True
   causal: bool = True
+  scoring: Callable[[Any], 'Scoring'] = lambda model_cfg: Scoring()
 
 
 _REGISTRY: dict[str, ModelKind] = {}
