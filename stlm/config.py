@@ -83,7 +83,6 @@ def base_config() -> ml_collections.ConfigDict:
   b.slot_embedding = True        # learned slot-in-chunk embedding on local encoder/decoder inputs
   b.condition = 'add'            # core output -> decoder: add (one projection) | slot_add (one per slot)
   b.condition_at = 'after_attention'  # where it enters the decoder: input | after_attention (layer 1)
-  b.condition_gate = False       # scale the condition by a zero-initialised learned scalar
 
   # Masked-LM encoder (config.model.kind == 'encoder', stlm/data/mlm.py); ignored otherwise.
   mlm = m.mlm = ml_collections.ConfigDict()

@@ -214,3 +214,11 @@ def test_param_budget_and_report():
     report = byte_pool.param_report(params, cfg)
     assert report['byte_total'] <= 0.1 * report['baseline_embed_head'], (preset, report)
     assert 'fewer' in byte_pool.format_param_report(report)
+
+
+def test_the_byte_pool_config_trains_v2_by_default():
+  """configs/byte_pool.py picks v2 (it won the equal-core comparison); the base config keeps
+  the paper's version for configs that switch model.kind."""
+  from stlm import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert byte_pool_config.get_config('tiny').model.byte_pool.version == 'v2'
+  assert config_lib.base_config().model.byte_pool.version == 'paper'
