@@ -80,9 +80,10 @@ DEFAULT = {}
 ATTENTION_CHUNK = {'pooling': 'attention', 'decoder_context': 'chunk',
                    'encoder_context': 'chunk', 'ngram_buckets': 0}
 LAST = {'pooling': 'last'}
-# Slot embeddings on and a core projection per slot (MEGABYTE), and both off.
+# A core projection per slot (MEGABYTE); and the first v2 (no slot embeddings, the core
+# output added at the decoder's input). DEFAULT: slot embeddings, core after attention.
 SLOTS = {'slot_embedding': True, 'condition': 'slot_add'}
-PLAIN = {'slot_embedding': False, 'condition': 'add'}
+PLAIN = {'slot_embedding': False, 'condition': 'add', 'condition_at': 'input'}
 
 
 @pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK], ids=['default', 'attn_chunk'])
