@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   b.decoder_context = 'window'   # window (previous bytes of earlier chunks) | chunk
   b.ngram_sizes = (3, 4)         # hashed byte n-gram embeddings added in the encoder (BLT)
   b.ngram_buckets = 512          # rows per n-gram table (0 = none); tiny's budget: 90% < 3.2M
+  b.slot_embedding = True        # learned slot-in-chunk embedding on local encoder/decoder inputs
+  b.condition = 'add'            # core output -> decoder: add (one projection) | slot_add (one per slot)
+  b.condition_at = 'after_attention'  # where it enters the decoder: input | after_attention (layer 1)
 
   # Masked-LM encoder (config.model.kind == 'encoder', stlm/data/mlm.py); ignored otherwise.
   mlm = m.mlm = ml_collections.ConfigDict()

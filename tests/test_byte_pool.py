@@ -27,6 +27,7 @@ TEXTS = ['Hello wonderful world, 日!', 'Byte pools.', 'Zürich ☃ x']
 
 def small_cfg(**byte_overrides):
   m = byte_pool_config.get_config('tiny').model
+  m.byte_pool.version = 'paper'   # this file tests the paper's version (v2: test_byte_pool_v2)
   m.update(num_layers=1, hidden_dim=32, num_heads=2, num_kv_heads=1, ffn_dim=64, max_len=T,
            dropout=0.0)
   m.byte_pool.update(max_bytes_per_chunk=MAX_BYTES, byte_dim=16, encoder_layers=1,
@@ -276,6 +277,7 @@ def test_param_report_per_preset():
   reports = {}
   for preset, size in (('tiny', None), ('10m', 10e6), ('50m', 50e6), ('100m', 100e6)):
     cfg = byte_pool_config.get_config(preset).model
+    cfg.byte_pool.version = 'paper'   # the sizes in configs/byte_pool.py's docstring
     report = byte_pool.param_report(factory.abstract_params(factory.build_model(cfg), cfg), cfg)
     print(preset, byte_pool.format_param_report(report))
     if size:
@@ -284,6 +286,7 @@ def test_param_report_per_preset():
     reports[preset] = report
   # The baseline built on the same core has exactly that embedding + head, and the same core.
   base_cfg = byte_pool_config.get_config('10m').model
+  base_cfg.byte_pool.version = 'paper'
   base_cfg.kind = 'baseline'
   base = factory.param_breakdown(
       factory.abstract_params(baseline.BaselineLM(base_cfg), base_cfg), base_cfg)

@@ -80,6 +80,10 @@ DEFAULT = {}
 ATTENTION_CHUNK = {'pooling': 'attention', 'decoder_context': 'chunk',
                    'encoder_context': 'chunk', 'ngram_buckets': 0}
 LAST = {'pooling': 'last'}
+# A core projection per slot (MEGABYTE); and the first v2 (no slot embeddings, the core
+# output added at the decoder's input). DEFAULT: slot embeddings, core after attention.
+SLOTS = {'slot_embedding': True, 'condition': 'slot_add'}
+PLAIN = {'slot_embedding': False, 'condition': 'add', 'condition_at': 'input'}
 
 
 @pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK], ids=['default', 'attn_chunk'])
@@ -105,8 +109,8 @@ def _chunk_bounds(starts):
   return np.append(b, len(starts))
 
 
-@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK, LAST],
-                         ids=['default', 'attn_chunk', 'last'])
+@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK, LAST, SLOTS, PLAIN],
+                         ids=['default', 'attn_chunk', 'last', 'slots', 'plain'])
 def test_no_leak_from_later_chunks(batch, overrides):
   """Changing a byte of chunk k+1 (input k+1 = target k) never moves chunks <= k-1, nor the
   symbols of target k up to the changed one; the change is seen afterwards."""
@@ -125,6 +129,21 @@ def test_no_leak_from_later_chunks(batch, overrides):
   np.testing.assert_array_equal(logits1[1], logits0[1])     # other rows untouched
   assert not np.allclose(logits1[0, t_pos + 1], logits0[0, t_pos + 1])
   assert not np.allclose(out1['logprobs'][0, k + 1], out0['logprobs'][0, k + 1])
+
+
+def test_core_output_of_chunk_t_conditions_the_first_symbol_of_chunk_t_plus_1(batch):
+  """Alignment: with both local models limited to their own chunk, the first symbol of target
+  chunk k (text chunk k+1) learns of input chunk k only through the core output at k; a
+  change there reaches it, and nothing of target chunk k-1 moves."""
+  _, _, params, forward = setup(**ATTENTION_CHUNK)
+  _, logits0 = forward(params, batch)
+  k = 3
+  b = {key: np.array(v) for key, v in batch.items()}
+  ib, tb = _chunk_bounds(b['inputs_chunk_start'][0]), _chunk_bounds(b['targets_chunk_start'][0])
+  b['inputs'][0, ib[k]] = b['inputs'][0, ib[k]] % 200 + 7     # input chunk k only
+  _, logits1 = forward(params, b)
+  np.testing.assert_array_equal(logits1[0, :tb[k]], logits0[0, :tb[k]])
+  assert not np.allclose(logits1[0, tb[k]], logits0[0, tb[k]])
 
 
 def test_padding_and_neighbours_change_nothing(batch, featurizer):
@@ -149,8 +168,11 @@ def test_padding_and_neighbours_change_nothing(batch, featurizer):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_generation_path_equals_full_forward_and_does_not_leak(featurizer):
-  cfg, model, params, forward = setup()
+@pytest.mark.parametrize('overrides', [SLOTS, PLAIN], ids=['slots', 'plain'])
+def test_generation_path_equals_full_forward_and_does_not_leak(featurizer, overrides):
+  """Also checks the generation tails: with slot embeddings a symbol's slot reads back to
+  its chunk's start, which the tails must cover (a tail one chunk short fails here)."""
+  cfg, model, params, forward = setup(**overrides)
   chunks = featurizer.chunks(TEXTS[0])[:10]   # + 2 end-of-text chunks: fits T = 12
   (ex,) = featurizer.document(b''.join(chunks))
   assert featurizer.chunks(b''.join(chunks)) == chunks
@@ -193,3 +215,11 @@ def test_param_budget_and_report():
     report = byte_pool.param_report(params, cfg)
     assert report['byte_total'] <= 0.1 * report['baseline_embed_head'], (preset, report)
     assert 'fewer' in byte_pool.format_param_report(report)
+
+
+def test_the_byte_pool_config_trains_v2_by_default():
+  """configs/byte_pool.py picks v2 (it won the equal-core comparison); the base config keeps
+  the paper's version for configs that switch model.kind."""
+  from stlm import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert byte_pool_config.get_config('tiny').model.byte_pool.version == 'v2'
+  assert config_lib.base_config().model.byte_pool.version == 'paper'

@@ -117,6 +117,7 @@ def test_document_layout_mirrors_baseline(gpt2):
 def test_make_featurizer_picks_chunks(gpt2):
   from configs import byte_pool as byte_pool_config  # pylint: disable=g-import-not-at-top
   c = byte_pool_config.get_config('tiny')
+  c.model.byte_pool.version = 'paper'
   f = featurize.make_featurizer(c, gpt2)
   assert isinstance(f, chunking.ChunkFeaturizer)
   assert f.width == c.model.byte_pool.max_bytes_per_chunk + 1

@@ -108,7 +108,10 @@ class LocalTransformer(nn.Module):
   cfg: Any
 
   @nn.compact
-  def __call__(self, x_BxLxE, seg_BxL, group_BxL=None, *, deterministic: bool):
+  def __call__(self, x_BxLxE, seg_BxL, group_BxL=None, *, deterministic: bool,
+               after_attention_BxLxE=None):
+    """after_attention: added to the residual stream after the first attention sub-block
+    (so the first attention's queries and keys see the symbols alone)."""
     cfg = self.cfg
     x = x_BxLxE.astype(layers.dtype_of(cfg.dtype))
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
@@ -116,6 +119,8 @@ class LocalTransformer(nn.Module):
       h = layers.Norm(cfg, name=f'block_{i}_attn_norm')(x)
       h = LocalAttention(cfg, name=f'block_{i}_attn')(h, seg_BxL, group_BxL)
       x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+      if i == 0 and after_attention_BxLxE is not None:
+        x = x + after_attention_BxLxE.astype(x.dtype)
       h = layers.Norm(cfg, name=f'block_{i}_ffn_norm')(x)
       h = layers.FeedForward(cfg, name=f'block_{i}_ffn')(h)
       x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
