@@ -7,8 +7,8 @@ Presets:
   bert6_mini, bert1_mini  the same at hidden 96 (12 heads of 8) with 2,048 tokenizer pieces:
          the CPU-scale models of the measured runs and of stlm.experiments.tiny_encoders
   bert1_wiki  bert1 pretrained on the shared English Wikipedia shards (all train pages,
-         $STLM_DATA_DIR or ../shared/data beside the repository), 1,400 steps of 32 x 128:
-         the measured pretrained-vs-scratch run of the README (~30 min on one CPU core)
+         $STLM_DATA_DIR or ../shared/data beside the repository), 800 steps of 32 x 128:
+         the measured pretrained-vs-scratch run of the README (~20 min on one idle CPU core)
   tiny (CPU demo, the default), 10m, 50m, 100m: the baseline's sizes, bidirectional.
   --config=configs/encoder.py:bert1
 
@@ -43,8 +43,8 @@ _BERT = {
 }
 # Presets that pretrain a _BERT shape on the shared Wikipedia shards: (shape, train overrides).
 _WIKI = {
-    'bert1_wiki': ('bert1', dict(steps=1400, warmup_steps=100, lr=2e-3, eval_every=700,
-                                 ckpt_every=700)),
+    'bert1_wiki': ('bert1', dict(steps=800, warmup_steps=80, lr=2e-3, eval_every=400,
+                                 ckpt_every=400)),
 }
 PRESETS = tuple(_BERT) + tuple(_WIKI) + config_lib.SIZE_PRESETS
 

@@ -167,3 +167,17 @@ def test_candidates_grid_and_selection_on_validation(monkeypatch):
   (clf, _, rec, _), = run.fit_members([_backbone()], sp, grid, log=lambda m: 0)
   assert (rec['pool'], rec['lr'], rec['accuracy']) == ('first', 1e-3, 1.0)
   assert [t['best_val_accuracy'] for t in rec['selection']] == [0.5, 0.8, 0.8, 0.6]
+
+
+def test_scratch_like_an_export_is_its_model_untrained(tmp_path):
+  """--checkpoint=scratch:<export>: same shapes and tokenizer as the export, fresh weights."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from stlm import export as export_lib  # pylint: disable=g-import-not-at-top
+  bb = _backbone()
+  trained = jax.tree.map(lambda x: np.asarray(x) + 1.0, bb.params)   # stands for pretraining
+  export_lib.save_export(str(tmp_path / 'export'), trained, bb.config)
+  fresh = backbone_lib.scratch_like(str(tmp_path / 'export'))
+  assert fresh.source.startswith('scratch:')
+  assert fresh.tokenizer.vocab_size == bb.tokenizer.vocab_size
+  for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(bb.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # the same init, untrained

@@ -20,7 +20,9 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'Config[:preset] of the model for '
                                 '--checkpoint=scratch.', lock_config=False)
-flags.DEFINE_string('checkpoint', None, 'Export directory (<workdir>/export), or "scratch".')
+flags.DEFINE_string('checkpoint', None, 'Export directory (<workdir>/export), "scratch" '
+                    '(with --config), or "scratch:<export>": that export\'s model and '
+                    'tokenizer, untrained.')
 flags.DEFINE_list('committee', [], 'Export directories fine-tuned separately whose class '
                   'probabilities are averaged (replaces --checkpoint).')
 flags.DEFINE_string('reference', None, 'Export of one (deep) model fine-tuned alongside the '
@@ -58,6 +60,8 @@ FLAGS = flags.FLAGS
 
 def _backbone(spec: str):
   from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
+  if spec.startswith('scratch:'):
+    return backbone.scratch_like(spec[len('scratch:'):])
   if spec == 'scratch':
     if FLAGS.config is None:
       raise app.UsageError('--checkpoint=scratch needs --config=<file>[:preset]')
