@@ -181,3 +181,7 @@ def test_scratch_like_an_export_is_its_model_untrained(tmp_path):
   assert fresh.tokenizer.vocab_size == bb.tokenizer.vocab_size
   for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(bb.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # the same init, untrained
+  monkeypatch.setattr(run, 'task_splits', lambda *a: sp)
+  record = run.text_task([_backbone()], 'agnews', '', None, grid, log=lambda m: 0)
+  assert (record['mode'], record['accuracy'], len(record['settings'])) == ('finetune', 1.0, 4)
+  assert record['members'][0]['pool'] == 'first'

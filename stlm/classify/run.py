@@ -172,7 +172,7 @@ def text_task(backbones, task: str, data_dir: str, split: SplitSettings,
   fitted = fit_members(backbones, sp, grid, log)
   probs = committee_lib.average_probabilities([p for _, p, *_ in fitted])
   acc, se = finetune.accuracy_with_se(probs.argmax(1), sp.test.labels)
-  out = {'task': task, 'mode': train.mode, 'accuracy': acc, 'stderr': se,
+  out = {'task': task, 'mode': grid[0].mode, 'accuracy': acc, 'stderr': se,
          'n_test': len(sp.test), 'split': sp.info, 'pool': fitted[0][0].pool,
          'checkpoint': ','.join(bb.source for bb in backbones),
          'members': [r for _, _, r, _ in fitted],
