@@ -167,6 +167,10 @@ def test_candidates_grid_and_selection_on_validation(monkeypatch):
   (clf, _, rec, _), = run.fit_members([_backbone()], sp, grid, log=lambda m: 0)
   assert (rec['pool'], rec['lr'], rec['accuracy']) == ('first', 1e-3, 1.0)
   assert [t['best_val_accuracy'] for t in rec['selection']] == [0.5, 0.8, 0.8, 0.6]
+  monkeypatch.setattr(run, 'task_splits', lambda *a: sp)
+  record = run.text_task([_backbone()], 'agnews', '', None, grid, log=lambda m: 0)
+  assert (record['mode'], record['accuracy'], len(record['settings'])) == ('finetune', 1.0, 4)
+  assert record['members'][0]['pool'] == 'first'
 
 
 def test_scratch_like_an_export_is_its_model_untrained(tmp_path):
@@ -181,7 +185,3 @@ def test_scratch_like_an_export_is_its_model_untrained(tmp_path):
   assert fresh.tokenizer.vocab_size == bb.tokenizer.vocab_size
   for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(bb.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # the same init, untrained
-  monkeypatch.setattr(run, 'task_splits', lambda *a: sp)
-  record = run.text_task([_backbone()], 'agnews', '', None, grid, log=lambda m: 0)
-  assert (record['mode'], record['accuracy'], len(record['settings'])) == ('finetune', 1.0, 4)
-  assert record['members'][0]['pool'] == 'first'
