@@ -127,15 +127,16 @@ def fit_members(backbones, sp: Splits, train, log):
     te = backbone_lib.tokenize(bb.tokenizer, sp.test.texts, bb.max_len)
     log(f'{bb.source} ({grid[0].mode}): {len(sp.train)} train / {len(sp.val)} val')
     clf, chosen, tried = _select(bb, tr, va, sp, grid, grid[0].seed + i, log)
+    lr = chosen.probe_lr if chosen.mode == 'probe' else chosen.lr   # the one that was chosen
     probs = clf.predict_proba(te)
     acc, se = finetune.accuracy_with_se(probs.argmax(1), sp.test.labels)
     if len(grid) > 1:
-      log(f'  chosen on validation: pool={chosen.pool} lr={chosen.lr:g} '
+      log(f'  chosen on validation: pool={chosen.pool} lr={lr:g} '
           f'(validation accuracy {clf.best_val_accuracy:.4f})')
     log(f'  test accuracy {acc:.4f} ± {se:.4f} (n={len(sp.test)})')
     rec = {'checkpoint': bb.source, 'accuracy': acc, 'stderr': se,
            'best_step': clf.best_step, 'val_accuracy': clf.best_val_accuracy,
-           'pool': clf.pool, 'lr': chosen.lr, 'train_seconds': round(clf.train_seconds, 1)}
+           'pool': clf.pool, 'lr': lr, 'train_seconds': round(clf.train_seconds, 1)}
     if len(grid) > 1:
       rec['selection'] = tried
     out.append((clf, probs, rec, te))
