@@ -6,6 +6,9 @@ Presets:
   bert1_24h  bert1 with 24 heads (head dim 8)
   bert6_mini, bert1_mini  the same at hidden 96 (12 heads of 8) with 2,048 tokenizer pieces:
          the CPU-scale models of the measured runs and of stlm.experiments.tiny_encoders
+  bert1_wiki  bert1 pretrained on the shared English Wikipedia shards (all train pages,
+         $STLM_DATA_DIR or ../shared/data beside the repository), 800 steps of 32 x 128:
+         the measured pretrained-vs-scratch run of the README (~20 min on one idle CPU core)
   tiny (CPU demo, the default), 10m, 50m, 100m: the baseline's sizes, bidirectional.
   --config=configs/encoder.py:bert1
 
@@ -18,6 +21,8 @@ dense masked-LM head stays cheap on CPU; its [MASK] is one id past the vocabular
 embedding row), see stlm/data/mlm.py. Any tokenizer.kind works (gpt2: 50,257 + 1 rows).
 Metrics: masked-token loss and accuracy (bits per byte has no meaning for a masked LM).
 """
+
+import os
 
 from stlm import config as config_lib
 
@@ -36,7 +41,19 @@ _BERT = {
     'bert1_mini': dict(num_layers=1, hidden_dim=96, num_heads=12, num_kv_heads=12,
                        ffn_dim=384, max_len=128),
 }
-PRESETS = tuple(_BERT) + config_lib.SIZE_PRESETS
+# Presets that pretrain a _BERT shape on the shared Wikipedia shards: (shape, train overrides).
+_WIKI = {
+    'bert1_wiki': ('bert1', dict(steps=800, warmup_steps=80, lr=2e-3, eval_every=400,
+                                 ckpt_every=400)),
+}
+PRESETS = tuple(_BERT) + tuple(_WIKI) + config_lib.SIZE_PRESETS
+
+
+def shared_wikipedia_path() -> str:
+  """The shared English Wikipedia shards: $STLM_DATA_DIR/corpus/wikipedia_en, else
+  ../shared/data/corpus/wikipedia_en (relative to the working directory: the repo root)."""
+  root = os.environ.get('STLM_DATA_DIR') or os.path.join('..', 'shared', 'data')
+  return os.path.join(root, 'corpus', 'wikipedia_en')
 
 _BERT_TRAIN = dict(batch_size=32, grad_accum=1, steps=600, lr=1e-3, warmup_steps=60,
                    schedule='cosine', log_every=20, eval_every=200, eval_batches=8,
@@ -48,7 +65,8 @@ def get_config(arg: str = 'tiny'):
   if preset not in PRESETS:
     raise ValueError(f'Unknown encoder preset {preset!r}; choose one of {", ".join(PRESETS)} '
                      '(e.g. --config=configs/encoder.py:bert1).')
-  c = config_lib.apply_preset(config_lib.base_config(), 'tiny' if preset in _BERT else preset)
+  shape, wiki_train = _WIKI.get(preset, (preset, None))
+  c = config_lib.apply_preset(config_lib.base_config(), 'tiny' if shape in _BERT else shape)
   c.name = 'encoder'
   c.preset = preset
   c.model.kind = 'encoder'
@@ -60,10 +78,14 @@ def get_config(arg: str = 'tiny'):
   c.model.tie_embeddings = True
   c.tokenizer.kind = 'sentencepiece'
   c.tokenizer.sp_vocab_size = 4096
-  if preset in _BERT:
-    c.model.update(_BERT[preset])
-    if preset.endswith('_mini'):
+  if shape in _BERT:
+    c.model.update(_BERT[shape])
+    if shape.endswith('_mini'):
       c.tokenizer.sp_vocab_size = 2048
     c.model.dropout = 0.0
     c.train.update(_BERT_TRAIN)
+  if wiki_train is not None:
+    c.data.source = 'local'
+    c.data.path = shared_wikipedia_path()
+    c.train.update(wiki_train)
   return c

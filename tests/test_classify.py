@@ -134,3 +134,54 @@ def test_token_overlap():
   r = overlap.token_overlap(tok, ['aab', 'c'], ['abz'])
   assert r['types'] == pytest.approx(2 / 3)          # a, b seen; c not
   assert r['occurrences'] == pytest.approx(3 / 4)    # a, a, b of a, a, b, c
+
+
+def test_candidates_grid_and_selection_on_validation(monkeypatch):
+  """Every pooling x lr is tried; the best validation accuracy wins (first on ties), and
+  only the chosen classifier is scored on test."""
+  from stlm.classify import run  # pylint: disable=g-import-not-at-top
+  base = finetune.TrainSettings(lr=1e-3, pool='first')
+  assert [(c.pool, c.lr) for c in run.candidates(base)] == [('first', 1e-3)]
+  grid = run.candidates(base, ['3e-4', '1e-3'], ['first', 'mean'])
+  assert [(c.pool, c.lr) for c in grid] == [('first', 3e-4), ('first', 1e-3),
+                                           ('mean', 3e-4), ('mean', 1e-3)]
+  probe = run.candidates(finetune.TrainSettings(mode='probe'), ['0.1'])
+  assert probe[0].probe_lr == 0.1
+  val_acc = {('first', 3e-4): 0.5, ('first', 1e-3): 0.8, ('mean', 3e-4): 0.8,
+             ('mean', 1e-3): 0.6}
+
+  class FakeClf:
+    def __init__(self, s):
+      self.pool, self.lr, self.best_step, self.train_seconds = s.pool, s.lr, 1, 0.0
+      self.best_val_accuracy = val_acc[(s.pool, s.lr)]
+
+    def predict_proba(self, arrays):
+      n = len(arrays['inputs'])
+      right = 1 if (self.pool, self.lr) == ('first', 1e-3) else 0   # only the chosen one
+      return np.eye(2)[np.full(n, right)]
+
+  monkeypatch.setattr(finetune, 'train_classifier', lambda bb, *a, log=None: FakeClf(a[-1]))
+  texts = [f'text {i}' for i in range(6)]
+  ex = cd.Examples(texts, [1] * 6, ('a', 'b'), ['f:1'] * 6)
+  sp = run.Splits(ex, ex, ex, {})
+  (clf, _, rec, _), = run.fit_members([_backbone()], sp, grid, log=lambda m: 0)
+  assert (rec['pool'], rec['lr'], rec['accuracy']) == ('first', 1e-3, 1.0)
+  assert [t['best_val_accuracy'] for t in rec['selection']] == [0.5, 0.8, 0.8, 0.6]
+  monkeypatch.setattr(run, 'task_splits', lambda *a: sp)
+  record = run.text_task([_backbone()], 'agnews', '', None, grid, log=lambda m: 0)
+  assert (record['mode'], record['accuracy'], len(record['settings'])) == ('finetune', 1.0, 4)
+  assert record['members'][0]['pool'] == 'first'
+
+
+def test_scratch_like_an_export_is_its_model_untrained(tmp_path):
+  """--checkpoint=scratch:<export>: same shapes and tokenizer as the export, fresh weights."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from stlm import export as export_lib  # pylint: disable=g-import-not-at-top
+  bb = _backbone()
+  trained = jax.tree.map(lambda x: np.asarray(x) + 1.0, bb.params)   # stands for pretraining
+  export_lib.save_export(str(tmp_path / 'export'), trained, bb.config)
+  fresh = backbone_lib.scratch_like(str(tmp_path / 'export'))
+  assert fresh.source.startswith('scratch:')
+  assert fresh.tokenizer.vocab_size == bb.tokenizer.vocab_size
+  for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(bb.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # the same init, untrained

@@ -20,7 +20,9 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'Config[:preset] of the model for '
                                 '--checkpoint=scratch.', lock_config=False)
-flags.DEFINE_string('checkpoint', None, 'Export directory (<workdir>/export), or "scratch".')
+flags.DEFINE_string('checkpoint', None, 'Export directory (<workdir>/export), "scratch" '
+                    '(with --config), or "scratch:<export>": that export\'s model and '
+                    'tokenizer, untrained.')
 flags.DEFINE_list('committee', [], 'Export directories fine-tuned separately whose class '
                   'probabilities are averaged (replaces --checkpoint).')
 flags.DEFINE_string('reference', None, 'Export of one (deep) model fine-tuned alongside the '
@@ -43,6 +45,10 @@ flags.DEFINE_integer('max_steps', 600, 'Maximum training steps.')
 flags.DEFINE_integer('batch_size', 32, 'Training batch size.')
 flags.DEFINE_float('lr', 3e-4, 'Fine-tuning peak learning rate.')
 flags.DEFINE_float('probe_lr', 1e-2, 'Linear-probe learning rate.')
+flags.DEFINE_list('lr_grid', [], 'Learning rates to choose among on the validation split '
+                  '(probe mode: probe learning rates); replaces --lr / --probe_lr.')
+flags.DEFINE_list('pool_grid', [], 'Poolings to choose among on the validation split '
+                  '(e.g. first,mean); replaces --pool.')
 flags.DEFINE_integer('eval_every', 50, 'Steps between validation checks.')
 flags.DEFINE_integer('patience', 4, 'Checks without improvement before stopping.')
 flags.DEFINE_integer('seed', 0, 'Seed of splits, shuffling, head init and FewRel episodes.')
@@ -54,6 +60,8 @@ FLAGS = flags.FLAGS
 
 def _backbone(spec: str):
   from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
+  if spec.startswith('scratch:'):
+    return backbone.scratch_like(spec[len('scratch:'):])
   if spec == 'scratch':
     if FLAGS.config is None:
       raise app.UsageError('--checkpoint=scratch needs --config=<file>[:preset]')
@@ -88,11 +96,16 @@ def main(argv):
                                      probe_lr=FLAGS.probe_lr, batch_size=FLAGS.batch_size,
                                      max_steps=FLAGS.max_steps, eval_every=FLAGS.eval_every,
                                      patience=FLAGS.patience, seed=FLAGS.seed)
+      grid = run.candidates(train, FLAGS.lr_grid, FLAGS.pool_grid)
       reference = _backbone(FLAGS.reference) if FLAGS.reference else None
       record = run.text_task([_backbone(s) for s in specs], FLAGS.task, FLAGS.data_dir, split,
-                             train, reference=reference)
+                             grid, reference=reference)
   except (cls_data.DataFormatError, FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
+  chosen = record.get('members', [{}])[0]
+  if 'selection' in chosen:
+    print(f'chosen on validation: pool={chosen["pool"]} lr={chosen["lr"]:g} '
+          f'(validation accuracy {chosen["val_accuracy"]:.4f})')
   line = (f'{record["task"]} {record["mode"]}: accuracy {record["accuracy"]:.4f} ± '
           f'{record["stderr"]:.4f} (n_test={record["n_test"]})')
   if 'reference' in record:

@@ -63,6 +63,13 @@ def load_backbone(export_dir: str) -> Backbone:
   return Backbone(ex.model, ex.params, ex.config, ex.tokenizer, export_dir)
 
 
+def scratch_like(export_dir: str, seed: int | None = None) -> Backbone:
+  """The export's own model (shape, tokenizer, init seed), untrained: the scratch arm that
+  differs from the pretrained one only in its weights."""
+  bb = scratch_backbone(export_lib.load_config(export_dir), seed)
+  return dataclasses.replace(bb, source=f'scratch:{export_dir}')
+
+
 def scratch_backbone(config, seed: int | None = None) -> Backbone:
   """The config's model, untrained (same init as training step 0 with `seed`)."""
   tok_cfg = config.tokenizer

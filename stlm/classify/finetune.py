@@ -48,6 +48,10 @@ class Classifier:
   best_step: int
   train_seconds: float
 
+  @property
+  def best_val_accuracy(self) -> float:
+    return max((h['val_accuracy'] for h in self.history), default=-1.0)
+
   def logits_fn(self):
     pooled = backbone_lib.pooled_fn(self.backbone, self.pool)
 

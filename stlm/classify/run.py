@@ -82,23 +82,64 @@ def task_splits(task: str, data_dir: str, s: SplitSettings) -> Splits:
   return Splits(train, val, test, info)
 
 
-def fit_members(backbones, sp: Splits, train: finetune.TrainSettings, log):
-  """Fine-tunes each backbone on its own; (classifier, test probs, record, test arrays)."""
+def candidates(train: finetune.TrainSettings, lrs=(), pools=()) -> list:
+  """The settings grid chosen among on validation: every pooling x every learning rate.
+
+  `lrs` are fine-tuning learning rates (a linear probe's probe_lr in probe mode); empty
+  lists keep `train`'s own value, so one candidate means no selection.
+  """
+  field = 'probe_lr' if train.mode == 'probe' else 'lr'
+  lrs = [float(x) for x in lrs] or [getattr(train, field)]
+  pools = list(pools) or [train.pool]
+  return [dataclasses.replace(train, pool=p, **{field: lr}) for p in pools for lr in lrs]
+
+
+def _select(bb, tr, va, sp: Splits, grid, seed: int, log):
+  """Fits every candidate; keeps the best by validation accuracy (the first on ties).
+
+  Only the validation split decides: test accuracy is computed for the chosen one alone.
+  """
+  best, tried = None, []
+  for cand in grid:
+    if len(grid) > 1:
+      log(f'  candidate pool={cand.pool} lr={cand.probe_lr if cand.mode == "probe" else cand.lr:g}')
+    clf = finetune.train_classifier(bb, tr, sp.train.labels, va, sp.val.labels,
+                                    len(sp.train.classes),
+                                    dataclasses.replace(cand, seed=seed), log=log)
+    tried.append({'pool': clf.pool, 'lr': cand.lr, 'probe_lr': cand.probe_lr,
+                  'best_val_accuracy': clf.best_val_accuracy, 'best_step': clf.best_step})
+    if best is None or clf.best_val_accuracy > best[0].best_val_accuracy:
+      best = (clf, cand)
+  return best[0], best[1], tried
+
+
+def fit_members(backbones, sp: Splits, train, log):
+  """Fine-tunes each backbone on its own; (classifier, test probs, record, test arrays).
+
+  `train` is one TrainSettings or a list of candidates (see `candidates`), chosen among per
+  backbone by validation accuracy.
+  """
+  grid = list(train) if isinstance(train, (list, tuple)) else [train]
   out = []
   for i, bb in enumerate(backbones):
     tr = backbone_lib.tokenize(bb.tokenizer, sp.train.texts, bb.max_len)
     va = backbone_lib.tokenize(bb.tokenizer, sp.val.texts, bb.max_len)
     te = backbone_lib.tokenize(bb.tokenizer, sp.test.texts, bb.max_len)
-    log(f'{bb.source} ({train.mode}): {len(sp.train)} train / {len(sp.val)} val')
-    clf = finetune.train_classifier(bb, tr, sp.train.labels, va, sp.val.labels,
-                                    len(sp.train.classes),
-                                    dataclasses.replace(train, seed=train.seed + i), log=log)
+    log(f'{bb.source} ({grid[0].mode}): {len(sp.train)} train / {len(sp.val)} val')
+    clf, chosen, tried = _select(bb, tr, va, sp, grid, grid[0].seed + i, log)
+    lr = chosen.probe_lr if chosen.mode == 'probe' else chosen.lr   # the one that was chosen
     probs = clf.predict_proba(te)
     acc, se = finetune.accuracy_with_se(probs.argmax(1), sp.test.labels)
+    if len(grid) > 1:
+      log(f'  chosen on validation: pool={chosen.pool} lr={lr:g} '
+          f'(validation accuracy {clf.best_val_accuracy:.4f})')
     log(f'  test accuracy {acc:.4f} ± {se:.4f} (n={len(sp.test)})')
-    out.append((clf, probs, {'checkpoint': bb.source, 'accuracy': acc, 'stderr': se,
-                             'best_step': clf.best_step,
-                             'train_seconds': round(clf.train_seconds, 1)}, te))
+    rec = {'checkpoint': bb.source, 'accuracy': acc, 'stderr': se,
+           'best_step': clf.best_step, 'val_accuracy': clf.best_val_accuracy,
+           'pool': clf.pool, 'lr': lr, 'train_seconds': round(clf.train_seconds, 1)}
+    if len(grid) > 1:
+      rec['selection'] = tried
+    out.append((clf, probs, rec, te))
   return out
 
 
@@ -122,16 +163,22 @@ def committee_curve(fitted, labels) -> list[dict]:
 
 
 def text_task(backbones, task: str, data_dir: str, split: SplitSettings,
-              train: finetune.TrainSettings, reference=None, log=print) -> dict:
-  """Fine-tunes each backbone; with several, tests the committee (mean probabilities)."""
+              train, reference=None, log=print) -> dict:
+  """Fine-tunes each backbone; with several, tests the committee (mean probabilities).
+
+  `train`: one TrainSettings, or a list of candidates chosen among on validation.
+  """
+  grid = list(train) if isinstance(train, (list, tuple)) else [train]
   sp = task_splits(task, data_dir, split)
-  fitted = fit_members(backbones, sp, train, log)
+  fitted = fit_members(backbones, sp, grid, log)
   probs = committee_lib.average_probabilities([p for _, p, *_ in fitted])
   acc, se = finetune.accuracy_with_se(probs.argmax(1), sp.test.labels)
-  out = {'task': task, 'mode': train.mode, 'accuracy': acc, 'stderr': se,
+  out = {'task': task, 'mode': grid[0].mode, 'accuracy': acc, 'stderr': se,
          'n_test': len(sp.test), 'split': sp.info, 'pool': fitted[0][0].pool,
          'checkpoint': ','.join(bb.source for bb in backbones),
-         'members': [r for _, _, r, _ in fitted], 'settings': dataclasses.asdict(train)}
+         'members': [r for _, _, r, _ in fitted],
+         'settings': dataclasses.asdict(grid[0]) if len(grid) == 1 else
+                     [dataclasses.asdict(g) for g in grid]}
   if len(backbones) > 1 or reference is not None:
     out['committee'] = {'size': len(backbones),
                         'latency_s_per_example': latency(fitted),
