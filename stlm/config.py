@@ -8,6 +8,15 @@ import ml_collections
 
 SIZE_PRESETS = ('tiny', '10m', '50m', '100m')
 
+# Keys added after runs with checkpoints already existed, with the value that reproduces what
+# the code did before the key existed (the models read a missing key with this default). A
+# checkpoint whose config lacks a key is compared with this value when a run resumes.
+LEGACY_VALUES = {
+    'model.byte_pool.slot_embedding': False,
+    'model.byte_pool.condition': 'add',
+    'model.byte_pool.condition_at': 'input',
+}
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every model kind (the paper's Table 1 baseline at 50m)."""

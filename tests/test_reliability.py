@@ -297,3 +297,39 @@ def test_config_check_falls_back_to_an_older_copy_when_the_newest_is_unreadable(
   with pytest.raises(checkpoint.CheckpointMismatchError, match='hidden_dim'):
     checkpoint.RunCheckpoints(str(tmp_path), other, keep=3, async_save=False).check_config()
   checkpoint.RunCheckpoints(str(tmp_path), config, keep=3, async_save=False).check_config()
+
+
+def _without(cfg_dict, dotted_keys):
+  out = json.loads(json.dumps(cfg_dict))
+  for key in dotted_keys:
+    *path, last = key.split('.')
+    node = out
+    for p in path:
+      node = node[p]
+    del node[last]
+  return out
+
+
+def test_resume_check_reads_missing_keys_as_their_legacy_values_and_skips_unused_sections():
+  from configs import byte_pool  # pylint: disable=g-import-not-at-top
+  from stlm import config as config_lib  # pylint: disable=g-import-not-at-top
+  added = list(config_lib.LEGACY_VALUES)
+  # A baseline run whose checkpoint predates the byte-pool keys resumes: it never reads them.
+  base = baseline.get_config('tiny')
+  assert checkpoint.config_differences(_without(base.to_dict(), added), base) == []
+  other = baseline.get_config('tiny')
+  other.model.byte_pool.byte_dim = 8
+  assert checkpoint.config_differences(base.to_dict(), other) == []
+  other.model.hidden_dim = 48   # what a baseline does read is still compared
+  assert checkpoint.config_differences(base.to_dict(), other) == [
+      'model.hidden_dim: checkpoint has 64, this run has 48']
+  # A v2 checkpoint from before the keys trained without slot embeddings, core at the input:
+  # resuming it with today's v2 defaults would build another model, so it is refused.
+  v2 = byte_pool.get_config('tiny')
+  diffs = checkpoint.config_differences(_without(v2.to_dict(), added), v2)
+  assert diffs == ["model.byte_pool.condition_at: checkpoint has 'input', this run has "
+                   "'after_attention'",
+                   'model.byte_pool.slot_embedding: checkpoint has False, this run has True']
+  # ... and with the legacy values set explicitly, it resumes.
+  v2.model.byte_pool.update({k.rsplit('.', 1)[1]: v for k, v in config_lib.LEGACY_VALUES.items()})
+  assert checkpoint.config_differences(_without(v2.to_dict(), added), v2) == []

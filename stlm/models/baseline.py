@@ -204,4 +204,5 @@ KIND = kinds.register_kind(kinds.ModelKind(
     scoring=scoring,
     param_report=lambda params, model_cfg: sharing.report(
         nn.unbox(params)['transformer'], model_cfg),
+    unused_config=('model.byte_pool.', 'model.mlm.'),
 ))

@@ -414,4 +414,5 @@ KIND = kinds.register_kind(kinds.ModelKind(
     param_report=lambda params, model_cfg: '\n'.join(filter(None, [
         format_param_report(param_report(params, model_cfg)),
         sharing.report(nn.unbox(params)['core'], model_cfg)])),
+    unused_config=('model.mlm.',),
 ))

@@ -124,4 +124,5 @@ KIND = kinds.register_kind(kinds.ModelKind(
     validate=validate,
     reports_bits_per_byte=False,
     causal=False,
+    unused_config=('model.byte_pool.',),
 ))

@@ -81,6 +81,8 @@ class ModelKind:
     both sides, so the ratio measures nothing; they report loss and `stats` accuracy).
   causal: whether position t sees only positions <= t (then a sequence summary for
     classification is the last position; bidirectional kinds pool the first or the mean).
+  unused_config: config key prefixes (e.g. 'model.byte_pool.') this kind never reads: a run
+    may resume over a checkpoint whose config differs only there.
   scoring(model_cfg) -> Scoring: what the log-likelihood scorer (stlm/eval/scorer.py) may
     ask of this kind's model beyond the plain forward; default: nothing (one request per
     row, every position through the output layer).
@@ -100,6 +102,7 @@ class ModelKind:
   reports_bits_per_byte: bool = True
   causal: bool = True
   scoring: Callable[[Any], 'Scoring'] = lambda model_cfg: Scoring()
+  unused_config: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, ModelKind] = {}

@@ -21,6 +21,9 @@ from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
+from stlm import config as config_lib
+from stlm.models import kinds
+
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = frozenset({
     'train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
@@ -155,9 +158,22 @@ def flatten_config(cfg) -> dict:
 
 
 def config_differences(saved: dict, current) -> list[str]:
+  """'key: checkpoint has X, this run has Y' for every key that changes what is trained.
+
+  Skipped: RESUMABLE_KEYS and keys under the prefixes the run's model kind never reads. A key
+  the checkpoint lacks (written by code before the key existed) counts as its
+  `config.LEGACY_VALUES` entry, the behaviour that code had.
+  """
   a, b = flatten_config(saved), flatten_config(current)
-  return [f'{k}: checkpoint has {a.get(k)!r}, this run has {b.get(k)!r}'
-          for k in sorted(set(a) | set(b)) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+  unused = tuple(kinds.get_kind(b['model.kind']).unused_config) if 'model.kind' in b else ()
+  out = []
+  for k in sorted(set(a) | set(b)):
+    if k in RESUMABLE_KEYS or (unused and k.startswith(unused)):
+      continue
+    old = a.get(k, config_lib.LEGACY_VALUES.get(k))
+    if old != b.get(k):
+      out.append(f'{k}: checkpoint has {old!r}, this run has {b.get(k)!r}')
+  return out
 
 
 class RunCheckpoints:
