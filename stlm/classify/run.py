@@ -82,13 +82,23 @@ def task_splits(task: str, data_dir: str, s: SplitSettings) -> Splits:
   return Splits(train, val, test, info)
 
 
+def _lr_field(train: finetune.TrainSettings) -> str:
+  """The learning rate a setting trains with: a linear probe's probe_lr, else lr."""
+  return 'probe_lr' if train.mode == 'probe' else 'lr'
+
+
+def _as_grid(train) -> list:
+  """One TrainSettings or a list of candidates -> the list."""
+  return list(train) if isinstance(train, (list, tuple)) else [train]
+
+
 def candidates(train: finetune.TrainSettings, lrs=(), pools=()) -> list:
   """The settings grid chosen among on validation: every pooling x every learning rate.
 
   `lrs` are fine-tuning learning rates (a linear probe's probe_lr in probe mode); empty
   lists keep `train`'s own value, so one candidate means no selection.
   """
-  field = 'probe_lr' if train.mode == 'probe' else 'lr'
+  field = _lr_field(train)
   lrs = [float(x) for x in lrs] or [getattr(train, field)]
   pools = list(pools) or [train.pool]
   return [dataclasses.replace(train, pool=p, **{field: lr}) for p in pools for lr in lrs]
@@ -102,7 +112,7 @@ def _select(bb, tr, va, sp: Splits, grid, seed: int, log):
   best, tried = None, []
   for cand in grid:
     if len(grid) > 1:
-      log(f'  candidate pool={cand.pool} lr={cand.probe_lr if cand.mode == "probe" else cand.lr:g}')
+      log(f'  candidate pool={cand.pool} lr={getattr(cand, _lr_field(cand)):g}')
     clf = finetune.train_classifier(bb, tr, sp.train.labels, va, sp.val.labels,
                                     len(sp.train.classes),
                                     dataclasses.replace(cand, seed=seed), log=log)
@@ -119,7 +129,7 @@ def fit_members(backbones, sp: Splits, train, log):
   `train` is one TrainSettings or a list of candidates (see `candidates`), chosen among per
   backbone by validation accuracy.
   """
-  grid = list(train) if isinstance(train, (list, tuple)) else [train]
+  grid = _as_grid(train)
   out = []
   for i, bb in enumerate(backbones):
     tr = backbone_lib.tokenize(bb.tokenizer, sp.train.texts, bb.max_len)
@@ -127,7 +137,7 @@ def fit_members(backbones, sp: Splits, train, log):
     te = backbone_lib.tokenize(bb.tokenizer, sp.test.texts, bb.max_len)
     log(f'{bb.source} ({grid[0].mode}): {len(sp.train)} train / {len(sp.val)} val')
     clf, chosen, tried = _select(bb, tr, va, sp, grid, grid[0].seed + i, log)
-    lr = chosen.probe_lr if chosen.mode == 'probe' else chosen.lr   # the one that was chosen
+    lr = getattr(chosen, _lr_field(chosen))   # the one that was chosen
     probs = clf.predict_proba(te)
     acc, se = finetune.accuracy_with_se(probs.argmax(1), sp.test.labels)
     if len(grid) > 1:
@@ -168,7 +178,7 @@ def text_task(backbones, task: str, data_dir: str, split: SplitSettings,
 
   `train`: one TrainSettings, or a list of candidates chosen among on validation.
   """
-  grid = list(train) if isinstance(train, (list, tuple)) else [train]
+  grid = _as_grid(train)
   sp = task_splits(task, data_dir, split)
   fitted = fit_members(backbones, sp, grid, log)
   probs = committee_lib.average_probabilities([p for _, p, *_ in fitted])
