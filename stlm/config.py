@@ -15,6 +15,7 @@ LEGACY_VALUES = {
     'model.byte_pool.slot_embedding': False,
     'model.byte_pool.condition': 'add',
     'model.byte_pool.condition_at': 'input',
+    'model.byte_pool.cross_chunks': 4,   # read only with condition 'cross_attention'
 }
 
 
@@ -90,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   b.ngram_sizes = (3, 4)         # hashed byte n-gram embeddings added in the encoder (BLT)
   b.ngram_buckets = 512          # rows per n-gram table (0 = none); tiny's budget: 90% < 3.2M
   b.slot_embedding = True        # learned slot-in-chunk embedding on local encoder/decoder inputs
-  b.condition = 'add'            # core output -> decoder: add (one projection) | slot_add (one per slot)
+  b.condition = 'add'            # core output -> decoder: add (one projection) | slot_add (one per
+                                 # slot) | cross_attention (to the last cross_chunks core outputs)
+  b.cross_chunks = 4             # core outputs a decoder symbol attends to with cross_attention
   b.condition_at = 'after_attention'  # where it enters the decoder: input | after_attention (layer 1)
 
   # Masked-LM encoder (config.model.kind == 'encoder', stlm/data/mlm.py); ignored otherwise.

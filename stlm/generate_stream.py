@@ -8,6 +8,8 @@ tail of the input stream and each new symbol decoded from a fixed-size tail of t
 stream. Those tails cover the receptive field, so the results equal the full forward pass
 (up to float rounding of the relative positions); each step costs O(tail), independent of
 the text length. The local models keep no KV cache: a tail recompute is one small jitted call.
+Each decoder symbol carries its core-output memory (the last K core outputs, K = 1 unless the
+decoder cross-attends to several: byte_pool_v2.memory_chunks).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from stlm import byte_ids
 from stlm.data import byte_stream
 from stlm.data import chunking
+from stlm.models import byte_pool_v2
 
 PREFILL_BLOCK = 32
 
@@ -49,6 +52,7 @@ class _Fns:
   def __init__(self, model, model_cfg):
     self.model, self.cfg = model, model_cfg
     self.enc_tail, self.dec_tail = tail_lengths(model_cfg)
+    self.memory = byte_pool_v2.memory_chunks(model_cfg)
 
     @functools.partial(jax.jit, static_argnames=('T',))
     def encode(params, ids, start, seg, T):
@@ -61,8 +65,9 @@ class _Fns:
       return out, mut['cache']
 
     @jax.jit
-    def decode(params, prev, y, start, seg):
-      return model.apply({'params': params}, prev, y, start, seg, method='decoder_logits')
+    def decode(params, prev, y, valid, start, seg):
+      return model.apply({'params': params}, prev, y, valid, start, seg,
+                         method='decoder_logits')
 
     self.encode, self.core, self.decode = encode, core, decode
     D = model_cfg.hidden_dim
@@ -103,8 +108,19 @@ class StreamState:
     self.in_ids, self.in_start = [], []          # input stream (chunks fed to the core)
     self.vectors = []                            # core inputs of the chunks in context
     self.cache, self.n_cached = self.f.empty_cache, 0
-    self.dec_tgt, self.dec_start, self.dec_y = [], [], []   # decoder stream history
-    self.y = None                                # core output of the last chunk fed
+    # Decoder stream history; dec_mem: each symbol's core-output memory (K x D, K valid flags).
+    self.dec_tgt, self.dec_start, self.dec_mem = [], [], []
+    self.recent = []                             # core outputs of the last K chunks fed
+
+  def _memory(self, outputs):
+    """The last K of `outputs` (oldest first, zero-padded in front) and which exist."""
+    K = self.f.memory
+    outputs = outputs[-K:]
+    D = int(self.cfg.hidden_dim)
+    y = np.zeros((K, D), np.float32)
+    if outputs:
+      y[K - len(outputs):] = np.stack(outputs)
+    return y, np.arange(K) >= K - len(outputs)
 
   # ---------------------------------------------------------------- core
   def _core(self, vectors):
@@ -160,11 +176,11 @@ class StreamState:
     first_y = len(x) - len(ys)   # outputs of chunks dropped from the context are unknown
     for k in range(1, seq.num_chunks):
       sym, st = seq.symbols(k, k + 1)
-      y = ys[max(k - 1 - first_y, 0)]
+      mem = self._memory(ys[:max(k - first_y, 1)])
       self.dec_tgt += list(sym)
       self.dec_start += list(st)
-      self.dec_y += [y] * len(sym)
-    self.y = ys[-1]
+      self.dec_mem += [mem] * len(sym)
+    self.recent = ys[-self.f.memory:]
 
   def feed_chunk(self, symbols):
     """Appends a generated chunk (its symbols, ending in END_OF_CHUNK) to both streams."""
@@ -176,18 +192,19 @@ class StreamState:
     seg = _tail(np.ones(len(self.in_ids)), n)
     x = np.asarray(self.f.encode(self.params, ids, start, seg, n))
     last = int(np.cumsum(start[0])[-1]) - 1     # the new chunk's index inside the tail
-    self.y = self._feed_vector(x[0, last])
+    self.recent = (self.recent + [self._feed_vector(x[0, last])])[-self.f.memory:]
 
   # ---------------------------------------------------------------- decoder
   def symbol_logits(self, chunk_so_far):
-    """Masked f32 logits of the next symbol of the chunk after self.y's chunk."""
+    """Masked f32 logits of the next symbol of the chunk after the last chunk fed."""
     tgt = self.dec_tgt + list(chunk_so_far)
     prev = [byte_ids.END_OF_CHUNK] + tgt
     start = self.dec_start + ([1] + [0] * (len(chunk_so_far)))[:len(chunk_so_far) + 1]
-    ys = self.dec_y + [self.y] * (len(chunk_so_far) + 1)
     n = self.f.dec_tail
-    logits = self.f.decode(self.params, _tail(prev, n), _tail(np.stack(ys[-n:]), n, 0.0,
-                                                                 np.float32),
+    mems = (self.dec_mem + [self._memory(self.recent)] * (len(chunk_so_far) + 1))[-n:]
+    logits = self.f.decode(self.params, _tail(prev, n),
+                           _tail(np.stack([y for y, _ in mems]), n, 0.0, np.float32),
+                           _tail(np.stack([v for _, v in mems]), n, False, bool),
                            _tail(start, n), _tail(np.ones(len(prev)), n))
     return logits[0, -1]
 
@@ -196,9 +213,9 @@ class StreamState:
     symbols = list(symbols)
     self.dec_tgt += symbols
     self.dec_start += [1] + [0] * (len(symbols) - 1)
-    self.dec_y += [self.y] * len(symbols)
+    self.dec_mem += [self._memory(self.recent)] * len(symbols)
     keep = 4 * self.f.dec_tail   # only the tail is ever read
-    del self.dec_tgt[:-keep], self.dec_start[:-keep], self.dec_y[:-keep]
+    del self.dec_tgt[:-keep], self.dec_start[:-keep], self.dec_mem[:-keep]
     del self.in_ids[:-4 * self.f.enc_tail], self.in_start[:-4 * self.f.enc_tail]
 
 

@@ -16,6 +16,7 @@ from stlm.data import byte_stream
 from stlm.data import chunking
 from stlm.models import byte_pool
 from stlm.models import byte_pool_v2
+from stlm.models import byte_pool_v2_kind
 from stlm.models import factory
 from tests import param_fill
 from tests import test_byte_pool as tbp
@@ -38,7 +39,7 @@ def small_cfg(**byte_overrides):
 def setup(**overrides):
   cfg = small_cfg(**dict(overrides))
   model = byte_pool_v2.BytePoolV2LM(cfg)
-  params = param_fill.random_params(model, byte_pool_v2.dummy_batch(cfg, 2, T))
+  params = param_fill.random_params(model, byte_pool_v2_kind.dummy_batch(cfg, 2, T))
   forward = tbp.jit(lambda p, b: model.apply({'params': p}, b, method='scores'))
   return cfg, model, params, forward
 
@@ -84,6 +85,8 @@ LAST = {'pooling': 'last'}
 # output added at the decoder's input). DEFAULT: slot embeddings, core after attention.
 SLOTS = {'slot_embedding': True, 'condition': 'slot_add'}
 PLAIN = {'slot_embedding': False, 'condition': 'add', 'condition_at': 'input'}
+# Cross-attention to the last 3 core outputs (BLT-style decoder conditioning).
+CROSS = {'condition': 'cross_attention', 'cross_chunks': 3}
 
 
 @pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK], ids=['default', 'attn_chunk'])
@@ -109,8 +112,8 @@ def _chunk_bounds(starts):
   return np.append(b, len(starts))
 
 
-@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK, LAST, SLOTS, PLAIN],
-                         ids=['default', 'attn_chunk', 'last', 'slots', 'plain'])
+@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK, LAST, SLOTS, PLAIN, CROSS],
+                         ids=['default', 'attn_chunk', 'last', 'slots', 'plain', 'cross'])
 def test_no_leak_from_later_chunks(batch, overrides):
   """Changing a byte of chunk k+1 (input k+1 = target k) never moves chunks <= k-1, nor the
   symbols of target k up to the changed one; the change is seen afterwards."""
@@ -131,11 +134,12 @@ def test_no_leak_from_later_chunks(batch, overrides):
   assert not np.allclose(out1['logprobs'][0, k + 1], out0['logprobs'][0, k + 1])
 
 
-def test_core_output_of_chunk_t_conditions_the_first_symbol_of_chunk_t_plus_1(batch):
+@pytest.mark.parametrize('overrides', [{}, CROSS], ids=['add', 'cross'])
+def test_core_output_of_chunk_t_conditions_the_first_symbol_of_chunk_t_plus_1(batch, overrides):
   """Alignment: with both local models limited to their own chunk, the first symbol of target
   chunk k (text chunk k+1) learns of input chunk k only through the core output at k; a
   change there reaches it, and nothing of target chunk k-1 moves."""
-  _, _, params, forward = setup(**ATTENTION_CHUNK)
+  _, _, params, forward = setup(**ATTENTION_CHUNK, **overrides)
   _, logits0 = forward(params, batch)
   k = 3
   b = {key: np.array(v) for key, v in batch.items()}
@@ -168,7 +172,7 @@ def test_padding_and_neighbours_change_nothing(batch, featurizer):
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('overrides', [SLOTS, PLAIN], ids=['slots', 'plain'])
+@pytest.mark.parametrize('overrides', [SLOTS, PLAIN, CROSS], ids=['slots', 'plain', 'cross'])
 def test_generation_path_equals_full_forward_and_does_not_leak(featurizer, overrides):
   """Also checks the generation tails: with slot embeddings a symbol's slot reads back to
   its chunk's start, which the tails must cover (a tail one chunk short fails here)."""
@@ -223,3 +227,23 @@ def test_the_byte_pool_config_trains_v2_by_default():
   from stlm import config as config_lib  # pylint: disable=g-import-not-at-top
   assert byte_pool_config.get_config('tiny').model.byte_pool.version == 'v2'
   assert config_lib.base_config().model.byte_pool.version == 'paper'
+
+
+def test_cross_attention_flops_and_config_errors():
+  """The FLOPs accounting adds exactly the cross-attention's work (query/output projections
+  and K keys per symbol, key/value projections per chunk, minus the add's projection); a bad
+  cross_chunks names its key."""
+  from stlm import config_validate  # pylint: disable=g-import-not-at-top
+  cfg = byte_pool_config.get_config('tiny')
+  m = cfg.model
+  breakdown = {'core': 1000}
+  add = byte_pool_v2_kind.flops_per_target(m, breakdown)
+  m.byte_pool.update(condition='cross_attention', cross_chunks=3)
+  cross = byte_pool_v2_kind.flops_per_target(m, breakdown)
+  E, D = m.byte_pool.byte_dim, m.hidden_dim
+  symbols = byte_ids.stream_len(m.max_len, m.byte_pool.max_bytes_per_chunk) / m.max_len
+  want = symbols * (6 * 2 * E * E + 12 * 3 * E) + 6 * D * E
+  assert cross - add == pytest.approx(want)
+  m.byte_pool.cross_chunks = 0
+  with pytest.raises(config_validate.ConfigError, match='model.byte_pool.cross_chunks'):
+    config_validate.validate(cfg)

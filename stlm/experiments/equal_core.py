@@ -48,6 +48,7 @@ VARIANTS = {
     'v2_no_slots': (byte_pool_config, dict(version='v2', slot_embedding=False)),
     'v2_cond_at_input': (byte_pool_config, dict(version='v2', condition_at='input')),
     'v2_slot_add': (byte_pool_config, dict(version='v2', condition='slot_add')),
+    'v2_cross': (byte_pool_config, dict(version='v2', condition='cross_attention')),
     'v2_ragged_only': (byte_pool_config, dict(_V2_FIRST, **_CHUNK_ONLY)),
     'v2_prev_bytes_decoder': (byte_pool_config, dict(_V2_FIRST, encoder_context='chunk',
                                                      ngram_buckets=0)),

@@ -24,6 +24,7 @@ from stlm import config_errors
 # The byte ids live in stlm/byte_ids.py (data and models share them); re-exported here.
 from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import,line-too-long
 from stlm.models import byte_pool_v2
+from stlm.models import byte_pool_v2_kind
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
@@ -354,7 +355,7 @@ def validate(model_cfg) -> None:
     config_errors.fail('model.byte_pool.version', b.version,
                        f'unknown value; choose one of {", ".join(byte_ids.VERSIONS)}')
   if byte_ids.is_stream(model_cfg):
-    byte_pool_v2.validate(model_cfg)
+    byte_pool_v2_kind.validate(model_cfg)
   for enc in ('encoder', 'decoder'):
     heads = b[f'{enc}_heads']
     if b.byte_dim % heads:
@@ -378,21 +379,21 @@ def _build(model_cfg):
 
 def _dummy_batch(model_cfg, batch_size=1, seq_len=None):
   if byte_ids.is_stream(model_cfg):
-    return byte_pool_v2.dummy_batch(model_cfg, batch_size, seq_len)
+    return byte_pool_v2_kind.dummy_batch(model_cfg, batch_size, seq_len)
   # One slot more than the longest chunk: room for its end-of-chunk symbol.
   return kinds.layout_batch(model_cfg, _unit_shape(model_cfg), batch_size, seq_len)
 
 
 def _synthetic_batch(model_cfg, rng, leading_shape):
   if byte_ids.is_stream(model_cfg):
-    return byte_pool_v2.synthetic_batch(model_cfg, rng, leading_shape)
+    return byte_pool_v2_kind.synthetic_batch(model_cfg, rng, leading_shape)
   return kinds.random_batch(model_cfg, _unit_shape(model_cfg), rng, leading_shape, BYTE_OFFSET,
                             BYTE_VOCAB)
 
 
 def _flops_per_target(model_cfg, breakdown):
   if byte_ids.is_stream(model_cfg):
-    return byte_pool_v2.flops_per_target(model_cfg, breakdown)
+    return byte_pool_v2_kind.flops_per_target(model_cfg, breakdown)
   return flops_per_target(model_cfg, breakdown)
 
 

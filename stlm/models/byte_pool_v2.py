@@ -11,7 +11,8 @@ symbols back to back (bytes + END_OF_CHUNK, or EOT), so no compute goes to per-c
 - Decoder: over the target stream, each symbol's input is the previous symbol (+ its slot
   embedding); the projected core output of the chunk before its chunk joins the residual
   stream after the first attention sub-block (condition_at 'after_attention', the default;
-  'input' adds it to the input). A causal sliding-window transformer, so a byte of chunk t+1
+  'input' adds it to the input). Or, with condition 'cross_attention' (BLT), the symbol
+  attends there to the last `cross_chunks` core outputs of its document. A causal sliding-window transformer, so a byte of chunk t+1
   sees y_t and the bytes before it, including the previous chunks' (decoder_context 'window';
   'chunk' limits it to its own chunk, like v1).
 
@@ -34,9 +35,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from stlm import byte_ids
 from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD  # pylint: disable=unused-import
 from stlm.models import layers
 from stlm.models import local_transformer as local
@@ -45,10 +44,17 @@ NEG_INF = -1e30
 # As in v1: chunk vectors enter the core, and core vectors the decoder, at embedding scale.
 PROJ_INIT = layers.fan_in_init(scale=0.02 ** 2)
 CONTEXTS = ('window', 'chunk')
-CONDITIONS = ('add', 'slot_add')
+CONDITIONS = ('add', 'slot_add', 'cross_attention')
 CONDITION_AT = ('input', 'after_attention')
 _HASH_MUL = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C,
              0xFD7046C5, 0xB55A4F09)
+
+
+def memory_chunks(cfg) -> int:
+  """Core outputs each decoder symbol reads: model.byte_pool.cross_chunks with the
+  'cross_attention' condition, else 1 (its own chunk's)."""
+  b = cfg.byte_pool
+  return int(b.get('cross_chunks', 4)) if b.get('condition', 'add') == 'cross_attention' else 1
 
 
 def chunk_index(start_BxS, seg_BxS, T: int):
@@ -175,7 +181,9 @@ class StreamDecoder(nn.Module):
     self.dcfg = local.local_cfg(cfg, num_layers=b.decoder_layers, num_heads=b.decoder_heads,
                                 ffn_dim=b.decoder_ffn_dim, window=b.local_window,
                                 vocab=BYTE_VOCAB)
-    if b.get('condition', 'add') == 'slot_add':
+    if b.get('condition', 'add') == 'cross_attention':
+      self.cross = local.CoreCrossAttention(self.dcfg, cfg.hidden_dim, memory_chunks(cfg))
+    elif b.get('condition', 'add') == 'slot_add':
       # MEGABYTE: one projection of the core output per slot of the next chunk.
       self.from_core = layers.make_param(
           self, 'from_core', layers.fan_in_init(0, (1, 2), 0.02 ** 2),
@@ -190,6 +198,22 @@ class StreamDecoder(nn.Module):
       self.head = layers.make_param(self, 'head', layers.fan_in_init(), (b.byte_dim, BYTE_VOCAB),
                                     ('embed', 'vocab'), self.dcfg)
 
+  def chunk_condition(self, y_BxTxD, seg_BxT):
+    """Core outputs -> per-chunk conditions: an array (see `condition`) or, with
+    'cross_attention', keys / values / validity of each chunk's core-output memory."""
+    if hasattr(self, 'cross'):
+      return self.cross.memory(y_BxTxD, seg_BxT)
+    return self.condition(y_BxTxD)
+
+  def memory_condition(self, y_BxSxKxD, valid_BxSxK, start_BxS):
+    """Generation: each symbol's last K core outputs (oldest first; K = memory_chunks) ->
+    its condition."""
+    if hasattr(self, 'cross'):
+      return self.cross.project(y_BxSxKxD) + (valid_BxSxK,)
+    B, S = start_BxS.shape
+    own = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))   # symbol s reads row s
+    return self.symbol_condition(self.condition(y_BxSxKxD[:, :, -1]), own, start_BxS)
+
   def condition(self, y_xD):
     """Core outputs [..., D] -> decoder conditions [..., byte_dim] ('add') or one per slot
     [..., max_bytes + 1, byte_dim] ('slot_add')."""
@@ -202,6 +226,9 @@ class StreamDecoder(nn.Module):
   def symbol_condition(self, cond_BxTx_, chunk_BxS, start_BxS):
     """Each symbol's condition: row `chunk` of the chunk-level conditions (and its slot's
     projection with 'slot_add')."""
+    if isinstance(cond_BxTx_, tuple):   # cross-attention memory: gather every part
+      return tuple(jnp.take_along_axis(a, chunk_BxS.reshape(chunk_BxS.shape + (1,) * (a.ndim - 2)),
+                                       axis=1) for a in cond_BxTx_)
     B, T = cond_BxTx_.shape[:2]
     if cond_BxTx_.ndim == 3:
       return jnp.take_along_axis(cond_BxTx_, chunk_BxS[..., None], axis=1)
@@ -212,13 +239,17 @@ class StreamDecoder(nn.Module):
   def __call__(self, prev_BxS, cond_BxSxE, start_BxS, seg_BxS, *, deterministic: bool):
     cfg, b = self.cfg, self.cfg.byte_pool
     dtype = layers.dtype_of(cfg.dtype)
-    cond = cond_BxSxE.astype(dtype)
+    if isinstance(cond_BxSxE, tuple):
+      cond_of = lambda x: self.cross.attend(x, *cond_BxSxE)
+    else:
+      cond_of = lambda x: cond_BxSxE.astype(dtype)
     late = b.get('condition_at', 'input') == 'after_attention'
-    x = self.embed(prev_BxS) + (0 if late else cond)
+    x = self.embed(prev_BxS)
+    x = x if late else x + cond_of(x)
     x = add_slots(x, self.slots, start_BxS, b.max_bytes_per_chunk)
     group = jnp.cumsum(start_BxS, axis=1) if b.decoder_context == 'chunk' else None
     h = self.transformer(x, seg_BxS, group, deterministic=deterministic,
-                         after_attention_BxLxE=cond if late else None)
+                         after_attention=cond_of if late else None)
     if cfg.tie_embeddings:
       logits = jnp.einsum('ble,ve->blv', h.astype(dtype), self.embed.embedding.astype(dtype),
                           preferred_element_type=jnp.float32)
@@ -275,13 +306,13 @@ class BytePoolV2LM(nn.Module):
     return self.core(x_BxTxD, segment_ids_BxT, positions_BxT, deterministic=deterministic,
                      decode=decode)
 
-  def decoder_logits(self, prev_BxS, y_BxSxD, start_BxS, seg_BxS, *, deterministic=True):
-    """Masked logits with a core output per symbol (generation: one row of history)."""
+  def decoder_logits(self, prev_BxS, y_BxSxKxD, valid_BxSxK, start_BxS, seg_BxS, *,
+                     deterministic=True):
+    """Masked logits with each symbol's last K core outputs (generation: one row of
+    history; K = memory_chunks(cfg), oldest first, valid where the output exists)."""
     dec = self.byte_decoder
-    B, S = prev_BxS.shape
-    own = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))   # symbol s reads row s
-    cond_BxSxE = dec.symbol_condition(dec.condition(y_BxSxD), own, start_BxS)
-    return dec(prev_BxS, cond_BxSxE, start_BxS, seg_BxS, deterministic=deterministic)
+    cond = dec.memory_condition(y_BxSxKxD, valid_BxSxK, start_BxS)
+    return dec(prev_BxS, cond, start_BxS, seg_BxS, deterministic=deterministic)
 
   def scores(self, batch, *, deterministic=True):
     """(the __call__ dict, masked f32 logits B x S x V of every target symbol)."""
@@ -298,8 +329,9 @@ class BytePoolV2LM(nn.Module):
                          batch['targets_segment_ids'])
     # Project at chunk level, then gather per symbol: the projection runs T times, not S.
     tidx = jnp.clip(jnp.cumsum(tstart, axis=1) - 1, 0, T - 1)
-    cond_BxSxE = self.byte_decoder.symbol_condition(self.byte_decoder.condition(y_BxTxD), tidx,
-                                                    tstart)
+    dec = self.byte_decoder
+    cond_BxSxE = dec.symbol_condition(dec.chunk_condition(y_BxTxD, batch['segment_ids']), tidx,
+                                      tstart)
     logits = self.byte_decoder(previous_symbols(tgt, tseg), cond_BxSxE, tstart, tseg,
                                deterministic=deterministic)
     logprobs, units, greedy = chunk_scores(logits, tgt, tstart, tseg, T)
@@ -307,118 +339,3 @@ class BytePoolV2LM(nn.Module):
 
   def __call__(self, batch, *, deterministic=True):
     return self.scores(batch, deterministic=deterministic)[0]
-
-
-# ---------------------------------------------------------------- the kind's description (v2)
-# (registered as the byte_pool kind's version 'v2' in stlm/models/byte_pool.py)
-
-
-def validate(model_cfg) -> None:
-  """The v2 keys: contexts, window, stream length, n-gram tables."""
-  from stlm import config_errors  # pylint: disable=g-import-not-at-top
-  b = model_cfg.byte_pool
-  for key in ('encoder_context', 'decoder_context'):
-    if b[key] not in CONTEXTS:
-      config_errors.fail(f'model.byte_pool.{key}', b[key],
-                         f'unknown value; choose one of {", ".join(CONTEXTS)}')
-  if b.get('condition', 'add') not in CONDITIONS:
-    config_errors.fail('model.byte_pool.condition', b.condition,
-                       f'unknown value; choose one of {", ".join(CONDITIONS)}')
-  if b.get('condition_at', 'input') not in CONDITION_AT:
-    config_errors.fail('model.byte_pool.condition_at', b.condition_at,
-                       f'unknown value; choose one of {", ".join(CONDITION_AT)}')
-  if not isinstance(b.local_window, int) or b.local_window < 1:
-    config_errors.fail('model.byte_pool.local_window', b.local_window, 'must be an integer >= 1')
-  if b.stream_len and b.stream_len < b.max_bytes_per_chunk + 1:
-    config_errors.fail('model.byte_pool.stream_len', b.stream_len,
-                       f'cannot hold one chunk of model.byte_pool.max_bytes_per_chunk + 1 = '
-                       f'{b.max_bytes_per_chunk + 1} symbols (0 = 5 x model.max_len)')
-  if b.ngram_buckets < 0 or any(int(n) < 1 for n in b.ngram_sizes):
-    config_errors.fail('model.byte_pool.ngram_sizes', tuple(b.ngram_sizes),
-                       'n-gram sizes must be >= 1 and ngram_buckets >= 0')
-  for enc in ('encoder', 'decoder'):
-    heads = b[f'{enc}_heads']
-    if (b.byte_dim // heads) % 2:
-      config_errors.fail(f'model.byte_pool.{enc}_heads', heads,
-                         f'gives an odd head size {b.byte_dim // heads} (RoPE needs even)')
-
-# GPT-2 chunk lengths (bytes, split at 16) measured on the first 200 documents of
-# ../shared/data/corpus/wikipedia_en/shard_00.jsonl (mean 3.16): synthetic benchmark rows get
-# real-looking streams, so a benchmark times what training computes.
-CHUNK_LENGTH_PROBS = (0.4638, 0.104, 0.1039, 0.0914, 0.0621, 0.0434, 0.0327, 0.0302, 0.0222,
-                      0.0148, 0.0089, 0.0055, 0.0024, 0.002, 0.0006, 0.0121)
-
-
-def _stream_len(model_cfg) -> int:
-  b = model_cfg.byte_pool
-  return byte_ids.stream_len(model_cfg.max_len, b.max_bytes_per_chunk, b.get('stream_len', 0))
-
-
-def dummy_batch(model_cfg, batch_size: int = 1, seq_len: int | None = None):
-  """Zeros in the stream layout (one segment, one symbol per chunk): init and shapes only."""
-  T = seq_len or min(model_cfg.max_len, 16)
-  S = max(_stream_len(model_cfg) * T // model_cfg.max_len, model_cfg.byte_pool.max_bytes_per_chunk + 1)
-  B = batch_size
-  ones_S = np.ones((B, S), np.int32)
-  return dict(
-      inputs=np.full((B, S), BYTE_OFFSET, np.int32), inputs_chunk_start=ones_S.copy(),
-      inputs_segment_ids=ones_S.copy(), targets=np.full((B, S), END_OF_CHUNK, np.int32),
-      targets_chunk_start=ones_S.copy(), targets_segment_ids=ones_S.copy(),
-      segment_ids=np.ones((B, T), np.int32),
-      positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-      loss_mask=np.ones((B, T), np.float32), target_bytes=np.ones((B, T), np.int32))
-
-
-def synthetic_row(model_cfg, rng: np.random.Generator):
-  """One packed row of random text chunks (CHUNK_LENGTH_PROBS): chunks until T or the stream
-  is full; returns the row's arrays."""
-  T, S = model_cfg.max_len, _stream_len(model_cfg)
-  max_bytes = model_cfg.byte_pool.max_bytes_per_chunk
-  probs = np.asarray(CHUNK_LENGTH_PROBS[:max_bytes])
-  lengths = rng.choice(np.arange(1, len(probs) + 1), size=T + 1, p=probs / probs.sum())
-  sym = lengths + 1
-  # Chunks 0..n-1 as inputs, 1..n as targets; both streams must fit S.
-  n = T
-  while max(sym[:n].sum(), sym[1:n + 1].sum()) > S:
-    n -= 1
-  ids = [np.append(rng.integers(BYTE_OFFSET, BYTE_VOCAB, k), END_OF_CHUNK) for k in lengths]
-  row = {}
-  for key, part in (('inputs', ids[:n]), ('targets', ids[1:n + 1])):
-    flat = np.concatenate(part).astype(np.int32)
-    start = np.zeros(len(flat), np.int32)
-    start[np.cumsum([0] + [len(p) for p in part[:-1]])] = 1
-    row[key] = np.pad(flat, (0, S - len(flat)))
-    row[f'{key}_chunk_start'] = np.pad(start, (0, S - len(flat)))
-    row[f'{key}_segment_ids'] = np.pad(np.ones(len(flat), np.int32), (0, S - len(flat)))
-  real = np.arange(T) < n
-  row.update(segment_ids=real.astype(np.int32), positions=np.where(real, np.arange(T), 0),
-             loss_mask=real.astype(np.float32),
-             target_bytes=np.where(real, np.pad(lengths[1:n + 1], (0, T - n)), 0).astype(np.int32))
-  return row
-
-
-def synthetic_batch(model_cfg, rng: np.random.Generator, leading_shape):
-  """Rows of `synthetic_row`, stacked to leading_shape + (T or S,)."""
-  leading_shape = tuple(leading_shape)
-  rows = [synthetic_row(model_cfg, rng) for _ in range(int(np.prod(leading_shape)))]
-  return {k: np.stack([r[k] for r in rows]).reshape(leading_shape + rows[0][k].shape)
-          for k in rows[0]}
-
-
-def flops_per_target(model_cfg, breakdown) -> float:
-  """Training FLOPs per chunk position: 6 x core params + core attention, plus the local
-  models' matmuls and windowed attention for every symbol slot of the stream (padding
-  included: it is computed), i.e. stream_len / max_len symbols per chunk position."""
-  m, b = model_cfg, model_cfg.byte_pool
-  E = b.byte_dim
-  per_symbol_params = 0
-  for n_layers, ffn in ((b.encoder_layers, b.encoder_ffn_dim), (b.decoder_layers, b.decoder_ffn_dim)):
-    per_symbol_params += n_layers * (4 * E * E + (3 if m.ffn_type == 'swiglu' else 2) * E * ffn)
-  per_symbol_params += E * BYTE_VOCAB  # the output layer
-  # Windowed attention: scores and mixing against 2 x window keys (block-wise), per layer.
-  attn = 12 * (b.encoder_layers + b.decoder_layers) * 2 * b.local_window * E
-  symbols = _stream_len(m) / m.max_len
-  from_core_rows = b.max_bytes_per_chunk + 1 if b.get('condition', 'add') == 'slot_add' else 1
-  core_attn = 12 * m.num_layers * m.max_len * m.hidden_dim / 2
-  return 6 * breakdown['core'] + core_attn + symbols * (6 * per_symbol_params + attn) \
-      + 6 * (1 + from_core_rows) * m.hidden_dim * E   # to_core and from_core, per chunk

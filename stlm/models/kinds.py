@@ -134,9 +134,10 @@ def _load_builtin() -> None:
 
 
 def kind_names() -> tuple[str, ...]:
-  """Every registered kind's name, in registration order."""
+  """Every registered kind's name, sorted (registration order depends on which module a
+  program happens to import first)."""
   _load_builtin()
-  return tuple(_REGISTRY)
+  return tuple(sorted(_REGISTRY))
 
 
 def get_kind(name: str) -> ModelKind:
@@ -145,9 +146,9 @@ def get_kind(name: str) -> ModelKind:
   if name not in _REGISTRY:
     if _missing:
       raise ImportError(f'model.kind {name!r} is not registered (known: '
-                        f'{", ".join(_REGISTRY)}); these kind modules are not present in this '
+                        f'{", ".join(kind_names())}); these kind modules are not present in this '
                         f'checkout: {", ".join(_missing.values())}')
-    raise ValueError(f'model.kind {name!r} unknown; choose one of {", ".join(_REGISTRY)}')
+    raise ValueError(f'model.kind {name!r} unknown; choose one of {", ".join(kind_names())}')
   return _REGISTRY[name]
 
 

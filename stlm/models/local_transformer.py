@@ -109,9 +109,10 @@ class LocalTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxE, seg_BxL, group_BxL=None, *, deterministic: bool,
-               after_attention_BxLxE=None):
-    """after_attention: added to the residual stream after the first attention sub-block
-    (so the first attention's queries and keys see the symbols alone)."""
+               after_attention=None):
+    """after_attention: a function x_BxLxE -> B x L x E whose value joins the residual stream
+    after the first attention sub-block (so the first attention's queries and keys see the
+    symbols alone): the byte-pool decoder's core condition."""
     cfg = self.cfg
     x = x_BxLxE.astype(layers.dtype_of(cfg.dtype))
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
@@ -119,9 +120,78 @@ class LocalTransformer(nn.Module):
       h = layers.Norm(cfg, name=f'block_{i}_attn_norm')(x)
       h = LocalAttention(cfg, name=f'block_{i}_attn')(h, seg_BxL, group_BxL)
       x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
-      if i == 0 and after_attention_BxLxE is not None:
-        x = x + after_attention_BxLxE.astype(x.dtype)
+      if i == 0 and after_attention is not None:
+        x = x + after_attention(x).astype(x.dtype)
       h = layers.Norm(cfg, name=f'block_{i}_ffn_norm')(x)
       h = layers.FeedForward(cfg, name=f'block_{i}_ffn')(h)
       x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     return layers.Norm(cfg, name='final_norm')(x)
+
+
+class CoreCrossAttention(nn.Module):
+  """Symbols attend to the last `chunks` core outputs of their document (byte-pool v2's
+  'cross_attention' condition; BLT's decoder cross-attention over patches).
+
+  A symbol of target chunk c reads core outputs c-chunks+1 .. c (each summarises the text up
+  to and including its input chunk, so nothing of chunk c+1 is visible); keys carry a learned
+  age embedding (0 = the newest), so the newest output can be told apart. Keys and values are
+  projected once per chunk (`memory`), then gathered per symbol (`attend`).
+  cfg: the local model's config (local_cfg); core_dim: the core's width.
+  """
+  cfg: Any
+  core_dim: int
+  chunks: int
+
+  def setup(self):
+    cfg = self.cfg
+    H, E, D = cfg.num_heads, cfg.hidden_dim, self.core_dim
+    d = E // H
+    kernel = lambda name, shape, axes, init: layers.make_param(self, name, init, shape, axes,
+                                                               cfg)
+    self.norm = layers.Norm(cfg)
+    self.q_kernel = kernel('q_kernel', (E, H, d), ('embed', 'heads', 'head_dim'),
+                           layers.fan_in_init(0, (1, 2)))
+    self.k_kernel = kernel('k_kernel', (D, H, d), (None, 'heads', 'head_dim'),
+                           layers.fan_in_init(0, (1, 2)))
+    self.v_kernel = kernel('v_kernel', (D, H, d), (None, 'heads', 'head_dim'),
+                           layers.fan_in_init(0, (1, 2)))
+    self.age = kernel('age_embedding', (self.chunks, H, d), (None, 'heads', 'head_dim'),
+                      layers.EMBED_INIT)
+    # Small output init: at the start the decoder is a byte LM, the core joins as it learns.
+    self.o_kernel = kernel('o_kernel', (H, d, E), ('heads', 'head_dim', 'embed'),
+                           layers.fan_in_init((0, 1), 2, 1.0 / (2 * cfg.num_layers)))
+
+  def project(self, y_xD):
+    """Core outputs [..., D] -> (keys, values) [..., H, d]."""
+    dtype = layers.dtype_of(self.cfg.dtype)
+    y = y_xD.astype(dtype)
+    return (jnp.einsum('...d,dhk->...hk', y, self.k_kernel.astype(dtype)),
+            jnp.einsum('...d,dhk->...hk', y, self.v_kernel.astype(dtype)))
+
+  def memory(self, y_BxTxD, seg_BxT):
+    """Per chunk c: keys/values of core outputs c-chunks+1 .. c (oldest first) and whether
+    each exists in c's document: (B x T x K x H x d, same, bool B x T x K)."""
+    k_BxTxHxd, v_BxTxHxd = self.project(y_BxTxD)
+    T = y_BxTxD.shape[1]
+    shifted = lambda a, s, fill=0: jnp.pad(a, [(0, 0), (s, 0)] + [(0, 0)] * (a.ndim - 2),
+                                           constant_values=fill)[:, :T]
+    ks, vs, ok = [], [], []
+    for j in range(self.chunks):
+      s = self.chunks - 1 - j
+      ks.append(shifted(k_BxTxHxd, s))
+      vs.append(shifted(v_BxTxHxd, s))
+      ok.append((shifted(seg_BxT, s, -1) == seg_BxT) & (seg_BxT > 0))
+    return jnp.stack(ks, 2), jnp.stack(vs, 2), jnp.stack(ok, 2)
+
+  def attend(self, x_BxSxE, k_BxSxKxHxd, v_BxSxKxHxd, valid_BxSxK):
+    """The attention output B x S x E (zero where a symbol has no core output)."""
+    dtype = layers.dtype_of(self.cfg.dtype)
+    d = self.cfg.hidden_dim // self.cfg.num_heads
+    q = jnp.einsum('bse,ehd->bshd', self.norm(x_BxSxE).astype(dtype),
+                   self.q_kernel.astype(dtype))
+    k = k_BxSxKxHxd + self.age.astype(dtype)
+    s = jnp.einsum('bshd,bskhd->bshk', q, k, preferred_element_type=jnp.float32)
+    s = jnp.where(valid_BxSxK[:, :, None], s / jnp.sqrt(jnp.float32(d)), NEG_INF)
+    p = jax.nn.softmax(s, axis=-1) * valid_BxSxK.any(-1)[:, :, None, None]
+    out = jnp.einsum('bshk,bskhd->bshd', p.astype(dtype), v_BxSxKxHxd)
+    return jnp.einsum('bshd,hde->bse', out, self.o_kernel.astype(dtype))
