@@ -1,6 +1,7 @@
 """Train-step speed of baseline vs byte_pool paper vs byte_pool v2 on one core, interleaved.
 
   python benchmarks/byte_pool_speed.py --core=8x256 --context=256 --batch=8 --rounds=5
+  (--models: any rows of stlm/experiments/variants.py, e.g. baseline,v2,v2_cross)
 
 Each model's own jitted train step (benchmarks/train_step.py's: same sharding, optimizer) runs
 on synthetic batches of its layout (v2: chunk lengths as measured on Wikipedia text). Steps are
@@ -20,9 +21,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from configs import baseline as baseline_config
-from configs import byte_pool as byte_pool_config
 from stlm import config_validate
+from stlm.experiments.variants import VARIANTS
 from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import sharding
@@ -34,17 +34,21 @@ _CONTEXT = flags.DEFINE_integer('context', 256, 'positions (tokens = chunks).')
 _BATCH = flags.DEFINE_integer('batch', 8, 'rows per step.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'timed rounds (after a compile-and-warm-up step).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'compute dtype.')
-_MODELS = flags.DEFINE_list('models', 'baseline,paper,v2', 'of baseline, paper, v2.')
+_MODELS = flags.DEFINE_list('models', 'baseline,paper,v2',
+                            f'rows of stlm/experiments/variants.py: {", ".join(VARIANTS)}.')
 
 
 def model_config(name):
-  c = (baseline_config if name == 'baseline' else byte_pool_config).get_config('tiny')
+  if name not in VARIANTS:
+    raise app.UsageError(f'--models: unknown {name!r}; choose from {", ".join(VARIANTS)}')
+  module, byte_overrides = VARIANTS[name]
+  c = module.get_config('tiny')
   layers, hidden = (int(x) for x in _CORE.value.lower().split('x'))
   heads, kv = (int(x) for x in _HEADS.value.split('/'))
   c.model.update(num_layers=layers, hidden_dim=hidden, num_heads=heads, num_kv_heads=kv,
                  ffn_dim=3 * hidden, max_len=_CONTEXT.value, dtype=_DTYPE.value)
-  if name != 'baseline':
-    c.model.byte_pool.version = name
+  if byte_overrides:
+    c.model.byte_pool.update(byte_overrides)
   c.train.update(batch_size=_BATCH.value, grad_accum=1)
   config_validate.validate(c)
   return c

@@ -23,39 +23,15 @@ from absl import flags
 from absl import logging as absl_logging
 import jax
 
-from configs import baseline as baseline_config
-from configs import byte_pool as byte_pool_config
 from stlm import export as export_lib
 from stlm.data import pipeline
 from stlm.data import tfds_builders
 from stlm.eval import perplexity
 from stlm.eval import scorer as scorer_lib
+from stlm.experiments.variants import VARIANTS
 from stlm.models import factory
 from stlm.train import loop
 from stlm.train import metrics as metrics_lib
-
-# name -> (config module, model.byte_pool overrides); v2 rows add one ingredient at a time.
-# The ablation rows of the first v2 (bytepool2) pin its conditioning (no slot embeddings, core
-# output added at the decoder input) so that they keep measuring what they measured.
-_V2_FIRST = dict(version='v2', slot_embedding=False, condition_at='input')
-_CHUNK_ONLY = dict(encoder_context='chunk', decoder_context='chunk', ngram_buckets=0)
-VARIANTS = {
-    'baseline': (baseline_config, None),
-    'paper': (byte_pool_config, dict(version='paper')),
-    'v2': (byte_pool_config, dict(version='v2')),
-    # The ingredients of v2's conditioning, one removed at a time.
-    'v2_first': (byte_pool_config, _V2_FIRST),
-    'v2_no_slots': (byte_pool_config, dict(version='v2', slot_embedding=False)),
-    'v2_cond_at_input': (byte_pool_config, dict(version='v2', condition_at='input')),
-    'v2_slot_add': (byte_pool_config, dict(version='v2', condition='slot_add')),
-    'v2_cross': (byte_pool_config, dict(version='v2', condition='cross_attention')),
-    'v2_ragged_only': (byte_pool_config, dict(_V2_FIRST, **_CHUNK_ONLY)),
-    'v2_prev_bytes_decoder': (byte_pool_config, dict(_V2_FIRST, encoder_context='chunk',
-                                                     ngram_buckets=0)),
-    'v2_prev_bytes_ngram': (byte_pool_config, dict(_V2_FIRST, encoder_context='chunk')),
-    'v2_pool_attention': (byte_pool_config, dict(_V2_FIRST, pooling='attention')),
-    'v2_pool_last': (byte_pool_config, dict(_V2_FIRST, pooling='last')),
-}
 
 _CORE = flags.DEFINE_string('core', '4x128', 'layers x hidden of the shared core.')
 _HEADS = flags.DEFINE_string('heads', '4/2', 'attention heads / kv heads of the core.')
