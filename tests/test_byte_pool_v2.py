@@ -82,11 +82,12 @@ ATTENTION_CHUNK = {'pooling': 'attention', 'decoder_context': 'chunk',
                    'encoder_context': 'chunk', 'ngram_buckets': 0}
 LAST = {'pooling': 'last'}
 # A core projection per slot (MEGABYTE); and the first v2 (no slot embeddings, the core
-# output added at the decoder's input). DEFAULT: slot embeddings, core after attention.
+# output added at the decoder's input).
 SLOTS = {'slot_embedding': True, 'condition': 'slot_add'}
 PLAIN = {'slot_embedding': False, 'condition': 'add', 'condition_at': 'input'}
-# Cross-attention to the last 3 core outputs (BLT-style decoder conditioning).
-CROSS = {'condition': 'cross_attention', 'cross_chunks': 3}
+# DEFAULT (configs/byte_pool.py): slot embeddings, the decoder cross-attends to the last 4
+# core outputs after its first attention. ADD: one projected core vector added there instead.
+ADD = {'condition': 'add'}
 
 
 @pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK], ids=['default', 'attn_chunk'])
@@ -112,8 +113,8 @@ def _chunk_bounds(starts):
   return np.append(b, len(starts))
 
 
-@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK, LAST, SLOTS, PLAIN, CROSS],
-                         ids=['default', 'attn_chunk', 'last', 'slots', 'plain', 'cross'])
+@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK, LAST, SLOTS, PLAIN, ADD],
+                         ids=['default', 'attn_chunk', 'last', 'slots', 'plain', 'add'])
 def test_no_leak_from_later_chunks(batch, overrides):
   """Changing a byte of chunk k+1 (input k+1 = target k) never moves chunks <= k-1, nor the
   symbols of target k up to the changed one; the change is seen afterwards."""
@@ -134,7 +135,7 @@ def test_no_leak_from_later_chunks(batch, overrides):
   assert not np.allclose(out1['logprobs'][0, k + 1], out0['logprobs'][0, k + 1])
 
 
-@pytest.mark.parametrize('overrides', [{}, CROSS], ids=['add', 'cross'])
+@pytest.mark.parametrize('overrides', [{}, ADD], ids=['cross', 'add'])
 def test_core_output_of_chunk_t_conditions_the_first_symbol_of_chunk_t_plus_1(batch, overrides):
   """Alignment: with both local models limited to their own chunk, the first symbol of target
   chunk k (text chunk k+1) learns of input chunk k only through the core output at k; a
@@ -172,7 +173,8 @@ def test_padding_and_neighbours_change_nothing(batch, featurizer):
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('overrides', [SLOTS, PLAIN, CROSS], ids=['slots', 'plain', 'cross'])
+@pytest.mark.parametrize('overrides', [SLOTS, PLAIN, DEFAULT],
+                         ids=['slots', 'plain', 'default'])
 def test_generation_path_equals_full_forward_and_does_not_leak(featurizer, overrides):
   """Also checks the generation tails: with slot embeddings a symbol's slot reads back to
   its chunk's start, which the tails must cover (a tail one chunk short fails here)."""
@@ -225,7 +227,8 @@ def test_the_byte_pool_config_trains_v2_by_default():
   """configs/byte_pool.py picks v2 (it won the equal-core comparison); the base config keeps
   the paper's version for configs that switch model.kind."""
   from stlm import config as config_lib  # pylint: disable=g-import-not-at-top
-  assert byte_pool_config.get_config('tiny').model.byte_pool.version == 'v2'
+  b = byte_pool_config.get_config('tiny').model.byte_pool
+  assert (b.version, b.condition) == ('v2', 'cross_attention')
   assert config_lib.base_config().model.byte_pool.version == 'paper'
 
 
@@ -237,6 +240,7 @@ def test_cross_attention_flops_and_config_errors():
   cfg = byte_pool_config.get_config('tiny')
   m = cfg.model
   breakdown = {'core': 1000}
+  m.byte_pool.condition = 'add'
   add = byte_pool_v2_kind.flops_per_target(m, breakdown)
   m.byte_pool.update(condition='cross_attention', cross_chunks=3)
   cross = byte_pool_v2_kind.flops_per_target(m, breakdown)
