@@ -11,7 +11,8 @@ stlm.experiments.equal_core, see the README). Its decoder cross-attends to the l
 outputs (condition 'cross_attention'): 3.35 vs 3.41 for the added core vector at that budget,
 2.716 vs 2.735 after 600 steps. The paper's version:
 --config.model.byte_pool.version=paper (the sizes below are its; v2's byte parts, with n-gram
-and slot embeddings, are 241K / 405K / 429K / 1.45M: 92.5-98.3% fewer than embed + head).
+and slot embeddings and the cross-attention, are 253K / 434K / 470K / 1.58M: 92.1-98.2% fewer
+than embed + head).
 
 Cores: the byte encoder + decoder replace the baseline's vocab x hidden embedding (25.7M of
 the baseline's 50M at 50m), so at the baseline's core a byte-pool model would be about half

@@ -323,11 +323,14 @@ def test_resume_check_reads_missing_keys_as_their_legacy_values_and_skips_unused
   other.model.hidden_dim = 48   # what a baseline does read is still compared
   assert checkpoint.config_differences(base.to_dict(), other) == [
       'model.hidden_dim: checkpoint has 64, this run has 48']
-  # A v2 checkpoint from before the keys trained without slot embeddings, core at the input:
-  # resuming it with today's v2 defaults would build another model, so it is refused.
+  # A v2 checkpoint from before the keys trained without slot embeddings, one core vector added
+  # at the input: resuming it with today's v2 defaults would build another model, so it is
+  # refused.
   v2 = byte_pool.get_config('tiny')
   diffs = checkpoint.config_differences(_without(v2.to_dict(), added), v2)
-  assert diffs == ["model.byte_pool.condition_at: checkpoint has 'input', this run has "
+  assert diffs == ["model.byte_pool.condition: checkpoint has 'add', this run has "
+                   "'cross_attention'",
+                   "model.byte_pool.condition_at: checkpoint has 'input', this run has "
                    "'after_attention'",
                    'model.byte_pool.slot_embedding: checkpoint has False, this run has True']
   # ... and with the legacy values set explicitly, it resumes.
