@@ -21,6 +21,13 @@ VARIANTS = {
     'paper': (byte_pool_config, dict(version='paper')),
     'v2': (byte_pool_config, _V2),
     'v2_cross': (byte_pool_config, dict(version='v2', condition='cross_attention')),
+    # More decoder capacity for spelling out the next chunk from the core (both within the
+    # 90% parameter budget at 4 x 128): a second decoder layer; and 96 wide.
+    'v2_cross_dec2': (byte_pool_config, dict(version='v2', condition='cross_attention',
+                                             decoder_layers=2)),
+    'v2_cross_wide': (byte_pool_config, dict(version='v2', condition='cross_attention',
+                                             byte_dim=96, decoder_layers=2, encoder_ffn_dim=384,
+                                             decoder_ffn_dim=384)),
     # The ingredients of v2's conditioning, one removed at a time.
     'v2_first': (byte_pool_config, _V2_FIRST),
     'v2_no_slots': (byte_pool_config, dict(_V2, slot_embedding=False)),
