@@ -103,6 +103,8 @@ def main(argv) -> int:
     with open(path, encoding='utf-8') as f:
       recs.append(json.load(f))
   names = tuple(os.path.splitext(os.path.basename(p))[0] for p in argv[1:])
+  if names[0] == names[1]:
+    names = tuple(argv[1:])   # same file names in two folders: the paths tell them apart
   try:
     c = compare(recs[0], recs[1], names)
   except ValueError as e:
