@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pretrained vs scratch on one task, each arm choosing its fine-tuning learning rate and
 # pooling on the validation split (the same grid for both); the test split is scored once,
-# for the chosen settings only. Prints accuracy ± SE per arm; JSON records go to OUT.
+# for the chosen settings only. Prints accuracy ± SE per arm and the gap with its paired SE
+# (both arms score the same test items) and combined SE; JSON records go to OUT.
 #
 #   scripts/encoder_vs_scratch.sh <export dir> <task> <out dir> [extra stlm.classify flags]
 #   e.g. scripts/encoder_vs_scratch.sh runs/bert1_wiki800/export agnews runs/cmp --max_train=1000
@@ -21,11 +22,4 @@ python -m stlm.classify --checkpoint="$EXPORT" "${COMMON[@]}" \
   --output="$OUT/${TASK}_pretrained.json"
 python -m stlm.classify --checkpoint="scratch:$EXPORT" "${COMMON[@]}" \
   --output="$OUT/${TASK}_scratch.json"
-python - "$OUT/${TASK}_pretrained.json" "$OUT/${TASK}_scratch.json" <<'PY'
-import json, sys
-p, s = (json.load(open(f)) for f in sys.argv[1:])
-gap = p['accuracy'] - s['accuracy']
-se = (p['stderr'] ** 2 + s['stderr'] ** 2) ** 0.5
-print(f"{p['task']}: pretrained {p['accuracy']:.4f} ± {p['stderr']:.4f}, scratch "
-      f"{s['accuracy']:.4f} ± {s['stderr']:.4f}, gap {gap:+.4f} ± {se:.4f} ({gap / se:+.1f} SE)")
-PY
+python -m stlm.classify.compare "$OUT/${TASK}_pretrained.json" "$OUT/${TASK}_scratch.json"

@@ -171,6 +171,10 @@ def test_candidates_grid_and_selection_on_validation(monkeypatch):
   record = run.text_task([_backbone()], 'agnews', '', None, grid, log=lambda m: 0)
   assert (record['mode'], record['accuracy'], len(record['settings'])) == ('finetune', 1.0, 4)
   assert record['members'][0]['pool'] == 'first'
+  # Per-item correctness and the split's digest, for paired comparisons (classify/compare.py).
+  from stlm.classify import compare  # pylint: disable=g-import-not-at-top
+  assert record['test_correct'] == [1] * 6
+  assert record['test_sha256'] == compare.test_split_digest(texts, [1] * 6)
 
 
 def test_scratch_like_an_export_is_its_model_untrained(tmp_path):
