@@ -12,9 +12,10 @@ symbols back to back (bytes + END_OF_CHUNK, or EOT), so no compute goes to per-c
   embedding); the projected core output of the chunk before its chunk joins the residual
   stream after the first attention sub-block (condition_at 'after_attention', the default;
   'input' adds it to the input). Or, with condition 'cross_attention' (BLT), the symbol
-  attends there to the last `cross_chunks` core outputs of its document. A causal sliding-window transformer, so a byte of chunk t+1
-  sees y_t and the bytes before it, including the previous chunks' (decoder_context 'window';
-  'chunk' limits it to its own chunk, like v1).
+  attends there to the last `cross_chunks` core outputs of its document. A causal
+  sliding-window transformer, so a byte of chunk t+1 sees y_t and the bytes before it,
+  including the previous chunks' (decoder_context 'window'; 'chunk' limits it to its own
+  chunk, like v1).
 
 Why after the first attention: added at the input, the core vector (constant over a chunk,
 different across chunks) dominates the first layer's queries and keys, and the window decoder
@@ -50,11 +51,17 @@ _HASH_MUL = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A26
              0xFD7046C5, 0xB55A4F09)
 
 
+# model.byte_pool.cross_chunks of configs from before the key (stlm/config.py LEGACY_VALUES).
+DEFAULT_CROSS_CHUNKS = 4
+
+
 def memory_chunks(cfg) -> int:
   """Core outputs each decoder symbol reads: model.byte_pool.cross_chunks with the
   'cross_attention' condition, else 1 (its own chunk's)."""
   b = cfg.byte_pool
-  return int(b.get('cross_chunks', 4)) if b.get('condition', 'add') == 'cross_attention' else 1
+  if b.get('condition', 'add') != 'cross_attention':
+    return 1
+  return b.get('cross_chunks', DEFAULT_CROSS_CHUNKS)
 
 
 def chunk_index(start_BxS, seg_BxS, T: int):
@@ -227,8 +234,8 @@ class StreamDecoder(nn.Module):
     """Each symbol's condition: row `chunk` of the chunk-level conditions (and its slot's
     projection with 'slot_add')."""
     if isinstance(cond_BxTx_, tuple):   # cross-attention memory: gather every part
-      return tuple(jnp.take_along_axis(a, chunk_BxS.reshape(chunk_BxS.shape + (1,) * (a.ndim - 2)),
-                                       axis=1) for a in cond_BxTx_)
+      index = lambda a: chunk_BxS.reshape(chunk_BxS.shape + (1,) * (a.ndim - 2))
+      return tuple(jnp.take_along_axis(a, index(a), axis=1) for a in cond_BxTx_)
     B, T = cond_BxTx_.shape[:2]
     if cond_BxTx_.ndim == 3:
       return jnp.take_along_axis(cond_BxTx_, chunk_BxS[..., None], axis=1)

@@ -20,9 +20,9 @@ def validate(model_cfg) -> None:
   if b.get('condition', 'add') not in CONDITIONS:
     config_errors.fail('model.byte_pool.condition', b.condition,
                        f'unknown value; choose one of {", ".join(CONDITIONS)}')
-  if b.get('condition', 'add') == 'cross_attention' and (
-      not isinstance(b.get('cross_chunks', 4), int) or b.get('cross_chunks', 4) < 1):
-    config_errors.fail('model.byte_pool.cross_chunks', b.cross_chunks, 'must be an integer >= 1')
+  chunks = memory_chunks(model_cfg)
+  if not isinstance(chunks, int) or chunks < 1:
+    config_errors.fail('model.byte_pool.cross_chunks', chunks, 'must be an integer >= 1')
   if b.get('condition_at', 'input') not in CONDITION_AT:
     config_errors.fail('model.byte_pool.condition_at', b.condition_at,
                        f'unknown value; choose one of {", ".join(CONDITION_AT)}')
