@@ -183,13 +183,14 @@ def text_task(backbones, task: str, data_dir: str, split: SplitSettings,
   sp = task_splits(task, data_dir, split)
   fitted = fit_members(backbones, sp, grid, log)
   probs = committee_lib.average_probabilities([p for _, p, *_ in fitted])
-  acc, se = finetune.accuracy_with_se(probs.argmax(1), sp.test.labels)
+  pred = probs.argmax(1)
+  acc, se = finetune.accuracy_with_se(pred, sp.test.labels)
   # Per-item correctness and the split's digest: two records on the same test items can be
   # compared pairwise (stlm.classify.compare), and records on different items are refused.
   out = {'task': task, 'mode': grid[0].mode, 'accuracy': acc, 'stderr': se,
          'n_test': len(sp.test),
          'test_sha256': compare_lib.test_split_digest(sp.test.texts, sp.test.labels),
-         'test_correct': compare_lib.correctness(probs.argmax(1), sp.test.labels),
+         'test_correct': compare_lib.correctness(pred, sp.test.labels),
          'split': sp.info, 'pool': fitted[0][0].pool,
          'checkpoint': ','.join(bb.source for bb in backbones),
          'members': [r for _, _, r, _ in fitted],
