@@ -74,7 +74,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top  (fast --help; distributed must start before devices)
   from stlm.train import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from stlm import config_validate
+  from stlm.config import validate as config_validate
   from stlm.data import corpus
   from stlm.train import checkpoint
   from stlm.train import divergence

@@ -32,7 +32,7 @@ from stlm import config as config_lib
 from stlm.models import chunked_ce
 from stlm.models import factory
 from stlm.train import sharding
-from stlm.train import state as state_lib
+from stlm.train import setup as setup_lib
 
 ROWS = []
 
@@ -128,7 +128,7 @@ def _batches(c, n, seed=0):
 def _train(c, batches, timed=False):
   """Losses over the batches, and the median step time (after the first step)."""
   mesh = sharding.make_mesh(c.mesh)
-  ts = state_lib.build_train_step(c, factory.build_model(c.model), mesh)
+  ts = setup_lib.build_train_step(c, factory.build_model(c.model), mesh)
   state, losses, times = ts.init(), [], []
   with sharding.mesh_context(mesh):
     for b in batches:

@@ -21,12 +21,12 @@ from absl import flags
 import jax
 import numpy as np
 
-from stlm import config_validate
+from stlm.config import validate as config_validate
 from stlm.experiments.variants import VARIANTS
 from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import sharding
-from stlm.train import state as state_lib
+from stlm.train import setup as setup_lib
 
 _CORE = flags.DEFINE_string('core', '8x256', 'layers x hidden of the shared core.')
 _HEADS = flags.DEFINE_string('heads', '4/2', 'heads / kv heads.')
@@ -64,7 +64,7 @@ def main(argv):
     batch = kinds.get_kind(config.model.kind).synthetic_batch(
         config.model, np.random.default_rng(0), (1, config.train.batch_size))
     batches = sharding.global_batch(batch, mesh, leading_microbatch_axis=True)
-    ts = state_lib.build_train_step(config, model, mesh)
+    ts = setup_lib.build_train_step(config, model, mesh)
     state = ts.init()
     with sharding.mesh_context(mesh):
       state, m = ts.step(state, batches)

@@ -38,7 +38,6 @@ from ml_collections import config_flags
 import numpy as np
 
 from stlm import tokenizers
-from stlm.data import featurize
 from stlm.eval import benchmarks
 from stlm.eval import loaders
 from stlm.eval import scorer as scorer_lib
@@ -95,7 +94,7 @@ def main(argv):
   config.model.vocab_size = tok.vocab_size
   model = factory.build_model(config.model)
   params = factory.init_params(model, config.model, jax.random.PRNGKey(0))
-  feat = featurize.make_featurizer(config, tok)
+  feat = factory.make_featurizer(config, tok)
   items = benchmarks.sample(loaders.load(_TASK.value, _DATA.value), _LIMIT.value or None)
   requests = [r for p in benchmarks.build_prompts(_TASK.value, items, _DATA.value)
               for r in p.requests]

@@ -35,12 +35,12 @@ from ml_collections import config_flags
 import numpy as np
 
 from stlm import config as config_lib
-from stlm import config_validate
+from stlm.config import validate as config_validate
 from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import metrics as metrics_lib
 from stlm.train import sharding
-from stlm.train import state as state_lib
+from stlm.train import setup as setup_lib
 
 config_flags.DEFINE_config_file('config', 'configs/baseline.py', 'Config file[:preset].')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile-and-warm-up step).')
@@ -142,7 +142,7 @@ def main(argv):
   configs = [config] + ([with_override(config, _AB.value)] if _AB.value else [])
   runs = []
   for c in configs:
-    train_step = state_lib.build_train_step(c, factory.build_model(c.model), mesh)
+    train_step = setup_lib.build_train_step(c, factory.build_model(c.model), mesh)
     runs.append(dict(config=c, step=train_step.step, state=train_step.init(), times=[]))
   with sharding.mesh_context(mesh):
     breakdown = factory.param_breakdown(runs[0]['state'].params, config.model)

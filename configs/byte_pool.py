@@ -4,7 +4,7 @@ Presets: tiny (CPU demo on the built-in corpus, the default), 10m, 50m, 100m:
   --config=configs/byte_pool.py:50m
 The tokenizer (GPT-2 by default, any `tokenizer.kind` works) only supplies chunk boundaries.
 
-Version: v2 (ragged byte stream, local window encoder and decoder; stlm/models/byte_pool_v2.py)
+Version: v2 (ragged byte stream, local window encoder and decoder; stlm/models/byte_pool/v2.py)
 by default: at equal core it beat the paper's version (per-chunk slots) on held-out bits per
 byte, 3.41 vs 3.90 at core 4x128 after 150 steps of 16 x 128 on Wikipedia (python -m
 stlm.experiments.equal_core, see the README). Its decoder cross-attends to the last 4 core

@@ -14,7 +14,8 @@ from configs import byte_pool as byte_pool_config
 from stlm import tokenizers
 from stlm.data import chunking
 from stlm.models import baseline
-from stlm.models import byte_pool
+from stlm.models.byte_pool import paper as byte_pool
+from stlm.models.byte_pool import params as byte_pool_params
 from stlm.models import factory
 
 T = 12          # positions per row in these tests
@@ -278,8 +279,8 @@ def test_param_report_per_preset():
   for preset, size in (('tiny', None), ('10m', 10e6), ('50m', 50e6), ('100m', 100e6)):
     cfg = byte_pool_config.get_config(preset).model
     cfg.byte_pool.version = 'paper'   # the sizes in configs/byte_pool.py's docstring
-    report = byte_pool.param_report(factory.abstract_params(factory.build_model(cfg), cfg), cfg)
-    print(preset, byte_pool.format_param_report(report))
+    report = byte_pool_params.param_report(factory.abstract_params(factory.build_model(cfg), cfg), cfg)
+    print(preset, byte_pool_params.format_param_report(report))
     if size:
       assert abs(report['total'] - size) <= 0.1 * size, (preset, report)
     assert report['byte_total'] <= 0.1 * report['baseline_embed_head'], (preset, report)

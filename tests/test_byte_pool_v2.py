@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from configs import byte_pool as byte_pool_config
-from stlm import byte_ids
+from stlm import ids as byte_ids
+from stlm.data import layout
 from stlm import generate
-from stlm import generate_stream
+from stlm.models.byte_pool import v2_generation as generate_stream
 from stlm import tokenizers
 from stlm.data import byte_stream
 from stlm.data import chunking
-from stlm.models import byte_pool
-from stlm.models import byte_pool_v2
-from stlm.models import byte_pool_v2_kind
+from stlm.models.byte_pool import params as byte_pool_params
+from stlm.models.byte_pool import v2 as byte_pool_v2
+from stlm.models.byte_pool import v2_kind as byte_pool_v2_kind
 from stlm.models import factory
 from tests import param_fill
 from tests import test_byte_pool as tbp
@@ -72,8 +73,7 @@ def batch(featurizer):
 
 
 def test_byte_ids_are_shared():
-  assert (byte_pool_v2.PAD, byte_pool_v2.END_OF_CHUNK, byte_pool_v2.EOT) == (
-      chunking.PAD, chunking.END_OF_CHUNK, chunking.EOT)
+  assert (byte_pool_v2.END_OF_CHUNK, byte_pool_v2.EOT) == (chunking.END_OF_CHUNK, chunking.EOT)
 
 
 # Model variants: (pooling, contexts, n-grams); each compiles once for the whole module.
@@ -218,9 +218,9 @@ def test_param_budget_and_report():
     cfg = byte_pool_config.get_config(preset).model
     cfg.byte_pool.version = 'v2'
     params = factory.abstract_params(factory.build_model(cfg), cfg)
-    report = byte_pool.param_report(params, cfg)
+    report = byte_pool_params.param_report(params, cfg)
     assert report['byte_total'] <= 0.1 * report['baseline_embed_head'], (preset, report)
-    assert 'fewer' in byte_pool.format_param_report(report)
+    assert 'fewer' in byte_pool_params.format_param_report(report)
 
 
 def test_the_byte_pool_config_trains_v2_by_default():
@@ -236,7 +236,7 @@ def test_cross_attention_flops_and_config_errors():
   """The FLOPs accounting adds exactly the cross-attention's work (query/output projections
   and K keys per symbol, key/value projections per chunk, minus the add's projection); a bad
   cross_chunks names its key."""
-  from stlm import config_validate  # pylint: disable=g-import-not-at-top
+  from stlm.config import validate as config_validate  # pylint: disable=g-import-not-at-top
   cfg = byte_pool_config.get_config('tiny')
   m = cfg.model
   breakdown = {'core': 1000}
@@ -245,7 +245,7 @@ def test_cross_attention_flops_and_config_errors():
   m.byte_pool.update(condition='cross_attention', cross_chunks=3)
   cross = byte_pool_v2_kind.flops_per_target(m, breakdown)
   E, D = m.byte_pool.byte_dim, m.hidden_dim
-  symbols = byte_ids.stream_len(m.max_len, m.byte_pool.max_bytes_per_chunk) / m.max_len
+  symbols = layout.stream_len(m.max_len, m.byte_pool.max_bytes_per_chunk) / m.max_len
   want = symbols * (6 * 2 * E * E + 12 * 3 * E) + 6 * D * E
   assert cross - add == pytest.approx(want)
   m.byte_pool.cross_chunks = 0

@@ -10,7 +10,7 @@ from stlm import config as config_lib
 from stlm import tokenizers
 from stlm.data import byte_stream
 from stlm.data import chunking
-from stlm.data import featurize
+from stlm.models import factory
 from stlm.data import pipeline
 
 GPT2 = tokenizers.GPT2Tokenizer()
@@ -131,7 +131,7 @@ def _row_examples(batch):
 
 
 def test_packing_never_splits_or_drops_and_resumes(cfg):
-  f = featurize.make_featurizer(cfg, GPT2)
+  f = factory.make_featurizer(cfg, GPT2)
   assert isinstance(f, byte_stream.StreamFeaturizer)
   ev = list(pipeline.make_eval_iter(cfg, f, 'validation'))
   docs = pipeline.document_dataset(cfg, 'validation')

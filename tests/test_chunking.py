@@ -6,6 +6,7 @@ import pytest
 from stlm import tokenizers
 from stlm.data import chunking
 from stlm.data import featurize
+from stlm.models import factory
 
 SCRIPTS = ['', 'a', 'Hello, world!', '日本語のテキスト', 'مرحبا بالعالم', 'Привет, мир',
            'नमस्ते दुनिया', '👩‍👩‍👧 emoji 🙂', 'e\u0301 combining', '\t\n\r\x00 controls']
@@ -118,7 +119,7 @@ def test_make_featurizer_picks_chunks(gpt2):
   from configs import byte_pool as byte_pool_config  # pylint: disable=g-import-not-at-top
   c = byte_pool_config.get_config('tiny')
   c.model.byte_pool.version = 'paper'
-  f = featurize.make_featurizer(c, gpt2)
+  f = factory.make_featurizer(c, gpt2)
   assert isinstance(f, chunking.ChunkFeaturizer)
   assert f.width == c.model.byte_pool.max_bytes_per_chunk + 1
   assert f.max_len == c.model.max_len

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from stlm import config as config_lib
-from stlm import config_validate
+from stlm.config import validate as config_validate
 from tests.conftest import REPO_ROOT
 
 CONFIG_FILES = sorted(p.stem for p in (REPO_ROOT / 'configs').glob('*.py') if p.stem != '__init__')

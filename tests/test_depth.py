@@ -10,11 +10,12 @@ import optax
 import pytest
 
 from stlm import config as config_lib
-from stlm import config_validate
+from stlm.config import validate as config_validate
 from stlm.models import depth
 from stlm.models import factory
 from stlm.models import layers
 from stlm.models import transformer
+from stlm.train import state as state_lib
 from stlm.train import step as step_lib
 from tests.param_fill import fill_like
 
@@ -133,7 +134,7 @@ def test_early_exit_losses_and_mod_fractions_appear_in_train_metrics():
   model = factory.build_model(cfg)
   params = fill_like(nn.unbox(factory.abstract_params(model, cfg)))
   tx = optax.sgd(0.1)
-  state = step_lib.TrainState(step=np.zeros((), np.int32), params=params,
+  state = state_lib.TrainState(step=np.zeros((), np.int32), params=params,
                               opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
   batches = jax.tree.map(lambda x: x[None], make_batch('baseline'))
   _, metrics = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))(

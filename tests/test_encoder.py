@@ -8,8 +8,8 @@ import pytest
 
 from configs import encoder as encoder_config
 from stlm import tokenizers
-from stlm.data import featurize
 from stlm.data import mlm
+from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import step as step_lib
 
@@ -75,7 +75,7 @@ def test_masking_probabilities_are_configurable():
 
 def test_registered_featurizer_and_kind():
   c = _cfg()
-  f = featurize.make_featurizer(c, tokenizers.ByteTokenizer())
+  f = factory.make_featurizer(c, tokenizers.ByteTokenizer())
   assert isinstance(f, mlm.MLMFeaturizer) and f.mask_id == 257
   k = kinds.get_kind('encoder')
   assert k.reports_bits_per_byte is False and k.causal is False

@@ -6,6 +6,7 @@ import pytest
 from stlm import config as config_lib
 from stlm import tokenizers
 from stlm.data import featurize
+from stlm.models import factory
 
 GPT2 = tokenizers.GPT2Tokenizer()
 BYTES = tokenizers.ByteTokenizer()
@@ -94,16 +95,16 @@ def test_pair_with_empty_context_scores_from_eot():
 
 def test_make_featurizer():
   c = config_lib.apply_preset(config_lib.base_config(), 'tiny')
-  f = featurize.make_featurizer(c, BYTES)
+  f = factory.make_featurizer(c, BYTES)
   assert isinstance(f, featurize.TokenFeaturizer) and f.max_len == c.model.max_len
   c.model.kind = 'mystery'
   with pytest.raises(ValueError, match='model.kind'):
-    featurize.make_featurizer(c, BYTES)
+    factory.make_featurizer(c, BYTES)
 
 
 def test_make_featurizer_byte_pool():
   chunking = pytest.importorskip('stlm.data.chunking')
   c = config_lib.apply_preset(config_lib.base_config(), 'tiny')
   c.model.kind = 'byte_pool'
-  f = featurize.make_featurizer(c, GPT2)
+  f = factory.make_featurizer(c, GPT2)
   assert isinstance(f, chunking.ChunkFeaturizer)

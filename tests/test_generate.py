@@ -8,6 +8,8 @@ import pytest
 
 from configs import byte_pool as byte_pool_config
 from stlm import generate
+from stlm.generate import __main__ as generate_cli
+from stlm.models import decoding
 from stlm import tokenizers
 from stlm.data import chunking
 from stlm.models import baseline
@@ -50,7 +52,7 @@ def test_sample_logits_filters():
               dict(temperature=1.0, top_p=0.7), dict(temperature=1.0, top_p=0.5),
               dict(temperature=2.0)]
   # One compiled program for all variants (compiling dominates this test's time).
-  picks = jax.jit(lambda key, x: [generate.sample_logits(jax.random.fold_in(key, i), x, **kw)
+  picks = jax.jit(lambda key, x: [decoding.sample_logits(jax.random.fold_in(key, i), x, **kw)
                                   for i, kw in enumerate(variants)])(jax.random.key(0), logits)
   greedy, plain, top_k, top_p, top_p_half, hot = [np.asarray(x) for x in picks]
   assert np.all(greedy == 0) and np.all(top_p_half == 0)  # the most likely id always stays
@@ -82,7 +84,7 @@ def test_cached_core_matches_full_forward(byte_model, gpt2):
   n = int((batch['segment_ids'][0] > 0).sum())
   _, full = forward(params, batch)
   dec = tbp.jit(lambda p, y, t: model.apply({'params': p}, y, t, method='decode_logits'))
-  ctx = generate.chunk_context(model, params, config.model)
+  ctx = decoding.chunk_context(model, params, config.model)
   for t in range(n):
     y = ctx.prefill(batch['inputs'][0, :3]) if t == 2 else (
         ctx.feed(batch['inputs'][0, t]) if t > 2 else None)
@@ -108,7 +110,7 @@ def test_baseline_cache_matches_full_forward(base_model):
   ids = np.random.default_rng(1).integers(0, 257, tbp.T)
   seg, pos = np.ones((1, tbp.T), np.int32), np.arange(tbp.T)[None]
   full = logits(params, ids[None], seg, pos)
-  ctx = generate.token_context(model, params, config.model)
+  ctx = decoding.token_context(model, params, config.model)
   out = ctx.prefill(list(ids[:2]))
   np.testing.assert_allclose(out, full[0, 1], rtol=1e-4, atol=1e-4)
   for t in range(2, tbp.T):
@@ -164,7 +166,7 @@ def test_cli_prints_prompt_and_continuation(byte_model, tmp_path, capfd):
   full.model = config.model
   export.save_export(str(tmp_path / 'export'), params, full)
   fv = flags.FlagValues()  # private: the global FLAGS may hold stlm.eval's --checkpoint
-  holders = generate.define_flags(fv)
+  holders = generate_cli.define_flags(fv)
   fv(['generate', f'--checkpoint={tmp_path / "export"}', '--prompt=日本 and', '--max_bytes=8',
       '--temperature=0'])
   text = generate.run(**{k: h.value for k, h in holders.items()})

@@ -14,7 +14,6 @@ import pytest
 
 from stlm import config as config_lib
 from stlm import tokenizers
-from stlm.data import featurize
 from stlm.eval import benchmarks
 from stlm.eval import harness
 from stlm.eval import loaders
@@ -47,7 +46,7 @@ def tiny_exported(hidden=32, seed=0):
   # Embeddings at unit scale, so log-likelihoods differ between choices by whole nats.
   params['embed']['embedding'] = params['embed']['embedding'] * 20.0
   return types.SimpleNamespace(model=model, params=params, config=c, tokenizer=tok,
-                               featurizer=featurize.make_featurizer(c, tok))
+                               featurizer=factory.make_featurizer(c, tok))
 
 
 @pytest.fixture(scope='module')

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import types
 
 import flax.linen as nn
 import jax
@@ -15,9 +14,8 @@ import transformers
 
 from stlm import config as config_lib
 from stlm import export as export_lib
-from stlm import hf_export
+from stlm.export import hf as hf_export
 from stlm import tokenizers
-from stlm.data import featurize
 from stlm.models import factory
 from tests.conftest import REPO_ROOT
 from tests.conftest import require_shared_data
@@ -35,7 +33,7 @@ def exported(seed=0, **model):
   params = fill_like(nn.unbox(factory.abstract_params(model_, c.model)), seed)
   # Unit-scale embeddings: logits of a few nats, so a 1e-4 bound means something.
   params['embed']['embedding'] = params['embed']['embedding'] * 200.0
-  return export_lib.Exported(model_, params, c, GPT2, featurize.make_featurizer(c, GPT2))
+  return export_lib.Exported(model_, params, c, GPT2, factory.make_featurizer(c, GPT2))
 
 
 def real_text_ids(n=60):
@@ -111,7 +109,7 @@ def test_safetensors_round_trip_byte_pool(tmp_path):
                            decoder_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
   model = factory.build_model(c.model)
   params = fill_like(nn.unbox(factory.abstract_params(model, c.model)), 3)
-  ex = export_lib.Exported(model, params, c, GPT2, featurize.make_featurizer(c, GPT2))
+  ex = export_lib.Exported(model, params, c, GPT2, factory.make_featurizer(c, GPT2))
   hf_export.export_safetensors(ex, str(tmp_path / 'st'))
   back = hf_export.load_safetensors(str(tmp_path / 'st'))
   assert back.config.to_dict() == json.loads(c.to_json())

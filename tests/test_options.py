@@ -16,6 +16,7 @@ from stlm.models import dropout as dropout_lib
 from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import optimizer
+from stlm.train import state as state_lib
 from stlm.train import step as step_lib
 from tests import param_fill
 
@@ -219,7 +220,7 @@ def test_dropout_schedule_rates_inside_one_compiled_step(schedule, expected):
   cfg = _train_cfg(dropout_schedule=schedule, dropout_schedule_steps=10)
   model, tx = _DropoutProbe(), optax.sgd(0.0)
   params = {'w': jnp.ones(())}
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=tx.init(params), rng=jax.random.key(0))
   fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
                                  dropout_schedule=optimizer.make_dropout_schedule(cfg)))

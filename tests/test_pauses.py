@@ -1,17 +1,16 @@
 """Pause tokens: insertion never changes the accounting; the model reads pauses; scoring."""
 
 import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
 from stlm import config as config_lib
 from stlm import tokenizers
-from stlm.data import featurize
 from stlm.data import pauses
 from stlm.eval import scorer as scorer_lib
+from stlm.models import decoding
 from stlm.models import factory
-from stlm.pause_ids import PAUSE_ID
+from stlm.ids import PAUSE_ID
 from tests.param_fill import fill_like
 
 GPT2 = tokenizers.GPT2Tokenizer()
@@ -45,8 +44,8 @@ def accounting(examples):
 @pytest.mark.parametrize('kind', KINDS)
 @pytest.mark.parametrize('every,count', [(1, 1), (3, 2), (5, 1)])
 def test_pauses_never_change_the_targets_or_their_bytes(kind, every, count):
-  plain = featurize.make_featurizer(config(kind), GPT2)
-  paused = featurize.make_featurizer(config(kind, pause_every=every, pause_count=count), GPT2)
+  plain = factory.make_featurizer(config(kind), GPT2)
+  paused = factory.make_featurizer(config(kind, pause_every=every, pause_count=count), GPT2)
   assert isinstance(paused, pauses.PauseFeaturizer)
   want, got = accounting(plain.document(TEXT)), accounting(paused.document(TEXT))
   for w, g in zip(want, got):
@@ -63,8 +62,8 @@ def test_pauses_never_change_the_targets_or_their_bytes(kind, every, count):
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_pair_pauses_keep_the_continuation_and_its_bytes(kind):
-  plain = featurize.make_featurizer(config(kind), GPT2)
-  paused = featurize.make_featurizer(
+  plain = factory.make_featurizer(config(kind), GPT2)
+  paused = factory.make_featurizer(
       config(kind, pause_every=4, pause_before_continuation=3), GPT2)
   ex0, m0 = plain.pair('The cat sat on the', ' mat, happily.')
   ex1, m1 = paused.pair('The cat sat on the', ' mat, happily.')
@@ -82,9 +81,9 @@ def test_model_reads_pauses_and_scores_the_same_bytes(kind):
   model = factory.build_model(c.model)
   params = fill_like(nn.unbox(factory.abstract_params(model, c.model)))
   assert params['pause_embedding'].shape == (32,)
-  feat = featurize.make_featurizer(c, GPT2)
+  feat = factory.make_featurizer(c, GPT2)
   scorer = scorer_lib.Scorer(model, params, feat, max_len=16, batch_size=4, min_bucket=16)
-  plain = scorer_lib.Scorer(model, params, featurize.make_featurizer(config(kind), GPT2),
+  plain = scorer_lib.Scorer(model, params, factory.make_featurizer(config(kind), GPT2),
                             max_len=16, batch_size=4, min_bucket=16)
   reqs = [('The cat sat on the', ' mat.'), ('Once upon', ' a time, a fox 😀.')]
   got, want = scorer.loglikelihood(reqs), plain.loglikelihood(reqs)
@@ -101,7 +100,6 @@ def test_model_reads_pauses_and_scores_the_same_bytes(kind):
 
 def test_generation_places_pauses_where_the_featurizer_does():
   """Cached generation with pauses predicts each token from the same position as training."""
-  from stlm import generate  # pylint: disable=g-import-not-at-top
   c = config('baseline', pause_every=3, pause_count=2, vocab_size=257, max_len=32)
   model = factory.build_model(c.model)
   params = fill_like(nn.unbox(factory.abstract_params(model, c.model)))
@@ -113,7 +111,7 @@ def test_generation_places_pauses_where_the_featurizer_does():
   seg, pos = np.ones((1, n), np.int32), np.arange(n, dtype=np.int32)[None]
   full = model.apply({'params': params}, paused['inputs'][None], seg, pos, method='logits')
   predicting = np.flatnonzero(paused['loss_mask'] > 0)  # one per real input, in order
-  ctx = generate.token_context(model, params, c.model)
+  ctx = decoding.token_context(model, params, c.model)
   outs = [ctx.prefill(list(ids[:4]))] + [ctx.feed(int(t)) for t in ids[4:]]
   np.testing.assert_allclose(np.stack(outs), full[0, predicting[3:]], rtol=1e-4, atol=1e-4)
   assert ctx.n_cached == n and ctx.layers_per_unit == 1.0

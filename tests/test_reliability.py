@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import baseline  # pylint: disable=g-bad-import-order
-from stlm import config_validate
+from stlm.config import validate as config_validate
 from stlm.train import checkpoint
 from stlm.train import divergence
 from stlm.train import loop

@@ -88,6 +88,6 @@ def test_conversion_round_trip_and_errors(plain):
 def test_unknown_remat_is_refused():
   cfg = config.base_config()
   cfg.model.remat = 'everything'
-  from stlm import config_validate  # pylint: disable=g-import-not-at-top
+  from stlm.config import validate as config_validate  # pylint: disable=g-import-not-at-top
   with pytest.raises(config_validate.ConfigError, match='model.remat'):
     config_validate.validate(cfg)

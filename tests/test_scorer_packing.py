@@ -10,7 +10,6 @@ import pytest
 
 from stlm import config as config_lib
 from stlm import tokenizers
-from stlm.data import featurize
 from stlm.data.featurize import TokenFeaturizer
 from stlm.eval import benchmarks
 from stlm.eval import packing
@@ -175,7 +174,7 @@ def test_byte_pool_keeps_the_plain_path(version):
                                 decoder_ffn_dim=32, max_bytes_per_chunk=4, version=version))
   model = factory.build_model(c.model)
   params = fill_like(nn.unbox(factory.abstract_params(model, c.model)))
-  feat = featurize.make_featurizer(c, gpt2)
+  feat = factory.make_featurizer(c, gpt2)
   assert kinds.get_kind('byte_pool').scoring(c.model) == kinds.Scoring()
   s = scorer_lib.Scorer(model, params, feat, max_len=16, batch_size=4, min_bucket=16)
   assert (s.pack, s.gather) == (False, False)

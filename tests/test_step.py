@@ -12,6 +12,7 @@ import pytest
 from stlm import config as config_lib
 from stlm.models import factory
 from stlm.train import optimizer
+from stlm.train import state as state_lib
 from stlm.train import step as step_lib
 
 
@@ -45,7 +46,7 @@ def setup():
   model = factory.build_model(c.model)
   params = factory.init_params(model, c.model, jax.random.key(0))
   tx = optimizer.make_optimizer(c.train)
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=tx.init(params), rng=jax.random.key(1))
   fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))
   return c, model, state, fn

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stlm import byte_ids
+from stlm.data import layout
 from stlm.data import chunking
 from stlm.data.chunking import BYTE_OFFSET, END_OF_CHUNK, EOT
 
@@ -117,7 +117,7 @@ class StreamFeaturizer:
     self.tokenizer = tokenizer
     self.max_len = int(max_len)
     self.max_bytes = int(max_bytes_per_chunk)
-    self.stream_len = byte_ids.stream_len(self.max_len, self.max_bytes, stream_len_)
+    self.stream_len = layout.stream_len(self.max_len, self.max_bytes, stream_len_)
 
   def chunks(self, text: str | bytes) -> list[bytes]:
     data = text.encode('utf-8') if isinstance(text, str) else bytes(text)

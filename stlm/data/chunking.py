@@ -4,7 +4,7 @@ The tokenizer only supplies boundaries (`Tokenizer.split_bytes`), never ids or
 embeddings. A piece longer than `max_bytes` becomes several chunks, so
 `b''.join(chunk_bytes(data, ...)) == data` for every byte string.
 
-Byte ids are those of `stlm/byte_ids.py` (PAD, END_OF_CHUNK, EOT, byte b -> b + 3).
+Byte ids are those of `stlm/ids.py` (PAD, END_OF_CHUNK, EOT, byte b -> b + 3).
 Rows are `C = max_bytes + 1` wide: a full chunk of max_bytes bytes still has room for its
 END_OF_CHUNK. An input row holds the chunk's byte ids then PAD; a target row holds the
 next chunk's byte ids, END_OF_CHUNK, then PAD (or EOT, then PAD).
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from stlm import byte_ids
-from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import
+from stlm.data.layout import chunk_width
+from stlm.ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD  # pylint: disable=unused-import (re-exported)
 
 
 def chunk_bytes(data: bytes, tokenizer, max_bytes: int) -> list[bytes]:
@@ -151,10 +151,6 @@ class ChunkFeaturizer:
 
 
 def make_chunk_featurizer(config, tokenizer) -> ChunkFeaturizer:
-  """The featurizer of byte-chunk kinds (registered in featurize.py as 'chunks'): the slot
-  rows of version 'paper', or the ragged byte stream of version 'v2'."""
-  if byte_ids.is_stream(config.model):
-    from stlm.data import byte_stream  # pylint: disable=g-import-not-at-top
-    return byte_stream.make_stream_featurizer(config, tokenizer)
+  """The slot-row featurizer of the paper byte-pool model, from its config."""
   return ChunkFeaturizer(tokenizer, config.model.max_len,
                          config.model.byte_pool.max_bytes_per_chunk)

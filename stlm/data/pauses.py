@@ -11,7 +11,7 @@ bits per byte and `units` stay comparable with a run without pauses.
 `model.pause_count` pauses after every k-th position (training and scoring alike), and
 `model.pause_before_continuation = m` inserts m pauses between a scoring pair's context and
 its continuation (so the first continuation target is predicted after m pauses).
-A pause's input is `stlm.pause_ids.PAUSE_ID` (first slot of a chunk row); the model swaps
+A pause's input is `stlm.ids.PAUSE_ID` (first slot of a chunk row); the model swaps
 in its learned pause vector (stlm/models/pause.py).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stlm.pause_ids import PAUSE_ID
+from stlm.ids import PAUSE_ID
 
 
 def pause_input(unit):

@@ -6,12 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stlm.data import featurize
 from stlm.models import chunked_ce
+from stlm.models import decoding
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
 from stlm.models import pause
-from stlm.models import sharing
+from stlm.models import weight_sharing as sharing
 from stlm.models import transformer
 
 
@@ -199,10 +201,10 @@ KIND = kinds.register_kind(kinds.ModelKind(
     param_breakdown=param_breakdown,
     flops_per_target=flops_per_target,
     target_unit='tokens',
-    featurizer='tokens',
-    generation='tokens',
+    featurizer=lambda config, tokenizer: featurize.TokenFeaturizer(tokenizer,
+                                                                   config.model.max_len),
+    generation=decoding.generate_tokens,
     scoring=scoring,
     param_report=lambda params, model_cfg: sharing.report(
         nn.unbox(params)['transformer'], model_cfg),
-    unused_config=('model.byte_pool.', 'model.mlm.'),
 ))

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from stlm import config_errors
+from stlm.config import errors as config_errors
+from stlm.data import mlm as mlm_data
 from stlm.models import baseline
 from stlm.models import kinds
 from stlm.models import layers
@@ -119,10 +120,10 @@ KIND = kinds.register_kind(kinds.ModelKind(
     param_breakdown=param_breakdown,
     flops_per_target=flops_per_target,
     target_unit='tokens',
-    featurizer='mlm',
-    generation='none',   # an encoder does not generate text
+    featurizer=mlm_data.make_mlm_featurizer,
+    generation=None,   # an encoder does not generate text
     validate=validate,
     reports_bits_per_byte=False,
     causal=False,
-    unused_config=('model.byte_pool.',),
+    config_sections=('model.mlm',),
 ))

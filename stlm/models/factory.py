@@ -1,16 +1,24 @@
-"""Builds a model from `config.model`, initializes it, and counts its parameters."""
+"""Builds a model and its featurizer from a config, initializes it, counts its parameters."""
 
 from typing import Any
 
 import flax.linen as nn
 import jax
 
+from stlm.data import pauses
 from stlm.models import kinds
 
 
 def build_model(model_cfg) -> nn.Module:
   """The LM of model_cfg.kind (see stlm/models/kinds.py)."""
   return kinds.get_kind(model_cfg.kind).build(model_cfg)
+
+
+def make_featurizer(config, tokenizer):
+  """Text -> examples for `config.model.kind` (its registered `featurizer`), with the pause
+  tokens of `config.model` inserted when it asks for them."""
+  return pauses.maybe_wrap(config, kinds.get_kind(config.model.kind).featurizer(config,
+                                                                               tokenizer))
 
 
 def dummy_batch(model_cfg, batch_size: int = 1, seq_len: int | None = None):

@@ -1,7 +1,7 @@
 """The model-kind registry: everything the rest of stlm needs to know about a model kind.
 
 A kind (`config.model.kind`) is described ONCE, by a `ModelKind` registered from its own
-module (`stlm/models/baseline.py`, `stlm/models/byte_pool.py`). The factory, trainer,
+module (`stlm/models/baseline.py`, `stlm/models/byte_pool/paper.py`). The factory, trainer,
 metrics, generation, evaluation and benchmarks ask the registry; none of them branches on a
 kind's name. A new kind is one module that calls `register_kind` plus one line in
 `_KIND_MODULES`; its featurizer is registered where data lives
@@ -73,16 +73,19 @@ class ModelKind:
   validate(model_cfg): kind-specific checks; raises `stlm.config_errors.ConfigError` naming
     the key.
   target_unit: what one target is, 'tokens' | 'chunks' (progress bar and log labels).
-  featurizer: name of the featurizer factory in `stlm.data.featurize` (text -> examples).
-  generation: name of the generation strategy in `stlm.generate`.
+  featurizer(config, tokenizer) -> featurizer: text -> examples (stlm/data/featurize.py's
+    interface); `stlm.models.factory.make_featurizer` adds pause tokens when asked for.
+  generation: the generation strategy (stlm/models/decoding.py's signature), or None for a
+    kind that does not generate text.
   param_report(params, model_cfg) -> str | None: extra start-up lines, or None.
   reports_bits_per_byte: whether nll / bytes of the targets is a language-modelling bits per
     byte (False for masked-LM kinds: their targets are a sample of the text, predicted from
     both sides, so the ratio measures nothing; they report loss and `stats` accuracy).
   causal: whether position t sees only positions <= t (then a sequence summary for
     classification is the last position; bidirectional kinds pool the first or the mean).
-  unused_config: config key prefixes (e.g. 'model.byte_pool.') this kind never reads: a run
-    may resume over a checkpoint whose config differs only there.
+  config_sections: the config sections this kind owns (e.g. 'model.byte_pool'): no other
+    kind reads them, so a run of another kind may resume over a checkpoint whose config
+    differs only there (`foreign_config_sections`).
   scoring(model_cfg) -> Scoring: what the log-likelihood scorer (stlm/eval/scorer.py) may
     ask of this kind's model beyond the plain forward; default: nothing (one request per
     row, every position through the output layer).
@@ -95,14 +98,14 @@ class ModelKind:
   param_breakdown: Callable[[Any, Any], dict[str, Any]]
   flops_per_target: Callable[[Any, dict[str, Any]], float]
   target_unit: str
-  featurizer: str
-  generation: str
+  featurizer: Callable[[Any, Any], Any]
+  generation: Callable[..., bytes] | None
   validate: Callable[[Any], None] = _no_checks
   param_report: Callable[[Any, Any], str | None] = _no_report
   reports_bits_per_byte: bool = True
   causal: bool = True
   scoring: Callable[[Any], 'Scoring'] = lambda model_cfg: Scoring()
-  unused_config: tuple[str, ...] = ()
+  config_sections: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, ModelKind] = {}
@@ -150,6 +153,14 @@ def get_kind(name: str) -> ModelKind:
                         f'checkout: {", ".join(_missing.values())}')
     raise ValueError(f'model.kind {name!r} unknown; choose one of {", ".join(kind_names())}')
   return _REGISTRY[name]
+
+
+def foreign_config_sections(name: str) -> tuple[str, ...]:
+  """Key prefixes ('model.byte_pool.') of the sections other kinds own and `name` does not
+  read: what a run of kind `name` ignores when it compares configs."""
+  own = set(get_kind(name).config_sections)
+  return tuple(sorted({f'{section}.' for kind in _REGISTRY.values() if kind.name != name
+                       for section in kind.config_sections if section not in own}))
 
 
 # Helpers shared by the kinds' descriptions.

@@ -212,7 +212,7 @@ class Attention(nn.Module):
   its new K/V into the 'cache' collection at cache_index and attends over the whole
   cache with the XLA reference and that mask.
 
-  Shared by several layers (stlm/models/sharing.py), each layer passes its own
+  Shared by several layers (stlm/models/weight_sharing.py), each layer passes its own
   `cache_slot` (its K/V cache) and optionally `lora`: kernel name -> (A, B) low-rank terms
   added to the shared q/k/v/o kernels.
   """
@@ -283,7 +283,7 @@ class FeedForward(nn.Module):
   """SwiGLU (gate, up, down) or GELU (up, down) feed-forward.
 
   `lora`: kernel name -> (A, B) low-rank terms added to the kernels (a shared FFN's
-  per-layer adapters, stlm/models/sharing.py).
+  per-layer adapters, stlm/models/weight_sharing.py).
   """
   cfg: Any
 

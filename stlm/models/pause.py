@@ -1,7 +1,7 @@
 """Pause tokens (Goyal et al. 2023) on the model side: one learned input vector.
 
 The featurizer (stlm/data/pauses.py) inserts pause positions into the data with input id
-`stlm.pause_ids.PAUSE_ID`; the model swaps their input vector for `pause_embedding` (a D
+`stlm.ids.PAUSE_ID`; the model swaps their input vector for `pause_embedding` (a D
 vector) before the core. Whether a pause's position predicts anything is the data's
 business (loss_mask / target_bytes), so the loss accounting is unchanged. With pauses off
 (the default) no parameter exists and inputs pass through untouched.
@@ -9,7 +9,7 @@ business (loss_mask / target_bytes), so the loss accounting is unchanged. With p
 
 import jax.numpy as jnp
 
-from stlm import pause_ids
+from stlm import ids as pause_ids
 from stlm.models import layers
 
 

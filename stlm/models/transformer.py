@@ -26,13 +26,13 @@ import jax.numpy as jnp
 from stlm.models import depth
 from stlm.models import dropout as dropout_lib
 from stlm.models import layers
-from stlm.models import sharing
+from stlm.models import weight_sharing as sharing
 
 
 class Block(nn.Module):
   """x + attn(norm(x)), then x + ffn(norm(x)), with residual dropout.
 
-  shared_attn / shared_ffn: modules shared by every layer (stlm/models/sharing.py) used
+  shared_attn / shared_ffn: modules shared by every layer (stlm/models/weight_sharing.py) used
   instead of this block's own; `layer` picks this block's KV cache in a shared attention.
   """
   cfg: Any

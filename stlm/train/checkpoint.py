@@ -160,12 +160,12 @@ def flatten_config(cfg) -> dict:
 def config_differences(saved: dict, current) -> list[str]:
   """'key: checkpoint has X, this run has Y' for every key that changes what is trained.
 
-  Skipped: RESUMABLE_KEYS and keys under the prefixes the run's model kind never reads. A key
+  Skipped: RESUMABLE_KEYS and keys of the config sections other model kinds own. A key
   the checkpoint lacks (written by code before the key existed) counts as its
   `config.LEGACY_VALUES` entry, the behaviour that code had.
   """
   a, b = flatten_config(saved), flatten_config(current)
-  unused = tuple(kinds.get_kind(b['model.kind']).unused_config) if 'model.kind' in b else ()
+  unused = kinds.foreign_config_sections(b['model.kind']) if 'model.kind' in b else ()
   out = []
   for k in sorted(set(a) | set(b)):
     if k in RESUMABLE_KEYS or (unused and k.startswith(unused)):

@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stlm import config_validate
+from stlm.config import validate as config_validate
 from stlm import export as export_lib
 from stlm import tokenizers
-from stlm.data import featurize
 from stlm.data import pipeline
 from stlm.data import tfds_builders
 from stlm.models import factory
@@ -27,7 +26,7 @@ from stlm.train import metrics as metrics_lib
 from stlm.train import preemption
 from stlm.train import run_info
 from stlm.train import sharding
-from stlm.train import state as state_lib
+from stlm.train import setup as setup_lib
 from stlm.train import step as step_lib
 
 
@@ -184,7 +183,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
 
   mesh = _make_mesh_checked(config)
   model = factory.build_model(config.model)
-  featurizer = featurize.make_featurizer(config, tokenizer)
+  featurizer = factory.make_featurizer(config, tokenizer)
   proc, nproc = jax.process_index(), jax.process_count()
   train_iter = pipeline.make_train_iter(config, featurizer, 'train',
                                         process_index=proc, process_count=nproc)
@@ -193,7 +192,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   _check_export_is_ours(workdir, config)
   make_eval_iter = functools.partial(pipeline.make_eval_iter, config, featurizer, 'validation',
                                      process_index=proc, process_count=nproc)
-  train_step = state_lib.build_train_step(config, model, mesh)
+  train_step = setup_lib.build_train_step(config, model, mesh)
   train_fn, state = train_step.step, None
   # The mesh plus the logical axis rules: the models' activation constraints resolve to it.
   with sharding.mesh_context(mesh):

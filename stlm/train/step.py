@@ -1,25 +1,16 @@
-"""Train state, the loss every model kind shares, and the jit-able train and eval steps."""
+"""The loss every model kind shares, and the jit-able train and eval steps."""
 
 import math
-from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from stlm.models import dropout as dropout_lib
+from stlm.train.state import TrainState
 
 LN2 = math.log(2.0)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
 
 
 def loss_sums(model: nn.Module, params, batch, *, rng=None, train: bool = False):

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stlm import byte_ids
+from stlm import ids as byte_ids
 from stlm.data import byte_stream
 from stlm.data import chunking
-from stlm.models import byte_pool_v2
+from stlm.models import decoding
+from stlm.models.byte_pool import v2 as byte_pool_v2
 
 PREFILL_BLOCK = 32
 
@@ -264,3 +265,11 @@ def incremental_logprobs(model, params, model_cfg, chunks: list[bytes], prompt_c
 
 
 
+
+
+def generate_stream(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling, stats):
+  """The v2 generation strategy (stlm/models/decoding.py's signature): `generate` with the
+  sampling settings, symbol i drawn with key fold_in(rng, i)."""
+  del stats
+  pick = lambda logits, i: decoding.pick_token(jax.random.fold_in(rng, i), logits, **sampling)
+  return generate(model, params, model_cfg, tokenizer, data, max_bytes=max_bytes, sample=pick)

@@ -37,9 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD  # pylint: disable=unused-import
 from stlm.models import layers
-from stlm.models import local_transformer as local
+from stlm.ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT
+from stlm.models.byte_pool import local_transformer as local
 
 NEG_INF = -1e30
 # As in v1: chunk vectors enter the core, and core vectors the decoder, at embedding scale.

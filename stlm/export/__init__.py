@@ -16,7 +16,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from stlm import tokenizers
-from stlm.data import featurize
 from stlm.models import factory
 
 CONFIG_FILE = 'config.json'
@@ -83,10 +82,5 @@ def load_export(directory: str) -> Exported:
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR), abstract)
   return Exported(model=model, params=params, config=config, tokenizer=tokenizer,
-                  featurizer=featurize.make_featurizer(config, tokenizer))
+                  featurizer=factory.make_featurizer(config, tokenizer))
 
-
-if __name__ == '__main__':
-  # python -m stlm.export --checkpoint=<run>/export --format=hf --out=<dir>
-  from stlm import hf_export  # pylint: disable=g-import-not-at-top
-  hf_export.run_cli()

@@ -1,17 +1,17 @@
 """The byte-pool kind's description for version 'v2' (validation, dummy and synthetic
-batches in the stream layout, FLOPs): what stlm/models/byte_pool.py's registry entry asks
+batches in the stream layout, FLOPs): what stlm/models/byte_pool/paper.py's registry entry asks
 when model.byte_pool.version == 'v2'. The model itself is in byte_pool_v2.py."""
 
 import numpy as np
 
-from stlm import byte_ids
-from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK
-from stlm.models.byte_pool_v2 import CONDITION_AT, CONDITIONS, CONTEXTS, memory_chunks
+from stlm.data import layout
+from stlm.ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK
+from stlm.models.byte_pool.v2 import CONDITION_AT, CONDITIONS, CONTEXTS, memory_chunks
 
 
 def validate(model_cfg) -> None:
   """The v2 keys: contexts, window, stream length, n-gram tables."""
-  from stlm import config_errors  # pylint: disable=g-import-not-at-top
+  from stlm.config import errors as config_errors  # pylint: disable=g-import-not-at-top
   b = model_cfg.byte_pool
   for key in ('encoder_context', 'decoder_context'):
     if b[key] not in CONTEXTS:
@@ -50,7 +50,7 @@ CHUNK_LENGTH_PROBS = (0.4638, 0.104, 0.1039, 0.0914, 0.0621, 0.0434, 0.0327, 0.0
 
 def _stream_len(model_cfg) -> int:
   b = model_cfg.byte_pool
-  return byte_ids.stream_len(model_cfg.max_len, b.max_bytes_per_chunk, b.get('stream_len', 0))
+  return layout.stream_len(model_cfg.max_len, b.max_bytes_per_chunk, b.get('stream_len', 0))
 
 
 def dummy_batch(model_cfg, batch_size: int = 1, seq_len: int | None = None):

@@ -2,11 +2,11 @@
 
 import ml_collections
 
-from stlm.config_errors import ConfigError  # pylint: disable=unused-import (re-exported)
-from stlm.config_errors import fail as _fail
+from stlm.config.errors import ConfigError  # pylint: disable=unused-import (re-exported)
+from stlm.config.errors import fail as _fail
 from stlm.models import depth
 from stlm.models import kinds
-from stlm.models import sharing
+from stlm.models import weight_sharing as sharing
 from stlm.train import optimizer
 
 _CHOICES = {

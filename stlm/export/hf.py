@@ -27,6 +27,8 @@ import numpy as np
 
 from stlm import export as export_lib
 from stlm import tokenizers
+from stlm.models import factory
+from stlm.models import layers
 
 FORMATS = ('hf', 'safetensors')
 SAFETENSORS_FILE = 'model.safetensors'
@@ -134,7 +136,6 @@ def _llama(params, m) -> tuple[dict, dict]:
 
 def sincos_table(max_len: int, dim: int) -> np.ndarray:
   """stlm's sin-cos position vectors for positions 0..max_len-1 (as layers.sincos_embedding)."""
-  from stlm.models import layers  # pylint: disable=g-import-not-at-top
   return _np(layers.sincos_embedding(np.arange(max_len, dtype=np.int32)[None], dim)[0])
 
 
@@ -246,47 +247,10 @@ def load_safetensors(directory: str) -> export_lib.Exported:
   import flax.traverse_util as tu  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from stlm.data import featurize  # pylint: disable=g-import-not-at-top
-  from stlm.models import factory  # pylint: disable=g-import-not-at-top
   config = export_lib.load_config(directory)
   flat = load_file(os.path.join(directory, SAFETENSORS_FILE))
   params = tu.unflatten_dict({tuple(k.split(_SEP)): jnp.asarray(v) for k, v in flat.items()})
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   return export_lib.Exported(model=factory.build_model(config.model), params=params,
                              config=config, tokenizer=tokenizer,
-                             featurizer=featurize.make_featurizer(config, tokenizer))
-
-
-# ------------------------------------------------------------------ CLI
-
-def run_cli() -> None:
-  """python -m stlm.export --checkpoint=<run>/export --format=hf|safetensors --out=<dir>."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  ckpt = flags.DEFINE_string('checkpoint', None, '<workdir>/export of a training run.')
-  fmt = flags.DEFINE_enum('format', 'hf', FORMATS, 'hf: transformers directory (baseline '
-                          'family where exact); safetensors: params + stlm config (any kind).')
-  out = flags.DEFINE_string('out', None, 'Output directory.')
-  flags.mark_flags_as_required(['checkpoint', 'out'])
-
-  def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    try:
-      config = export_lib.load_config(ckpt.value)
-      if fmt.value == 'hf':
-        hf_architecture(config)  # refuse before loading anything
-      exported = export_lib.load_export(ckpt.value)
-      if fmt.value == 'hf':
-        arch = export_hf(exported, out.value)
-        print(f'wrote a {arch} transformers model to {out.value}')
-      else:
-        export_safetensors(exported, out.value)
-        print(f'wrote {SAFETENSORS_FILE} + config.json to {out.value} '
-              '(load with stlm.hf_export.load_safetensors)')
-    except (ExportError, FileNotFoundError) as e:
-      sys.exit(f'error: {e}')
-
-  app.run(main)
+                             featurizer=factory.make_featurizer(config, tokenizer))

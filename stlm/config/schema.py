@@ -8,16 +8,6 @@ import ml_collections
 
 SIZE_PRESETS = ('tiny', '10m', '50m', '100m')
 
-# Keys added after runs with checkpoints already existed, with the value that reproduces what
-# the code did before the key existed (the models read a missing key with this default). A
-# checkpoint whose config lacks a key is compared with this value when a run resumes.
-LEGACY_VALUES = {
-    'model.byte_pool.slot_embedding': False,
-    'model.byte_pool.condition': 'add',
-    'model.byte_pool.condition_at': 'input',
-    'model.byte_pool.cross_chunks': 4,   # read only with condition 'cross_attention'
-}
-
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every model kind (the paper's Table 1 baseline at 50m)."""
@@ -52,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = 'none'               # none | block | dots_saveable (recompute in the backward)
   m.scan_layers = False          # one nn.scan'd block for all layers (stlm/models/scan_convert.py)
   m.vocab_size = 50257           # overwritten from the tokenizer at start-up
-  # Cross-layer weight sharing of the core (stlm/models/sharing.py): none | ffn | ffn_attn,
+  # Cross-layer weight sharing of the core (stlm/models/weight_sharing.py): none | ffn | ffn_attn,
   # plus per-layer LoRA adapters of this rank on the shared weights (0 = none).
   m.sharing = 'none'
   m.sharing_lora_rank = 0
@@ -83,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   b.decoder_ffn_dim = 256
   b.decoder = 'autoregressive'   # autoregressive | parallel (paper version only)
   b.version = 'paper'            # paper (per-chunk slots) | v2 (ragged byte stream, local models)
-  # v2 only (stlm/models/byte_pool_v2.py, stlm/data/byte_stream.py):
+  # v2 only (stlm/models/byte_pool/v2.py, stlm/data/byte_stream.py):
   b.stream_len = 0               # symbols per row of the byte stream (0 = 5 x max_len)
   b.local_window = 64            # sliding attention window of the local encoder and decoder
   b.encoder_context = 'window'   # window (earlier chunks' bytes visible) | chunk (own chunk only)

@@ -1,31 +1,23 @@
-"""Text generation from an export, for both model kinds, with a cached core.
+"""Cached decoding shared by every kind's generation strategy.
 
-  python -m stlm.generate --checkpoint=<workdir>/export --prompt="Once upon a time"
-
-The model kind's registered `generation` strategy (stlm/models/kinds.py) picks the loop:
-'tokens': token by token with the KV cache (the model's `logits(..., decode=True)`).
-'chunks': chunk by chunk: the core runs once per new chunk on its KV cache (the prefix is
-never recomputed, `core_step`), then the byte decoder (`decode_logits`) writes the next
-chunk's bytes one at a time until END_OF_CHUNK.
-Both stop at end-of-text or after --max_bytes bytes. A prompt longer than the context keeps
-its last max_len units (with a warning); when the cache fills during generation the last half
-of the context is re-encoded into a fresh cache (also warned).
+A generation strategy (a model kind's `generation`, stlm/models/kinds.py) is
+`fn(model, params, model_cfg, tokenizer, prompt bytes, rng, max_bytes, sampling, stats) ->
+bytes`; `stats` (a dict) receives `layers_per_unit`. `generate_tokens` is the strategy of
+token kinds: token by token with the KV cache (the model's `logits(..., decode=True)`).
+A prompt longer than the context keeps its last max_len units (with a warning); when the
+cache fills during generation the last half of the context is re-encoded into a fresh cache
+(also warned).
 """
 
 import functools
 import json
-import sys
 import warnings
 
-from absl import app
-from absl import flags
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stlm import byte_ids
-from stlm.data import chunking
+from stlm import ids
 from stlm.data import pauses
 from stlm.models import kinds
 
@@ -221,8 +213,8 @@ def chunk_sampler(model, params, width, **sampling):
         logits = model.apply({'params': params}, y_D[None, None], ids_C[None, None],
                              deterministic=True, method='decode_logits')[0, 0, j]
         s = sample_logits(jax.random.fold_in(rng, j), logits, **sampling)
-        s = jnp.where(done, chunking.PAD, s)
-        done |= (s == chunking.END_OF_CHUNK) | (s == chunking.EOT)
+        s = jnp.where(done, ids.PAD, s)
+        done |= (s == ids.END_OF_CHUNK) | (s == ids.EOT)
         return ids_C.at[j].set(s), done
       init = (jnp.zeros((width,), jnp.int32), jnp.zeros((), bool))
       return jax.lax.fori_loop(0, width, body, init)[0]
@@ -231,55 +223,12 @@ def chunk_sampler(model, params, width, **sampling):
   return lambda y_D, rng: sample(params, y_D, rng, **sampling)
 
 
-_pick_token = jax.jit(lambda rng, logits, **kw: sample_logits(rng, logits, **kw),
+pick_token = jax.jit(lambda rng, logits, **kw: sample_logits(rng, logits, **kw),
                       static_argnames=('temperature', 'top_k', 'top_p'))
 
 
-def prompt_bytes(prompt) -> bytes:
-  """UTF-8 of a prompt; bytes pass through, undecodable argv bytes (surrogates) survive."""
-  if not isinstance(prompt, str):
-    return bytes(prompt)
-  try:
-    return prompt.encode('utf-8', errors='surrogateescape')
-  except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
-    return prompt.encode('utf-8', errors='replace')
-
-
-def _generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling,
-                     stats):
-  if byte_ids.is_stream(model_cfg):  # byte-pool v2: the ragged byte stream
-    from stlm import generate_stream  # pylint: disable=g-import-not-at-top
-    pick = lambda logits, i: _pick_token(jax.random.fold_in(rng, i), logits, **sampling)
-    return generate_stream.generate(model, params, model_cfg, tokenizer, data,
-                                    max_bytes=max_bytes, sample=pick)
-  (width,) = kinds.get_kind(model_cfg.kind).unit_shape(model_cfg)
-  max_chunk = width - 1  # one slot is END_OF_CHUNK's
-  rows, _ = chunking.encode_chunks(chunking.chunk_bytes(data, tokenizer, max_chunk), width,
-                                   end_of_chunk=False)
-  eot_row = np.zeros((1, width), np.int32)
-  eot_row[0, 0] = chunking.EOT
-  ctx = chunk_context(model, params, model_cfg)
-  sampler = chunk_sampler(model, params, width, **sampling)
-  y = ctx.prefill(list(np.concatenate([eot_row, rows])))
-  if model_cfg.get('pause_before_continuation', 0):
-    y = ctx.pause(model_cfg.pause_before_continuation)
-  out = bytearray()
-  for i in range(max_bytes):  # every chunk adds >= 1 byte
-    ids = np.asarray(sampler(y, jax.random.fold_in(rng, i)))
-    chunk, is_eot = chunking.decode_chunk_ids(ids)
-    if is_eot:
-      break
-    out += chunk
-    if len(out) >= max_bytes:
-      break
-    row, _ = chunking.encode_chunks([chunk], width, end_of_chunk=False)
-    y = ctx.feed(row[0])
-  stats['layers_per_unit'] = ctx.layers_per_unit
-  return out
-
-
-def _generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling,
-                     stats):
+def generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling,
+                    stats):
   ctx = token_context(model, params, model_cfg)
   logits = ctx.prefill([tokenizer.eot_id] + tokenizer.encode(
       data.decode('utf-8', errors='replace')))
@@ -287,7 +236,7 @@ def _generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, 
     logits = ctx.pause(model_cfg.pause_before_continuation)
   out = bytearray()
   for i in range(max_bytes):
-    token = int(_pick_token(jax.random.fold_in(rng, i), logits, **sampling))
+    token = int(pick_token(jax.random.fold_in(rng, i), logits, **sampling))
     if token == tokenizer.eot_id:
       break
     out += tokenizer.token_bytes(token)
@@ -296,93 +245,3 @@ def _generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, 
     logits = ctx.feed(token)
   stats['layers_per_unit'] = ctx.layers_per_unit
   return out
-
-
-# Generation strategies by name (a model kind's `generation` field names one):
-# fn(model, params, model_cfg, tokenizer, prompt bytes, rng, max_bytes, sampling, stats) ->
-# bytes; stats (a dict) receives layers_per_unit.
-GENERATORS = {'tokens': _generate_tokens, 'chunks': _generate_chunks}
-
-
-def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0, stats: dict | None = None) -> bytes:
-  """The bytes generated after `prompt` (at most max_bytes; stops at end-of-text).
-
-  `stats`, when given, receives `layers_per_unit`: the core layers each unit (prompt and
-  generated, pauses included) used on average; below model.num_layers under early exit.
-  """
-  sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-  name = kinds.get_kind(config.model.kind).generation
-  if name not in GENERATORS:
-    raise ValueError(f'model.kind {config.model.kind!r} names generation strategy {name!r}; '
-                     f'stlm.generate knows {", ".join(GENERATORS)}')
-  out = GENERATORS[name](model, params, config.model, tokenizer, prompt_bytes(prompt),
-                         jax.random.key(seed), max_bytes, sampling,
-                         {} if stats is None else stats)
-  return bytes(out[:max_bytes])
-
-
-def generate_text(exported, prompt: str, **kwargs) -> str:
-  """`generate` on a `stlm.export.load_export` result, decoded (bad bytes -> U+FFFD)."""
-  data = generate(exported.model, exported.params, exported.config, exported.tokenizer,
-                  prompt, **kwargs)
-  return data.decode('utf-8', errors='replace')
-
-
-def define_flags(flag_values=flags.FLAGS) -> dict:
-  """The CLI's flags; defined only when run as a program (stlm.eval has --checkpoint too)."""
-  fv = dict(flag_values=flag_values)
-  return dict(
-      checkpoint=flags.DEFINE_string('checkpoint', None, '<workdir>/export of a training run.',
-                                     **fv),
-      prompt=flags.DEFINE_string('prompt', '', 'Text to continue (any script; may be empty).',
-                                 **fv),
-      max_bytes=flags.DEFINE_integer('max_bytes', 256, 'Stop after this many generated bytes.',
-                                     **fv),
-      temperature=flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy.',
-                                     **fv),
-      top_k=flags.DEFINE_integer('top_k', 0, 'Keep the k most likely symbols (0 = all).', **fv),
-      top_p=flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).', **fv),
-      seed=flags.DEFINE_integer('seed', 0, 'Sampling seed.', **fv))
-
-
-def run(checkpoint, prompt='', max_bytes=256, temperature=0.8, top_k=0, top_p=1.0, seed=0):
-  """Loads the export, prints prompt + continuation, returns the continuation."""
-  from stlm import export  # pylint: disable=g-import-not-at-top
-  if not checkpoint:
-    raise app.UsageError('--checkpoint=<workdir>/export is required')
-  if max_bytes < 1:
-    raise app.UsageError(f'--max_bytes must be >= 1, got {max_bytes}')
-  if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
-    raise app.UsageError('need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1')
-  exported = export.load_export(checkpoint)
-  stats = {}
-  text = generate_text(exported, prompt, max_bytes=max_bytes, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed, stats=stats)
-  if float(exported.config.model.get('early_exit_threshold', 0.0)) > 0:
-    print(f'early exit: {stats["layers_per_unit"]:.2f} of {exported.config.model.num_layers} '
-          'core layers per unit on average', file=sys.stderr)
-  out = prompt + text + '\n'
-  # Encoded by hand so a non-UTF-8 terminal (LANG=C) or stray surrogates cannot crash it.
-  if hasattr(sys.stdout, 'buffer'):
-    sys.stdout.flush()
-    sys.stdout.buffer.write(out.encode('utf-8', errors='replace'))
-    sys.stdout.buffer.flush()
-  else:
-    sys.stdout.write(out.encode('utf-8', errors='replace').decode('utf-8'))
-  return text
-
-
-_FLAGS = {}
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every restored file at INFO
-  run(**{name: holder.value for name, holder in _FLAGS.items()})
-
-
-if __name__ == '__main__':
-  _FLAGS.update(define_flags())
-  app.run(main)

@@ -19,19 +19,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stlm import byte_ids
-from stlm import config_errors
-# The byte ids live in stlm/byte_ids.py (data and models share them); re-exported here.
-from stlm.byte_ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD, chunk_width  # pylint: disable=unused-import,line-too-long
-from stlm.models import byte_pool_v2
-from stlm.models import byte_pool_v2_kind
+from stlm.config import errors as config_errors
+from stlm.data.layout import chunk_width
+# The byte ids live in stlm/ids.py (data and models share them); re-exported here.
+from stlm.ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT, PAD  # pylint: disable=unused-import
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
-from stlm.models import local_transformer
 from stlm.models import pause
-from stlm.models import sharing
 from stlm.models import transformer
+from stlm.models.byte_pool import local_transformer
 
 POOLINGS = ('mean', 'attention', 'last')
 DECODERS = ('autoregressive', 'parallel')
@@ -287,48 +284,6 @@ class BytePoolLM(nn.Module):
     return self.scores(batch, deterministic=deterministic)[0]
 
 
-def param_report(params, model_cfg) -> dict[str, int]:
-  """Byte encoder + decoder params next to the baseline's embedding + head on the same core.
-
-  The baseline's counterpart is vocab_size x hidden_dim (x2 when untied): the only params
-  the baseline has beyond the shared core.
-  """
-  params = nn.unbox(params)
-  count = lambda t: sum(x.size for x in jax.tree.leaves(t))
-  enc, dec, core = (count(params['byte_encoder']), count(params['byte_decoder']),
-                    count(params['core']))
-  baseline = model_cfg.vocab_size * model_cfg.hidden_dim * (1 if model_cfg.tie_embeddings else 2)
-  return dict(byte_encoder=enc, byte_decoder=dec, byte_total=enc + dec, core=core,
-              total=enc + dec + core, baseline_embed_head=baseline,
-              baseline_total=baseline + core)
-
-
-def format_param_report(report: dict[str, int]) -> str:
-  """One start-up line, e.g. for the trainer's log."""
-  saved = 1.0 - report['byte_total'] / max(report['baseline_embed_head'], 1)
-  return (f"byte_pool params: encoder {report['byte_encoder']:,} + decoder "
-          f"{report['byte_decoder']:,} = {report['byte_total']:,} vs baseline embedding+head "
-          f"{report['baseline_embed_head']:,} ({100 * saved:.1f}% fewer); core "
-          f"{report['core']:,}; total {report['total']:,} (baseline with this core "
-          f"{report['baseline_total']:,})")
-
-
-def param_breakdown(params, model_cfg) -> dict[str, Any]:
-  """embedding = the byte encoder, head = the byte decoder, core = the causal transformer.
-
-  With weight sharing, core_applied = the core's params counted once per layer they run in.
-  """
-  params = nn.unbox(params)
-  total = kinds.count_params(params)
-  embedding = sum(kinds.count_params(v) for k, v in params.items() if 'encoder' in k)
-  head = sum(kinds.count_params(v) for k, v in params.items() if 'decoder' in k)
-  out = dict(embedding=embedding, head=head, core=total - embedding - head, total=total,
-             tied=False)
-  if sharing.mode(model_cfg) != 'none':
-    out['core_applied'] = sharing.applied_params(params['core'], model_cfg)
-  return out
-
-
 def flops_per_target(model_cfg, breakdown) -> float:
   """6 x (core + the byte encoder and decoder, which run once per byte slot) + attention.
 
@@ -342,78 +297,23 @@ def flops_per_target(model_cfg, breakdown) -> float:
 
 
 def validate(model_cfg) -> None:
-  """The byte-pool keys: choices, chunk size, heads dividing byte_dim."""
+  """The paper version's keys: pooling and decoder choices."""
   b = model_cfg.byte_pool
   for key, choices in (('pooling', POOLINGS), ('decoder', DECODERS)):
     if b[key] not in choices:
       config_errors.fail(f'model.byte_pool.{key}', b[key],
                          f'unknown value; choose one of {", ".join(choices)}')
-  if b.max_bytes_per_chunk < 1:
-    config_errors.fail('model.byte_pool.max_bytes_per_chunk', b.max_bytes_per_chunk,
-                       'must be >= 1')
-  if b.get('version', 'paper') not in byte_ids.VERSIONS:
-    config_errors.fail('model.byte_pool.version', b.version,
-                       f'unknown value; choose one of {", ".join(byte_ids.VERSIONS)}')
-  if byte_ids.is_stream(model_cfg):
-    byte_pool_v2_kind.validate(model_cfg)
-  for enc in ('encoder', 'decoder'):
-    heads = b[f'{enc}_heads']
-    if b.byte_dim % heads:
-      config_errors.fail(f'model.byte_pool.{enc}_heads', heads,
-                         f'does not divide model.byte_pool.byte_dim={b.byte_dim}')
 
 
-def _unit_shape(model_cfg):
+def unit_shape(model_cfg):
+  """One slot more than the longest chunk: room for its end-of-chunk symbol."""
   return (chunk_width(model_cfg.byte_pool.max_bytes_per_chunk),)
 
 
-# model.byte_pool.version picks the layout and model: 'paper' (this module: slot rows) or
-# 'v2' (stlm/models/byte_pool_v2.py: ragged byte stream). Only this description dispatches.
+def dummy_batch(model_cfg, batch_size=1, seq_len=None):
+  return kinds.layout_batch(model_cfg, unit_shape(model_cfg), batch_size, seq_len)
 
 
-def _build(model_cfg):
-  if byte_ids.is_stream(model_cfg):
-    return byte_pool_v2.BytePoolV2LM(model_cfg)
-  return BytePoolLM(model_cfg)
-
-
-def _dummy_batch(model_cfg, batch_size=1, seq_len=None):
-  if byte_ids.is_stream(model_cfg):
-    return byte_pool_v2_kind.dummy_batch(model_cfg, batch_size, seq_len)
-  # One slot more than the longest chunk: room for its end-of-chunk symbol.
-  return kinds.layout_batch(model_cfg, _unit_shape(model_cfg), batch_size, seq_len)
-
-
-def _synthetic_batch(model_cfg, rng, leading_shape):
-  if byte_ids.is_stream(model_cfg):
-    return byte_pool_v2_kind.synthetic_batch(model_cfg, rng, leading_shape)
-  return kinds.random_batch(model_cfg, _unit_shape(model_cfg), rng, leading_shape, BYTE_OFFSET,
+def synthetic_batch(model_cfg, rng, leading_shape):
+  return kinds.random_batch(model_cfg, unit_shape(model_cfg), rng, leading_shape, BYTE_OFFSET,
                             BYTE_VOCAB)
-
-
-def _flops_per_target(model_cfg, breakdown):
-  if byte_ids.is_stream(model_cfg):
-    return byte_pool_v2_kind.flops_per_target(model_cfg, breakdown)
-  return flops_per_target(model_cfg, breakdown)
-
-
-KIND = kinds.register_kind(kinds.ModelKind(
-    name='byte_pool',
-    build=_build,
-    unit_shape=_unit_shape,   # the paper layout's chunk rows (v2 streams have no unit width)
-    dummy_batch=_dummy_batch,
-    synthetic_batch=_synthetic_batch,
-    param_breakdown=param_breakdown,
-    flops_per_target=_flops_per_target,
-    target_unit='chunks',
-    featurizer='chunks',
-    generation='chunks',
-    validate=validate,
-    # Neither scorer fast path: the byte heads are small (a few hundred wide, so gathering
-    # saves little), and the v2 streams have a row layout of their own (batch_spans).
-    scoring=lambda model_cfg: kinds.Scoring(),
-    param_report=lambda params, model_cfg: '\n'.join(filter(None, [
-        format_param_report(param_report(params, model_cfg)),
-        sharing.report(nn.unbox(params)['core'], model_cfg)])),
-    unused_config=('model.mlm.',),
-))
