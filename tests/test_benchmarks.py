@@ -44,6 +44,8 @@ def test_every_file_parses_with_exact_counts(shared_data):
   seen = {}
   for path in files:
     rel = path.relative_to(root).as_posix()
+    if _benchmark_of(rel) not in loaders.KNOWN:
+      continue  # a task the log-likelihood loaders do not score (e.g. generative gsm8k)
     items = loaders.parse_file(_benchmark_of(rel), path)
     seen[rel] = len(items)
     if rel.startswith('blimp/'):

@@ -8,7 +8,8 @@ they name, so it sits above the models and the trainer and is imported as
 """
 
 from stlm.config.errors import ConfigError
-from stlm.config.legacy import LEGACY_VALUES
+from stlm.config.legacy import LEGACY_VALUES, upgrade
 from stlm.config.schema import SIZE_PRESETS, apply_preset, base_config
 
-__all__ = ['ConfigError', 'LEGACY_VALUES', 'SIZE_PRESETS', 'apply_preset', 'base_config']
+__all__ = ['ConfigError', 'LEGACY_VALUES', 'SIZE_PRESETS', 'apply_preset', 'base_config',
+           'upgrade']

@@ -6,14 +6,15 @@ from stlm.config.errors import ConfigError  # pylint: disable=unused-import (re-
 from stlm.config.errors import fail as _fail
 from stlm.models import depth
 from stlm.models import kinds
+from stlm.models import layers
 from stlm.models import weight_sharing as sharing
 from stlm.train import optimizer
 
 _CHOICES = {
-    'model.ffn_type': ('swiglu', 'gelu'),
-    'model.position': ('rope', 'sincos', 'learned', 'none'),
-    'model.norm': ('rms', 'layer'),
-    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.ffn_type': tuple(layers.FFN_VARIANTS),
+    'model.position': tuple(layers.POSITION_VARIANTS),
+    'model.norm': tuple(layers.NORM_VARIANTS),
+    'model.dtype': tuple(layers.DTYPES),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention_impl': ('xla', 'pallas', 'auto'),
     'model.remat': ('none', 'block', 'dots_saveable'),
@@ -63,15 +64,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if m.num_heads % m.num_kv_heads:
     _fail('model.num_kv_heads', m.num_kv_heads,
           f'does not divide model.num_heads={m.num_heads} (grouped-query attention)')
-  if m.position == 'rope' and (m.hidden_dim // m.num_heads) % 2:
-    _fail('model.position', 'rope', f'needs an even head dimension, got '
+  position = layers.POSITION_VARIANTS[m.position]
+  if position.rotary and (m.hidden_dim // m.num_heads) % 2:
+    _fail('model.position', m.position, f'needs an even head dimension, got '
           f'{m.hidden_dim}/{m.num_heads}={m.hidden_dim // m.num_heads}')
-  if m.position == 'learned' and m.position_table_len and m.max_len > m.position_table_len:
+  if position.absolute == 'learned' and m.position_table_len and m.max_len > m.position_table_len:
     _fail('model.max_len', m.max_len, f'is longer than the learned position table '
           f'(model.position_table_len={m.position_table_len})')
-  if not isinstance(m.get('scan_layers', False), bool):
+  if not isinstance(m.scan_layers, bool):
     _fail('model.scan_layers', m.scan_layers, 'must be True or False')
-  if m.get('scan_layers', False) and m.sharing != 'none':
+  if m.scan_layers and m.sharing != 'none':
     _fail('model.scan_layers', True, f'compiles one block for all layers; with '
           f'model.sharing={m.sharing!r} the layers share modules instead: set one of them off')
   if not isinstance(m.ce_chunk, int) or m.ce_chunk < 0:

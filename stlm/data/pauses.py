@@ -112,9 +112,9 @@ class PauseFeaturizer:
 def maybe_wrap(config, featurizer):
   """`featurizer`, wrapped in a PauseFeaturizer when config.model asks for pauses."""
   m = config.model
-  every = int(m.get('pause_every', 0))
-  before = int(m.get('pause_before_continuation', 0))
+  every = int(m.pause_every)
+  before = int(m.pause_before_continuation)
   if not every and not before:
     return featurizer
-  return PauseFeaturizer(featurizer, every=every, count=int(m.get('pause_count', 1)),
+  return PauseFeaturizer(featurizer, every=every, count=int(m.pause_count),
                          before_continuation=before)

@@ -4,7 +4,8 @@
 
 Only exact mappings are written; anything else is refused with the config key that makes
 it inexact (`ExportError`):
-  - position=rope, ffn_type=swiglu, norm=rms -> LlamaForCausalLM. stlm's RoPE is the
+  - position=rope, ffn_type=swiglu, norm=rms -> LlamaForCausalLM (the variants whose
+    `hf_architecture` is 'llama' in stlm/models/layers.py). stlm's RoPE is the
     rotate-half layout with inverse frequencies theta^(-2i/D), exactly Llama's, so q/k rows
     need no permutation; GQA maps to num_key_value_heads, tying to tie_word_embeddings,
     use_bias to attention_bias + mlp_bias.
@@ -47,41 +48,38 @@ def hf_architecture(config) -> str:
   if choose is None:
     raise ExportError(f'model.kind={config.model.kind!r}: no Hugging Face architecture holds '
                       'this kind; export it with --format=safetensors '
-                      '(stlm.hf_export.load_safetensors reads it back)')
+                      '(stlm.export.hf.load_safetensors reads it back)')
   return choose(config)
 
 
+# What each architecture is, for the refusal messages.
+_ARCHITECTURE_NAMES = {'llama': 'Llama (RoPE, gated SwiGLU MLP, RMSNorm)',
+                       'gpt2': 'GPT-2 (absolute positions, GeLU MLP, LayerNorm, no GQA)'}
+
+
 def _token_transformer_architecture(config) -> str:
-  """The baseline family (token embedding -> Transformer -> head) by position/FFN/norm."""
+  """The baseline family (token embedding -> Transformer -> head): the architecture its
+  position, FFN and norm variants all name (stlm/models/layers.py's tables)."""
   m = config.model
   if config.tokenizer.kind != 'gpt2':
     raise ExportError(f'tokenizer.kind={config.tokenizer.kind!r}: the Hugging Face export '
                       'writes the GPT-2 tokenizer only; use --format=safetensors')
-  if m.position == 'rope':
-    if m.ffn_type != 'swiglu':
-      raise ExportError(f'model.ffn_type={m.ffn_type!r} with model.position=rope: the RoPE '
-                        "architecture that matches (Llama) has a gated SwiGLU MLP only; no exact "
-                        'Hugging Face equivalent, refusing to write a different model')
-    if m.norm != 'rms':
-      raise ExportError(f'model.norm={m.norm!r} with model.position=rope: Llama uses RMSNorm; '
-                        'no exact Hugging Face equivalent, refusing to write a different model')
-    return 'llama'
-  if m.position in ('learned', 'sincos'):
-    if m.norm != 'layer':
-      raise ExportError(f'model.norm={m.norm!r} with model.position={m.position}: the absolute-'
-                        'position architecture that matches (GPT-2) uses LayerNorm; no exact '
-                        'Hugging Face equivalent, refusing to write a different model')
-    if m.ffn_type != 'gelu':
-      raise ExportError(f'model.ffn_type={m.ffn_type!r} with model.position={m.position}: GPT-2 '
-                        'has a plain GeLU MLP; no exact Hugging Face equivalent, refusing to '
-                        'write a different model')
-    if m.num_kv_heads != m.num_heads:
-      raise ExportError(f'model.num_kv_heads={m.num_kv_heads} != model.num_heads={m.num_heads}: '
-                        'GPT-2 has no grouped-query attention; no exact Hugging Face '
-                        'equivalent, refusing to write a different model')
-    return 'gpt2'
-  raise ExportError(f'model.position={m.position!r}: no Hugging Face architecture runs without '
-                    'position information; refusing to write a different model')
+  arch = layers.POSITION_VARIANTS[m.position].hf_architecture
+  if arch is None:
+    raise ExportError(f'model.position={m.position!r}: no Hugging Face architecture runs '
+                      'without position information; refusing to write a different model')
+  for key, table in (('norm', layers.NORM_VARIANTS), ('ffn_type', layers.FFN_VARIANTS)):
+    value = m[key]
+    if table[value].hf_architecture != arch:
+      raise ExportError(f'model.{key}={value!r} with model.position={m.position}: the '
+                        f'architecture that matches, {_ARCHITECTURE_NAMES[arch]}, computes '
+                        'another variant; no exact Hugging Face equivalent, refusing to write '
+                        'a different model')
+  if arch == 'gpt2' and m.num_kv_heads != m.num_heads:
+    raise ExportError(f'model.num_kv_heads={m.num_kv_heads} != model.num_heads={m.num_heads}: '
+                      'GPT-2 has no grouped-query attention; no exact Hugging Face '
+                      'equivalent, refusing to write a different model')
+  return arch
 
 
 # Kinds with a Hugging Face mapping (their parameter trees are what _llama/_gpt2 read);
@@ -148,7 +146,8 @@ def _gpt2(params, m) -> tuple[dict, dict]:
     return {f'{name}.weight': _np(p['scale']),
             f'{name}.bias': _np(p['bias']) if 'bias' in p else zeros(E)}
 
-  wpe = (_np(t['position']['embedding']) if m.position == 'learned'
+  wpe = (_np(t['position']['embedding'])
+         if layers.POSITION_VARIANTS[m.position].absolute == 'learned'
          else sincos_table(m.max_len, E))
   w = {'transformer.wte.weight': _np(params['embed']['embedding']),
        'transformer.wpe.weight': wpe, **norm(t['final_norm'], 'transformer.ln_f')}

@@ -65,7 +65,7 @@ def run(checkpoint, prompt='', max_bytes=256, temperature=0.8, top_k=0, top_p=1.
   stats = {}
   text = generate_text(exported, prompt, max_bytes=max_bytes, temperature=temperature,
                        top_k=top_k, top_p=top_p, seed=seed, stats=stats)
-  if float(exported.config.model.get('early_exit_threshold', 0.0)) > 0:
+  if float(exported.config.model.early_exit_threshold) > 0:
     print(f'early exit: {stats["layers_per_unit"]:.2f} of {exported.config.model.num_layers} '
           'core layers per unit on average', file=sys.stderr)
   out = prompt + text + '\n'

@@ -103,7 +103,7 @@ class BaselineLM(nn.Module):
                               deterministic=deterministic, decode=decode)
     logits_BxTxV = self.head(y_BxTxD)
     layers_BxT = jnp.full(logits_BxTxV.shape[:2], float(self.cfg.num_layers), jnp.float32)
-    threshold = float(self.cfg.get('early_exit_threshold', 0.0))
+    threshold = float(self.cfg.early_exit_threshold)
     if deterministic and threshold > 0.0:
       exited_BxT = jnp.zeros(layers_BxT.shape, bool)
       for layer, _ in depth.early_exits(self.cfg):
@@ -118,7 +118,7 @@ class BaselineLM(nn.Module):
     y_BxTxD, aux = self._core(batch['inputs'], batch['segment_ids'], batch['positions'],
                               deterministic=deterministic, decode=False)
     targets_BxT = batch['targets']
-    chunk = self.cfg.get('ce_chunk', 0)
+    chunk = self.cfg.ce_chunk
     if 'score_idx' in batch:  # the scorer asks for K positions per row only (kinds.Scoring)
       return self._gathered_scores(y_BxTxD, aux, batch, chunk)
     if chunk:

@@ -182,13 +182,13 @@ def _step_fn(model, method):
 def _context(model, params, model_cfg, method, unit_shape) -> CachedContext:
   step = _step_fn(model, method)
   empty = _cached(model, ('empty', method), lambda: _empty_cache(model, method, unit_shape))
-  every = int(model_cfg.get('pause_every', 0))
+  every = int(model_cfg.pause_every)
   pause_unit = None
-  if every or int(model_cfg.get('pause_before_continuation', 0)):
+  if every or int(model_cfg.pause_before_continuation):
     pause_unit = pauses.pause_input(np.zeros(unit_shape, np.int32))
     pause_unit = int(pause_unit) if not unit_shape else pause_unit
   return CachedContext(functools.partial(step, params), empty, model_cfg.max_len,
-                       pause_every=every, pause_count=int(model_cfg.get('pause_count', 1)),
+                       pause_every=every, pause_count=int(model_cfg.pause_count),
                        pause_unit=pause_unit)
 
 
@@ -232,7 +232,7 @@ def generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, s
   ctx = token_context(model, params, model_cfg)
   logits = ctx.prefill([tokenizer.eot_id] + tokenizer.encode(
       data.decode('utf-8', errors='replace')))
-  if model_cfg.get('pause_before_continuation', 0):
+  if model_cfg.pause_before_continuation:
     logits = ctx.pause(model_cfg.pause_before_continuation)
   out = bytearray()
   for i in range(max_bytes):

@@ -35,14 +35,9 @@ from stlm.models import layers
 _SKIPPED_SEGMENT = -1
 
 
-def _get(cfg, key, default):
-  # Byte-level transformers get a config without these keys: they are plain stacks.
-  return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
-
-
 def layer_drop_rates(cfg) -> tuple[float, ...]:
   """Per-layer drop rate: 0 at the first layer rising linearly to layer_drop_max at the last."""
-  p_max, n = float(_get(cfg, 'layer_drop_max', 0.0)), cfg.num_layers
+  p_max, n = float(cfg.layer_drop_max), cfg.num_layers
   if n == 1:
     return (p_max,)
   return tuple(p_max * i / (n - 1) for i in range(n))
@@ -60,10 +55,10 @@ def _int_list(text, key):
 
 def early_exits(cfg) -> tuple[tuple[int, float], ...]:
   """(layer, loss weight) per early exit; layer l means the output of block_{l-1} (1-based)."""
-  exit_layers = _int_list(_get(cfg, 'early_exit_layers', ''), 'early_exit_layers')
+  exit_layers = _int_list(cfg.early_exit_layers, 'early_exit_layers')
   if not exit_layers:
     return ()
-  text = str(_get(cfg, 'early_exit_weights', '')).strip()
+  text = str(cfg.early_exit_weights).strip()
   try:
     weights = tuple(float(s) for s in text.split(',')) if text else (1.0,)
   except ValueError:
@@ -72,7 +67,7 @@ def early_exits(cfg) -> tuple[tuple[int, float], ...]:
     weights = weights * len(exit_layers)
   if len(weights) != len(exit_layers):
     raise ValueError(f'model.early_exit_weights={text!r}: give one weight, or one per layer of '
-                     f'model.early_exit_layers={_get(cfg, "early_exit_layers", "")!r}')
+                     f'model.early_exit_layers={cfg.early_exit_layers!r}')
   for l in exit_layers:
     if not 1 <= l < cfg.num_layers:
       raise ValueError(f'model.early_exit_layers: layer {l} must be in 1..{cfg.num_layers - 1} '
@@ -85,7 +80,7 @@ def early_exits(cfg) -> tuple[tuple[int, float], ...]:
 
 def is_routed(cfg, i: int) -> bool:
   """Whether block_i is a mixture-of-depths block (block_1, block_3, ... for mod_every=2)."""
-  capacity, every = float(_get(cfg, 'mod_capacity', 0.0)), int(_get(cfg, 'mod_every', 2))
+  capacity, every = float(cfg.mod_capacity), int(cfg.mod_every)
   return capacity > 0.0 and i % every == every - 1
 
 
@@ -95,22 +90,22 @@ def capacity_k(cfg, T: int) -> int:
 
 def validate(cfg) -> None:
   """Raises ValueError naming the key for impossible depth settings."""
-  if not 0.0 <= float(_get(cfg, 'layer_drop_max', 0.0)) < 1.0:
+  if not 0.0 <= float(cfg.layer_drop_max) < 1.0:
     raise ValueError(f'model.layer_drop_max={cfg.layer_drop_max!r} must be in [0, 1)')
-  if _get(cfg, 'layer_drop_per', 'example') not in ('example', 'batch'):
+  if cfg.layer_drop_per not in ('example', 'batch'):
     raise ValueError(f'model.layer_drop_per={cfg.layer_drop_per!r}: choose example or batch')
   early_exits(cfg)
-  if not 0.0 <= float(_get(cfg, 'early_exit_threshold', 0.0)) <= 1.0:
+  if not 0.0 <= float(cfg.early_exit_threshold) <= 1.0:
     raise ValueError(f'model.early_exit_threshold={cfg.early_exit_threshold!r} must be in '
                      '[0, 1] (0 = never exit)')
-  if not 0.0 <= float(_get(cfg, 'mod_capacity', 0.0)) <= 1.0:
+  if not 0.0 <= float(cfg.mod_capacity) <= 1.0:
     raise ValueError(f'model.mod_capacity={cfg.mod_capacity!r} must be in [0, 1] (0 = off)')
-  if int(_get(cfg, 'mod_every', 2)) < 1:
+  if int(cfg.mod_every) < 1:
     raise ValueError(f'model.mod_every={cfg.mod_every!r} must be >= 1')
   per_layer = [key for key, off in (('layer_drop_max', 0.0), ('early_exit_layers', ''),
                                     ('mod_capacity', 0.0))
-               if _get(cfg, key, off) not in (off, None, 0)]
-  if _get(cfg, 'scan_layers', False) and per_layer:
+               if cfg[key] not in (off, None, 0)]
+  if cfg.scan_layers and per_layer:
     raise ValueError(f'model.scan_layers=True compiles one block for all layers, so it cannot '
                      f'vary them per layer: set model.scan_layers=False to use model.{per_layer[0]}')
 
@@ -120,7 +115,7 @@ def layer_drop(module: nn.Module, x_old, x_new, rate: float, *, deterministic: b
   if deterministic or rate <= 0.0:
     return x_new
   B = x_new.shape[0]
-  shape = (B, 1, 1) if _get(module.cfg, 'layer_drop_per', 'example') == 'example' else (1, 1, 1)
+  shape = (B, 1, 1) if module.cfg.layer_drop_per == 'example' else (1, 1, 1)
   keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, shape)
   return jnp.where(keep, x_new, x_old)
 
@@ -233,7 +228,7 @@ def add_exit_outputs(cfg, out, aux, score_fn, mask_BxT, *, deterministic: bool):
   mask = mask_BxT.astype(jnp.float32)
   stats = dict(out.get('stats', {}))
   extra = out.get('extra_nll', jnp.zeros((), jnp.float32))
-  threshold = float(_get(cfg, 'early_exit_threshold', 0.0))
+  threshold = float(cfg.early_exit_threshold)
   L = cfg.num_layers
   layers_BxT = jnp.full(mask.shape, float(L), jnp.float32)
   logprobs, greedy = out['logprobs'], out['greedy']

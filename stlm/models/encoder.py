@@ -99,10 +99,7 @@ def _synthetic_batch(model_cfg, rng: np.random.Generator, leading_shape) -> kind
 
 
 def validate(model_cfg) -> None:
-  mlm = model_cfg.get('mlm')
-  if mlm is None:
-    config_errors.fail('model.mlm', None, 'the encoder kind needs model.mlm (mask_rate, '
-                       'mask_prob, random_prob); see configs/encoder.py')
+  mlm = model_cfg.mlm
   if not 0.0 < mlm.mask_rate <= 1.0:
     config_errors.fail('model.mlm.mask_rate', mlm.mask_rate, 'must be in (0, 1]')
   if mlm.mask_prob < 0 or mlm.random_prob < 0 or mlm.mask_prob + mlm.random_prob > 1.0:

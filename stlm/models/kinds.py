@@ -13,12 +13,15 @@ still imports no data code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
+
+from stlm.models import model_config
 
 # Modules that register the built-in kinds when imported (lazily: registering imports the
 # model code, and the registry must be importable from that code without a cycle).
@@ -113,10 +116,32 @@ _loaded = False
 _missing: dict[str, str] = {}   # kind module -> why it could not be imported
 
 
+# The argument of each ModelKind callable that is the model config: register_kind makes it
+# the typed `model_config.ModelConfig` on the way in, whatever the caller passes.
+_MODEL_CFG_ARG = dict(build=0, unit_shape=0, dummy_batch=0, synthetic_batch=0,
+                      flops_per_target=0, validate=0, scoring=0, param_breakdown=1,
+                      param_report=1, generation=2)
+
+
+def _typed(fn, index: int):
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    args = list(args)
+    args[index] = model_config.of(args[index])
+    return fn(*args, **kwargs)
+  return call
+
+
 def register_kind(kind: ModelKind) -> ModelKind:
-  """Adds `kind` (a module registers its kind at import); re-registering replaces it."""
+  """Adds `kind` (a module registers its kind at import); re-registering replaces it.
+
+  Returns the registered description, whose callables take the model config in any form
+  (`config.model` ConfigDict or `model_config.ModelConfig`) and pass it on typed."""
   if not isinstance(kind, ModelKind):
     raise TypeError(f'register_kind needs a ModelKind, got {type(kind).__name__}')
+  kind = dataclasses.replace(kind, **{
+      name: _typed(getattr(kind, name), index) for name, index in _MODEL_CFG_ARG.items()
+      if getattr(kind, name) is not None})
   _REGISTRY[kind.name] = kind
   return kind
 

@@ -3,11 +3,13 @@
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) so the
 train code can shard by rules. Params are stored in `model.param_dtype`; the math
 runs in `model.dtype`, with norm statistics, RoPE angles and softmax in float32.
-`cfg` everywhere is the `model` ConfigDict section (or any object with its fields).
+`cfg` everywhere is the model config (stlm/models/model_config.py) or any object with its
+fields.
 """
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -16,10 +18,83 @@ from jax.sharding import PartitionSpec as P
 
 from kernels import attention as attention_lib
 
-POSITIONS = ('rope', 'sincos', 'learned', 'none')
-FFN_TYPES = ('swiglu', 'gelu')
-NORMS = ('rms', 'layer')
+
+
+# Variants as tables: `model.ffn_type`, `model.position` and `model.norm` each name a row, and
+# everything that depends on the choice (the layers below, LoRA targets, FLOPs, the Hugging
+# Face mapping, validation) reads the row. A new variant is one row plus its tests.
+# `hf_architecture` names the Hugging Face architecture that computes exactly this variant
+# (stlm/export/hf.py), or None where none does.
+
+
+@dataclasses.dataclass(frozen=True)
+class FfnVariant:
+  """A feed-forward variant: activation(x @ up) or, gated, activation(x @ gate) * (x @ up)."""
+  activation: Callable[[jax.Array], jax.Array]
+  gated: bool
+  hf_architecture: str | None = None
+
+  @property
+  def in_kernels(self) -> tuple[str, ...]:
+    """The E x F kernels; 'down' (F x E) follows them."""
+    return ('gate', 'up') if self.gated else ('up',)
+
+  @property
+  def matrices(self) -> int:
+    return len(self.in_kernels) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionVariant:
+  """How positions enter: rotary on q and k, an absolute vector added to the input, or none."""
+  rotary: bool = False
+  absolute: str | None = None    # 'learned' (a table of max_len rows) | 'sincos' (fixed)
+  hf_architecture: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NormVariant:
+  """RMSNorm, or LayerNorm: centred first and, with model.use_bias, a bias."""
+  centred: bool
+  hf_architecture: str | None = None
+
+
+FFN_VARIANTS = {
+    'swiglu': FfnVariant(nn.silu, gated=True, hf_architecture='llama'),
+    # flax's nn.gelu is the tanh form, GPT-2's 'gelu_new'.
+    'gelu': FfnVariant(nn.gelu, gated=False, hf_architecture='gpt2'),
+}
+POSITION_VARIANTS = {
+    'rope': PositionVariant(rotary=True, hf_architecture='llama'),
+    'sincos': PositionVariant(absolute='sincos', hf_architecture='gpt2'),
+    'learned': PositionVariant(absolute='learned', hf_architecture='gpt2'),
+    'none': PositionVariant(),
+}
+NORM_VARIANTS = {
+    'rms': NormVariant(centred=False, hf_architecture='llama'),
+    'layer': NormVariant(centred=True, hf_architecture='gpt2'),
+}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+
+def _row(table: dict, key: str, value):
+  if value not in table:
+    raise ValueError(f'model.{key} {value!r} unknown; choose one of {tuple(table)}')
+  return table[value]
+
+
+def ffn_variant(cfg) -> FfnVariant:
+  return _row(FFN_VARIANTS, 'ffn_type', cfg.ffn_type)
+
+
+def position_variant(cfg) -> PositionVariant:
+  return _row(POSITION_VARIANTS, 'position', cfg.position)
+
+
+def norm_variant(cfg) -> NormVariant:
+  return _row(NORM_VARIANTS, 'norm', cfg.norm)
+
 
 EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -76,21 +151,20 @@ def head_dim_of(cfg) -> int:
 
 
 class Norm(nn.Module):
-  """RMSNorm or LayerNorm (cfg.norm) over the last axis, statistics in float32."""
+  """The norm of `model.norm` (NORM_VARIANTS) over the last axis, statistics in float32."""
   cfg: Any
 
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.cfg
-    if cfg.norm not in NORMS:
-      raise ValueError(f'model.norm {cfg.norm!r} unknown; choose one of {NORMS}')
+    centred = norm_variant(cfg).centred
     dim = x_BxTxD.shape[-1]
     x = x_BxTxD.astype(jnp.float32)
-    if cfg.norm == 'layer':
+    if centred:
       x = x - jnp.mean(x, axis=-1, keepdims=True)
     y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
     y = y * make_param(self, 'scale', nn.initializers.ones, (dim,), ('norm',), cfg)
-    if cfg.norm == 'layer' and cfg.use_bias:
+    if centred and cfg.use_bias:
       y = y + make_param(self, 'bias', nn.initializers.zeros, (dim,), ('norm',), cfg)
     return y.astype(dtype_of(cfg.dtype))
 
@@ -129,12 +203,13 @@ class AbsolutePosition(nn.Module):
   @nn.compact
   def __call__(self, positions_BxT):
     cfg = self.cfg
-    if cfg.position == 'learned':
+    kind = position_variant(cfg).absolute
+    if kind == 'learned':
       table = make_param(self, 'embedding', EMBED_INIT, (cfg.max_len, cfg.hidden_dim),
                          ('position', 'embed'), cfg)
       # Positions past max_len would be clamped silently by take; the featurizer never emits them.
       return jnp.take(table, positions_BxT, axis=0).astype(dtype_of(cfg.dtype))
-    if cfg.position == 'sincos':
+    if kind == 'sincos':
       return sincos_embedding(positions_BxT, cfg.hidden_dim).astype(dtype_of(cfg.dtype))
     raise ValueError(f'AbsolutePosition used with model.position {cfg.position!r}')
 
@@ -243,7 +318,7 @@ class Attention(nn.Module):
     q_BxTxHxD = project('q', H, 'heads')
     k_BxTxKxD = project('k', K, 'kv_heads')
     v_BxTxKxD = project('v', K, 'kv_heads')
-    if cfg.position == 'rope':
+    if position_variant(cfg).rotary:
       q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, cfg.rope_theta)
       k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, cfg.rope_theta)
 
@@ -280,7 +355,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """SwiGLU (gate, up, down) or GELU (up, down) feed-forward.
+  """The feed-forward of `model.ffn_type` (FFN_VARIANTS): (gate,) up, down.
 
   `lora`: kernel name -> (A, B) low-rank terms added to the kernels (a shared FFN's
   per-layer adapters, stlm/models/weight_sharing.py).
@@ -290,8 +365,7 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, lora=None):
     cfg = self.cfg
-    if cfg.ffn_type not in FFN_TYPES:
-      raise ValueError(f'model.ffn_type {cfg.ffn_type!r} unknown; choose one of {FFN_TYPES}')
+    variant = ffn_variant(cfg)
     dtype = dtype_of(cfg.dtype)
     E, F = cfg.hidden_dim, cfg.ffn_dim
     x = x_BxTxD.astype(dtype)
@@ -307,11 +381,11 @@ class FeedForward(nn.Module):
       return y
 
     up_BxTxF = dense('up', x, (E, F), ('embed', 'mlp'), fan_in_init())
-    if cfg.ffn_type == 'swiglu':
+    if variant.gated:
       gate_BxTxF = dense('gate', x, (E, F), ('embed', 'mlp'), fan_in_init())
-      h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+      h_BxTxF = variant.activation(gate_BxTxF) * up_BxTxF
     else:
-      h_BxTxF = nn.gelu(up_BxTxF)
+      h_BxTxF = variant.activation(up_BxTxF)
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ACT_BxTxF)
     # Like o_kernel: the last projection into the residual stream starts smaller.
     return dense('down', h_BxTxF, (F, E), ('mlp', 'embed'),

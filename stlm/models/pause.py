@@ -14,8 +14,7 @@ from stlm.models import layers
 
 
 def enabled(cfg) -> bool:
-  return (int(cfg.get('pause_every', 0)) > 0
-          or int(cfg.get('pause_before_continuation', 0)) > 0)
+  return int(cfg.pause_every) > 0 or int(cfg.pause_before_continuation) > 0
 
 
 def make_param(module, cfg):

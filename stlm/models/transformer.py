@@ -105,7 +105,7 @@ class _ScanBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, deterministic, mask, index,
                write):
-    cls = block_class(getattr(self.cfg, 'remat', 'none'), mask is not None)
+    cls = block_class(self.cfg.remat, mask is not None)
     if cls is not None:
       x_BxTxD = cls(self.cfg, causal=self.causal, name='block')(
           x_BxTxD, segment_ids_BxT, positions_BxT, deterministic)
@@ -134,9 +134,7 @@ class Transformer(nn.Module):
     stlm/models/depth.py. All empty when those options are off.
     """
     cfg = self.cfg
-    if cfg.position not in layers.POSITIONS:
-      raise ValueError(f'model.position {cfg.position!r} unknown; choose one of '
-                       f'{layers.POSITIONS}')
+    position = layers.position_variant(cfg)
     if x_BxTxD.shape[-1] != cfg.hidden_dim:
       raise ValueError(f'Transformer input width {x_BxTxD.shape[-1]} != model.hidden_dim '
                        f'{cfg.hidden_dim}')
@@ -144,7 +142,7 @@ class Transformer(nn.Module):
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones((B, T), jnp.int32)
     x = x_BxTxD.astype(layers.dtype_of(cfg.dtype))
-    if cfg.position in ('learned', 'sincos'):
+    if position.absolute:
       x = x + layers.AbsolutePosition(cfg, name='position')(positions_BxT)
     x = dropout_lib.Dropout(cfg.dropout)(x, deterministic=deterministic)
     # The residual stream: rows split over the batch axes, embed whole (see stlm.train.sharding).
@@ -156,7 +154,7 @@ class Transformer(nn.Module):
 
     # A plain loop (not nn.scan): stable, readable names per layer, per-layer partition
     # specs without a stacked 'layers' axis, and compile time is small at <= 12 layers.
-    if getattr(cfg, 'scan_layers', False):
+    if cfg.scan_layers:
       # One compiled block for all layers (compile time at depth); params gain a leading
       # layer axis, convertible to/from block_i by stlm.models.scan_convert. Per-layer depth
       # options (layer drop, early exits, routing) are refused with scan_layers by validation.
@@ -168,7 +166,7 @@ class Transformer(nn.Module):
           x, segment_ids_BxT, positions_BxT, deterministic, mask, index, write)
       y = layers.Norm(cfg, name='final_norm')(x)
       return (y, depth.new_aux()) if return_aux else y
-    remat_cls = block_class(getattr(cfg, 'remat', 'none'), decode)
+    remat_cls = block_class(cfg.remat, decode)
     parts = sharing.shared_parts(cfg)
     shared = dict(
         shared_attn=layers.Attention(cfg, causal=self.causal, name=sharing.SHARED_NAMES['attn'])

@@ -30,16 +30,14 @@ SHARED_NAMES = {'attn': 'shared_attn', 'ffn': 'shared_ffn'}
 
 def mode(cfg) -> str:
   """The sharing mode (configs and exports from before this option mean 'none')."""
-  value = cfg.get('sharing', 'none') if hasattr(cfg, 'get') else getattr(cfg, 'sharing', 'none')
+  value = cfg.sharing
   if value not in MODES:
     raise ValueError(f'model.sharing {value!r} unknown; choose one of {", ".join(MODES)}')
   return value
 
 
 def lora_rank(cfg) -> int:
-  if hasattr(cfg, 'get'):
-    return int(cfg.get('sharing_lora_rank', 0))
-  return int(getattr(cfg, 'sharing_lora_rank', 0))
+  return int(cfg.sharing_lora_rank)
 
 
 def shared_parts(cfg) -> tuple[str, ...]:
@@ -56,7 +54,7 @@ def kernel_shapes(cfg, part: str) -> dict[str, tuple]:
             'k': ((E,), ('embed',), (K, D), ('kv_heads', 'head_dim')),
             'v': ((E,), ('embed',), (K, D), ('kv_heads', 'head_dim')),
             'o': ((H, D), ('heads', 'head_dim'), (E,), ('embed',))}
-  names = ('gate', 'up') if cfg.ffn_type == 'swiglu' else ('up',)
+  names = layers.ffn_variant(cfg).in_kernels
   shapes = {n: ((E,), ('embed',), (F,), ('mlp',)) for n in names}
   shapes['down'] = ((F,), ('mlp',), (E,), ('embed',))
   return shapes

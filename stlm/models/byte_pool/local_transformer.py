@@ -17,9 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from stlm.models import layers
+from stlm.models import model_config
 
 NEG_INF = -1e30
 
@@ -30,12 +30,10 @@ def local_cfg(cfg, *, num_layers: int, num_heads: int, ffn_dim: int, window: int
   if b.byte_dim % num_heads or (b.byte_dim // num_heads) % 2:
     raise ValueError(f'model.byte_pool.byte_dim={b.byte_dim} must split into {num_heads} '
                      'heads of even size (RoPE)')
-  return ml_collections.FrozenConfigDict(dict(
+  return model_config.of(cfg).plain_stack(
       num_layers=num_layers, hidden_dim=b.byte_dim, num_heads=num_heads,
-      num_kv_heads=num_heads, ffn_dim=ffn_dim, ffn_type=cfg.ffn_type, position='rope',
-      rope_theta=cfg.rope_theta, max_len=window, norm=cfg.norm, norm_eps=cfg.norm_eps,
-      dropout=cfg.dropout, use_bias=cfg.use_bias, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, attention_impl='xla', vocab_size=vocab))
+      num_kv_heads=num_heads, ffn_dim=ffn_dim, position='rope', max_len=window,
+      attention_impl='xla', vocab_size=vocab)
 
 
 def _blocks(x, nb, W):

@@ -238,7 +238,7 @@ class BytePoolLM(nn.Module):
     y_BxTxD, aux = self._core(inputs_BxTxC, segment_ids_BxT, positions_BxT,
                               deterministic=deterministic, decode=decode)
     layers_BxT = jnp.full(y_BxTxD.shape[:2], float(self.cfg.num_layers), jnp.float32)
-    threshold = float(self.cfg.get('early_exit_threshold', 0.0))
+    threshold = float(self.cfg.early_exit_threshold)
     if deterministic and threshold > 0.0:
       exited_BxT = jnp.zeros(layers_BxT.shape, bool)
       for layer, _ in depth.early_exits(self.cfg):

@@ -24,7 +24,7 @@ def generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, s
   ctx = decoding.chunk_context(model, params, model_cfg)
   sampler = decoding.chunk_sampler(model, params, width, **sampling)
   y = ctx.prefill(list(np.concatenate([eot_row, rows])))
-  if model_cfg.get('pause_before_continuation', 0):
+  if model_cfg.pause_before_continuation:
     y = ctx.pause(model_cfg.pause_before_continuation)
   out = bytearray()
   for i in range(max_bytes):  # every chunk adds >= 1 byte

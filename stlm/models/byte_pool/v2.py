@@ -31,6 +31,7 @@ per-chunk sums are exact log-probabilities of the chunk sequence and the outputs
 contract of every LM: logprobs / units / greedy per chunk target, B x T.
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -44,24 +45,37 @@ from stlm.models.byte_pool import local_transformer as local
 NEG_INF = -1e30
 # As in v1: chunk vectors enter the core, and core vectors the decoder, at embedding scale.
 PROJ_INIT = layers.fan_in_init(scale=0.02 ** 2)
-CONTEXTS = ('window', 'chunk')
-CONDITIONS = ('add', 'slot_add', 'cross_attention')
-CONDITION_AT = ('input', 'after_attention')
+# model.byte_pool.encoder_context / decoder_context -> whether a symbol sees only the bytes
+# of its own chunk ('chunk') or also earlier chunks' within the window ('window').
+CONTEXTS = {'window': False, 'chunk': True}
+# model.byte_pool.condition_at -> whether the core enters the decoder after the first
+# attention sub-block (True) or at its input (False).
+CONDITION_AT = {'input': False, 'after_attention': True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+  """How a decoder symbol reads the core (model.byte_pool.condition): one projection of its
+  chunk's core output added, one projection per slot (MEGABYTE), or cross-attention to the
+  last cross_chunks core outputs (BLT)."""
+  per_slot: bool = False
+  cross_attention: bool = False
+
+
+CONDITIONS = {'add': Condition(), 'slot_add': Condition(per_slot=True),
+              'cross_attention': Condition(cross_attention=True)}
 _HASH_MUL = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C,
              0xFD7046C5, 0xB55A4F09)
 
 
-# model.byte_pool.cross_chunks of configs from before the key (stlm/config.py LEGACY_VALUES).
-DEFAULT_CROSS_CHUNKS = 4
+def condition(cfg) -> Condition:
+  return CONDITIONS[cfg.byte_pool.condition]
 
 
 def memory_chunks(cfg) -> int:
-  """Core outputs each decoder symbol reads: model.byte_pool.cross_chunks with the
-  'cross_attention' condition, else 1 (its own chunk's)."""
-  b = cfg.byte_pool
-  if b.get('condition', 'add') != 'cross_attention':
-    return 1
-  return b.get('cross_chunks', DEFAULT_CROSS_CHUNKS)
+  """Core outputs each decoder symbol reads: model.byte_pool.cross_chunks with
+  cross-attention, else 1 (its own chunk's)."""
+  return cfg.byte_pool.cross_chunks if condition(cfg).cross_attention else 1
 
 
 def chunk_index(start_BxS, seg_BxS, T: int):
@@ -87,7 +101,7 @@ def slot_table(module, cfg, bcfg):
   chunk's first symbol; v1's per-chunk rows give it directly (positions within the row).
   """
   b = cfg.byte_pool
-  if not b.get('slot_embedding', False):
+  if not b.slot_embedding:
     return None
   return layers.make_param(module, 'slot_embedding', layers.EMBED_INIT,
                            (b.max_bytes_per_chunk + 1, b.byte_dim), ('position', 'embed'), bcfg)
@@ -142,7 +156,7 @@ class StreamEncoder(nn.Module):
       x = x + jnp.take(table, ngram_hash(ids_BxS, seg_BxS, n, b.ngram_buckets, 1 + i),
                        axis=0).astype(dtype)
     x = add_slots(x, slot_table(self, cfg, ecfg), start_BxS, b.max_bytes_per_chunk)
-    group = jnp.cumsum(start_BxS, axis=1) if b.encoder_context == 'chunk' else None
+    group = jnp.cumsum(start_BxS, axis=1) if CONTEXTS[b.encoder_context] else None
     h = local.LocalTransformer(ecfg, name='transformer')(x, seg_BxS, group,
                                                          deterministic=deterministic)
     flat, valid = chunk_index(start_BxS, seg_BxS, T)
@@ -188,9 +202,9 @@ class StreamDecoder(nn.Module):
     self.dcfg = local.local_cfg(cfg, num_layers=b.decoder_layers, num_heads=b.decoder_heads,
                                 ffn_dim=b.decoder_ffn_dim, window=b.local_window,
                                 vocab=BYTE_VOCAB)
-    if b.get('condition', 'add') == 'cross_attention':
+    if condition(cfg).cross_attention:
       self.cross = local.CoreCrossAttention(self.dcfg, cfg.hidden_dim, memory_chunks(cfg))
-    elif b.get('condition', 'add') == 'slot_add':
+    elif condition(cfg).per_slot:
       # MEGABYTE: one projection of the core output per slot of the next chunk.
       self.from_core = layers.make_param(
           self, 'from_core', layers.fan_in_init(0, (1, 2), 0.02 ** 2),
@@ -250,11 +264,11 @@ class StreamDecoder(nn.Module):
       cond_of = lambda x: self.cross.attend(x, *cond_BxSxE)
     else:
       cond_of = lambda x: cond_BxSxE.astype(dtype)
-    late = b.get('condition_at', 'input') == 'after_attention'
+    late = CONDITION_AT[b.condition_at]
     x = self.embed(prev_BxS)
     x = x if late else x + cond_of(x)
     x = add_slots(x, self.slots, start_BxS, b.max_bytes_per_chunk)
-    group = jnp.cumsum(start_BxS, axis=1) if b.decoder_context == 'chunk' else None
+    group = jnp.cumsum(start_BxS, axis=1) if CONTEXTS[b.decoder_context] else None
     h = self.transformer(x, seg_BxS, group, deterministic=deterministic,
                          after_attention=cond_of if late else None)
     if cfg.tie_embeddings:

@@ -41,7 +41,7 @@ def tail_lengths(model_cfg) -> tuple[int, int]:
   ngram = max(b.ngram_sizes) - 1 if b.ngram_buckets and len(b.ngram_sizes) else 0
   chunk = b.max_bytes_per_chunk + 1
   # A symbol's slot in its chunk reads back to the chunk's start: one more chunk of margin.
-  slots = chunk if b.get('slot_embedding', False) else 0
+  slots = chunk if b.slot_embedding else 0
   enc = b.encoder_layers * (b.local_window - 1) + max(ngram, slots) + chunk
   dec = max(b.decoder_layers * (b.local_window - 1) + 1 + slots, chunk)
   return _round_up(enc), _round_up(dec)

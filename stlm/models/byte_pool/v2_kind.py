@@ -4,26 +4,28 @@ when model.byte_pool.version == 'v2'. The model itself is in byte_pool_v2.py."""
 
 import numpy as np
 
+from stlm.config import errors as config_errors
+
 from stlm.data import layout
+from stlm.models import layers
 from stlm.ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK
 from stlm.models.byte_pool.v2 import CONDITION_AT, CONDITIONS, CONTEXTS, memory_chunks
 
 
 def validate(model_cfg) -> None:
   """The v2 keys: contexts, window, stream length, n-gram tables."""
-  from stlm.config import errors as config_errors  # pylint: disable=g-import-not-at-top
   b = model_cfg.byte_pool
   for key in ('encoder_context', 'decoder_context'):
     if b[key] not in CONTEXTS:
       config_errors.fail(f'model.byte_pool.{key}', b[key],
                          f'unknown value; choose one of {", ".join(CONTEXTS)}')
-  if b.get('condition', 'add') not in CONDITIONS:
+  if b.condition not in CONDITIONS:
     config_errors.fail('model.byte_pool.condition', b.condition,
                        f'unknown value; choose one of {", ".join(CONDITIONS)}')
   chunks = memory_chunks(model_cfg)
   if not isinstance(chunks, int) or chunks < 1:
     config_errors.fail('model.byte_pool.cross_chunks', chunks, 'must be an integer >= 1')
-  if b.get('condition_at', 'input') not in CONDITION_AT:
+  if b.condition_at not in CONDITION_AT:
     config_errors.fail('model.byte_pool.condition_at', b.condition_at,
                        f'unknown value; choose one of {", ".join(CONDITION_AT)}')
   if not isinstance(b.local_window, int) or b.local_window < 1:
@@ -50,7 +52,7 @@ CHUNK_LENGTH_PROBS = (0.4638, 0.104, 0.1039, 0.0914, 0.0621, 0.0434, 0.0327, 0.0
 
 def _stream_len(model_cfg) -> int:
   b = model_cfg.byte_pool
-  return layout.stream_len(model_cfg.max_len, b.max_bytes_per_chunk, b.get('stream_len', 0))
+  return layout.stream_len(model_cfg.max_len, b.max_bytes_per_chunk, b.stream_len)
 
 
 def dummy_batch(model_cfg, batch_size: int = 1, seq_len: int | None = None):
@@ -112,14 +114,14 @@ def flops_per_target(model_cfg, breakdown) -> float:
   E = b.byte_dim
   per_symbol_params = 0
   for n_layers, ffn in ((b.encoder_layers, b.encoder_ffn_dim), (b.decoder_layers, b.decoder_ffn_dim)):
-    per_symbol_params += n_layers * (4 * E * E + (3 if m.ffn_type == 'swiglu' else 2) * E * ffn)
+    per_symbol_params += n_layers * (4 * E * E + layers.ffn_variant(m).matrices * E * ffn)
   per_symbol_params += E * BYTE_VOCAB  # the output layer
   # Windowed attention: scores and mixing against 2 x window keys (block-wise), per layer.
   attn = 12 * (b.encoder_layers + b.decoder_layers) * 2 * b.local_window * E
   symbols = _stream_len(m) / m.max_len
-  condition = b.get('condition', 'add')
-  from_core_rows = b.max_bytes_per_chunk + 1 if condition == 'slot_add' else 1
-  if condition == 'cross_attention':
+  condition = CONDITIONS[b.condition]
+  from_core_rows = b.max_bytes_per_chunk + 1 if condition.per_slot else 1
+  if condition.cross_attention:
     per_symbol_params += 2 * E * E          # query and output projections
     attn += 12 * memory_chunks(m) * E        # scores and mixing over the core outputs read
     from_core_rows = 2                       # key and value projections, once per chunk
