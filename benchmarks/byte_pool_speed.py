@@ -22,12 +22,16 @@ import jax
 import numpy as np
 
 from stlm.config import validate as config_validate
+from stlm.config import files
+from stlm.experiments import variants
 from stlm.experiments.variants import VARIANTS
 from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import sharding
 from stlm.train import setup as setup_lib
 
+_CONFIGS_DIR = flags.DEFINE_string('configs_dir', files.DEFAULT_DIR,
+                                   'folder of the config files the rows name.')
 _CORE = flags.DEFINE_string('core', '8x256', 'layers x hidden of the shared core.')
 _HEADS = flags.DEFINE_string('heads', '4/2', 'heads / kv heads.')
 _CONTEXT = flags.DEFINE_integer('context', 256, 'positions (tokens = chunks).')
@@ -41,14 +45,11 @@ _MODELS = flags.DEFINE_list('models', 'baseline,paper,v2',
 def model_config(name):
   if name not in VARIANTS:
     raise app.UsageError(f'--models: unknown {name!r}; choose from {", ".join(VARIANTS)}')
-  module, byte_overrides = VARIANTS[name]
-  c = module.get_config('tiny')
+  c = variants.row_config(name, _CONFIGS_DIR.value)
   layers, hidden = (int(x) for x in _CORE.value.lower().split('x'))
   heads, kv = (int(x) for x in _HEADS.value.split('/'))
   c.model.update(num_layers=layers, hidden_dim=hidden, num_heads=heads, num_kv_heads=kv,
                  ffn_dim=3 * hidden, max_len=_CONTEXT.value, dtype=_DTYPE.value)
-  if byte_overrides:
-    c.model.byte_pool.update(byte_overrides)
   c.train.update(batch_size=_BATCH.value, grad_accum=1)
   config_validate.validate(c)
   return c

@@ -272,6 +272,9 @@ class ByteTokenizer(Tokenizer):
     return [data[i:i + 1] for i in range(len(data))]
 
 
+KINDS = ('gpt2', 'sentencepiece', 'bytes')   # tokenizer.kind
+
+
 def build_tokenizer(tok_cfg, train_texts: Iterable[str] | None = None) -> Tokenizer:
   """The tokenizer of `config.tokenizer`; sentencepiece loads `sp_model_path` or trains one."""
   kind = tok_cfg.kind
@@ -289,4 +292,4 @@ def build_tokenizer(tok_cfg, train_texts: Iterable[str] | None = None) -> Tokeni
           'to train a sentencepiece model.')
     return SentencePieceTokenizer(
         train_sentencepiece(train_texts, int(tok_cfg.sp_vocab_size), path))
-  raise ValueError(f'Unknown tokenizer.kind={kind!r}; choose gpt2, sentencepiece or bytes.')
+  raise ValueError(f'Unknown tokenizer.kind={kind!r}; choose one of {", ".join(KINDS)}.')

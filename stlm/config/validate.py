@@ -2,26 +2,30 @@
 
 import ml_collections
 
+from kernels import attention as attention_lib
+from stlm import tokenizers
 from stlm.config.errors import ConfigError  # pylint: disable=unused-import (re-exported)
 from stlm.config.errors import fail as _fail
+from stlm.data import corpus
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
+from stlm.models import transformer
 from stlm.models import weight_sharing as sharing
 from stlm.train import optimizer
 
 _CHOICES = {
-    'model.ffn_type': tuple(layers.FFN_VARIANTS),
-    'model.position': tuple(layers.POSITION_VARIANTS),
-    'model.norm': tuple(layers.NORM_VARIANTS),
-    'model.dtype': tuple(layers.DTYPES),
+    'model.ffn_type': layers.FFN_VARIANTS,
+    'model.position': layers.POSITION_VARIANTS,
+    'model.norm': layers.NORM_VARIANTS,
+    'model.dtype': layers.DTYPES,
     'model.param_dtype': ('float32', 'bfloat16'),
-    'model.attention_impl': ('xla', 'pallas', 'auto'),
-    'model.remat': ('none', 'block', 'dots_saveable'),
+    'model.attention_impl': attention_lib.IMPLEMENTATIONS,
+    'model.remat': transformer.REMAT_MODES,
     'train.nonfinite_policy': ('stop', 'skip'),
     'model.sharing': sharing.MODES,
-    'tokenizer.kind': ('gpt2', 'sentencepiece', 'bytes'),
-    'data.split_by': ('auto', 'file', 'blank_line', 'eot', 'line'),
+    'tokenizer.kind': tokenizers.KINDS,
+    'data.split_by': corpus.SPLIT_RULES,
     'data.decode_errors': ('strict', 'replace'),
     'train.schedule': optimizer.SCHEDULES,
     'train.wsd_decay_shape': optimizer.WSD_DECAY_SHAPES,

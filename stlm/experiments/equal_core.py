@@ -28,11 +28,15 @@ from stlm.data import pipeline
 from stlm.data import tfds_builders
 from stlm.eval import perplexity
 from stlm.eval import scorer as scorer_lib
+from stlm.config import files
+from stlm.experiments import variants
 from stlm.experiments.variants import VARIANTS
 from stlm.models import factory
 from stlm.train import loop
 from stlm.train import metrics as metrics_lib
 
+_CONFIGS_DIR = flags.DEFINE_string('configs_dir', files.DEFAULT_DIR,
+                                   'folder of the config files the rows name.')
 _CORE = flags.DEFINE_string('core', '4x128', 'layers x hidden of the shared core.')
 _HEADS = flags.DEFINE_string('heads', '4/2', 'attention heads / kv heads of the core.')
 _FFN = flags.DEFINE_integer('ffn', 0, 'FFN width of the core (0 = 3 x hidden).')
@@ -54,14 +58,11 @@ def variant_config(name: str):
   """The config of one row: its family's tiny preset, then the shared core and training."""
   if name not in VARIANTS:
     raise app.UsageError(f'--variants: unknown {name!r}; choose from {", ".join(VARIANTS)}')
-  module, byte_overrides = VARIANTS[name]
-  c = module.get_config('tiny')
+  c = variants.row_config(name, _CONFIGS_DIR.value)
   layers, hidden = (int(x) for x in _CORE.value.lower().split('x'))
   heads, kv = (int(x) for x in _HEADS.value.split('/'))
   c.model.update(num_layers=layers, hidden_dim=hidden, num_heads=heads, num_kv_heads=kv,
                  ffn_dim=_FFN.value or 3 * hidden, max_len=_CONTEXT.value, dropout=0.0)
-  if byte_overrides:
-    c.model.byte_pool.update(byte_overrides)
   c.name = f'equal_core_{name}'
   c.seed = _SEED.value
   c.train.update(batch_size=_BATCH.value, grad_accum=1, steps=_STEPS.value, lr=_LR.value,

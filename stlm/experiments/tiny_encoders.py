@@ -32,7 +32,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from stlm.config import files
+
 flags.DEFINE_string('data_root', '../shared/data', 'The shared data directory.')
+flags.DEFINE_string('configs_dir', files.DEFAULT_DIR, 'Folder of the config files.')
 flags.DEFINE_string('out', 'runs/tiny_encoders', 'Where runs, results, table and plots go.')
 flags.DEFINE_list('subset_docs', ['30', '100', '300'], 'Pretraining subset sizes (pages).')
 flags.DEFINE_list('tasks', ['agnews', 'dbpedia', 'fewrel'], 'Tasks of the gap study.')
@@ -56,8 +59,7 @@ TASK_DIRS = {'agnews': 'classification/agnews', 'dbpedia': 'classification/dbped
 
 
 def _config(preset: str, n_docs: int, seed: int, steps: int):
-  from configs import encoder  # pylint: disable=g-import-not-at-top
-  c = encoder.get_config(preset)
+  c = files.load(os.path.join(FLAGS.configs_dir, 'encoder.py'), preset)
   c.seed = seed
   c.data.source = 'local'
   c.data.path = str(pathlib.Path(FLAGS.data_root) / 'corpus' / 'wikipedia_en')

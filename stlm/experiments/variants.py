@@ -1,17 +1,20 @@
-"""The rows of the byte-pool comparisons: name -> (config module, model.byte_pool overrides).
+"""The rows of the byte-pool comparisons: name -> (config file, model.byte_pool overrides).
 
 Shared by the equal-core quality comparison (stlm/experiments/equal_core.py) and the speed
 benchmark (benchmarks/byte_pool_speed.py), so a name means the same model in both.
 """
 
-from configs import baseline as baseline_config
-from configs import byte_pool as byte_pool_config
+import os
 
-# name -> (config module, model.byte_pool overrides); v2 rows add one ingredient at a time.
-# Every row pins its decoder conditioning, so that a row keeps measuring what it measured when
-# configs/byte_pool.py's defaults move on: 'v2' is the second session's v2 (slot embeddings,
-# one core vector added after the decoder's first attention), 'v2_cross' today's default. The
-# ablation rows of the first v2 (bytepool2) pin its conditioning (no slot embeddings, core
+from stlm.config import files
+
+baseline_config, byte_pool_config = 'baseline.py', 'byte_pool.py'
+
+# name -> (config file in the configs folder, model.byte_pool overrides); v2 rows add one
+# ingredient at a time. Every row pins its decoder conditioning, so that a row keeps measuring
+# the same model when configs/byte_pool.py's defaults move on: 'v2' has slot embeddings and one
+# core vector added after the decoder's first attention, 'v2_cross' cross-attends to the core.
+# The ablation rows of the first v2 design pin its conditioning (no slot embeddings, core
 # output added at the decoder input).
 _V2 = dict(version='v2', condition='add')
 _V2_FIRST = dict(_V2, slot_embedding=False, condition_at='input')
@@ -44,3 +47,12 @@ VARIANTS = {
     'v2_pool_attention': (byte_pool_config, dict(_V2_FIRST, pooling='attention')),
     'v2_pool_last': (byte_pool_config, dict(_V2_FIRST, pooling='last')),
 }
+
+
+def row_config(name: str, configs_dir: str = files.DEFAULT_DIR):
+  """The tiny-preset config of row `name` with its byte-pool overrides; KeyError if unknown."""
+  config_file, byte_overrides = VARIANTS[name]
+  c = files.load(os.path.join(configs_dir, config_file), 'tiny')
+  if byte_overrides:
+    c.model.byte_pool.update(byte_overrides)
+  return c

@@ -86,13 +86,15 @@ REMAT_POLICIES = {
 }
 
 
+REMAT_MODES = ('none',) + tuple(REMAT_POLICIES)
+
+
 def block_class(remat: str, decode: bool):
   """Block, or a rematerialised Block for model.remat ('none' | 'block' | 'dots_saveable')."""
   if remat == 'none' or decode:   # decoding never differentiates
     return None
   if remat not in REMAT_POLICIES:
-    raise ValueError(f'model.remat {remat!r} unknown; choose one of '
-                     f'{("none",) + tuple(REMAT_POLICIES)}')
+    raise ValueError(f'model.remat {remat!r} unknown; choose one of {REMAT_MODES}')
   # static_argnums count self as 0: `deterministic` (4) is a Python bool.
   return nn.remat(_PositionalBlock, policy=REMAT_POLICIES[remat], static_argnums=(4,))
 
