@@ -5,10 +5,10 @@ Presets:
   bert1  1 layer, 12 heads, hidden 192, context 128 (the study's BERT-1)
   bert1_24h  bert1 with 24 heads (head dim 8)
   bert6_mini, bert1_mini  the same at hidden 96 (12 heads of 8) with 2,048 tokenizer pieces:
-         the CPU-scale models of the measured runs and of stlm.experiments.tiny_encoders
+         the CPU-scale models of stlm.experiments.tiny_encoders
   bert1_wiki  bert1 pretrained on the shared English Wikipedia shards (all train pages,
          $STLM_DATA_DIR or ../shared/data beside the repository), 800 steps of 32 x 128:
-         the measured pretrained-vs-scratch run of the README (~20 min on one idle CPU core)
+         the pretrained-vs-scratch comparison of scripts/encoder_vs_scratch.sh
   tiny (CPU demo, the default), 10m, 50m, 100m: the baseline's sizes, bidirectional.
   --config=configs/encoder.py:bert1
 
@@ -34,8 +34,8 @@ _BERT = {
                   max_len=128),
     'bert1_24h': dict(num_layers=1, hidden_dim=192, num_heads=24, num_kv_heads=24,
                       ffn_dim=768, max_len=128),
-    # The same shapes at half width (head dim 8) with a 2,048-piece tokenizer: what the
-    # measured CPU runs and the experiment grid use (about 4x cheaper per step than bert1).
+    # The same shapes at half width (head dim 8) with a 2,048-piece tokenizer: CPU-scale
+    # models for the experiment grid.
     'bert6_mini': dict(num_layers=6, hidden_dim=96, num_heads=12, num_kv_heads=12,
                        ffn_dim=384, max_len=128),
     'bert1_mini': dict(num_layers=1, hidden_dim=96, num_heads=12, num_kv_heads=12,

@@ -14,8 +14,8 @@ import dataclasses
 import math
 
 BACKENDS = ('gpu', 'tpu')
-# The issue asks for 32..256; 16 (tl.dot's minimum tile) is also taken because the tiny and
-# 10m presets have head_dim 16 and 20.
+# Head dims 32..256, and 16 (tl.dot's minimum tile) because the tiny and 10m presets have
+# head_dim 16 and 20.
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 # Resident K/V (forward, dQ) or Q/dO (dK/dV) must fit in scoped VMEM with double buffering.
 TPU_VMEM_BUDGET_BYTES = 48 * 2**20

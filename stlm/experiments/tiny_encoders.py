@@ -13,13 +13,13 @@
 Writes <out>/results.json, <out>/table.md and three PNG plots. Runs that finished already
 (an export, a result file) are reused, so an interrupted grid resumes.
 
-Default sizes (one CPU core, NOT measured as a whole: an estimate of ~45 min idle): subsets
+Default sizes: subsets
 30, 100, 300 pages (150 pretraining steps of 32 x 128 tokens see 30 pages ~10 times, 300 pages
 about once); fine-tuning on 1,000 train / 300 validation examples, <= 150 steps, learning
 rate 1e-3 or 3e-3 chosen per arm on validation, mean pooling; 1,000 test examples; FewRel
 5-way 1-shot, 50 episodes; committees of 1-5 BERT-1 vs one BERT-6 on 300 pages.
-The README's measured run cut this further (--lr_grid=3e-3 --finetune_steps=100
---committee_size=3 --tasks=agnews,fewrel: 26 min on one shared core).
+The run in results/ cuts this further: --lr_grid=3e-3 --finetune_steps=100
+--committee_size=3 --tasks=agnews,fewrel.
 """
 
 from __future__ import annotations

@@ -19,11 +19,10 @@ symbols back to back (bytes + END_OF_CHUNK, or EOT), so no compute goes to per-c
 
 Why after the first attention: added at the input, the core vector (constant over a chunk,
 different across chunks) dominates the first layer's queries and keys, and the window decoder
-stalled at ~5.6 bits/byte for 100 steps (equal_core 4x128, batch 8), while the same model with
-the core output replaced by zeros kept learning (3.75 bits/byte at 120 steps vs 5.47).
-Entering after the first attention (3.63) lets that attention learn byte patterns first.
+stalls early in training; entering after the first attention lets that attention learn byte
+patterns first (the ablation rows of stlm/experiments/variants.py compare both).
 Slot embeddings (slot_embedding, a learned vector per slot of a chunk) give each symbol its
-slot, which v1's per-chunk rows give by position (5.47 -> 5.10 with the input-added core).
+slot, which v1's per-chunk rows give by position.
 
 The logits are masked per slot exactly as v1's (`slot j` = symbol index within its chunk): no
 PAD, EOT only first, no END_OF_CHUNK first, only END_OF_CHUNK after max_bytes bytes. So the
