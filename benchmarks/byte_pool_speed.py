@@ -1,7 +1,7 @@
 """Train-step speed of baseline vs byte_pool paper vs byte_pool v2 on one core, interleaved.
 
   python benchmarks/byte_pool_speed.py --core=8x256 --context=256 --batch=8 --rounds=5
-  (--models: any rows of stlm/experiments/variants.py, e.g. baseline,v2,v2_cross)
+  (--models: any rows of stlm/experiments/rows.py, e.g. baseline,v2,v2_cross)
 
 Each model's own jitted train step (benchmarks/train_step.py's: same sharding, optimizer) runs
 on synthetic batches of its layout (v2: chunk lengths as measured on Wikipedia text). Steps are
@@ -23,8 +23,8 @@ import numpy as np
 
 from stlm.config import validate as config_validate
 from stlm.config import files
-from stlm.experiments import variants
-from stlm.experiments.variants import VARIANTS
+from stlm.experiments import rows
+from stlm.experiments.rows import ROWS
 from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import sharding
@@ -39,13 +39,13 @@ _BATCH = flags.DEFINE_integer('batch', 8, 'rows per step.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'timed rounds (after a compile-and-warm-up step).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'compute dtype.')
 _MODELS = flags.DEFINE_list('models', 'baseline,paper,v2',
-                            f'rows of stlm/experiments/variants.py: {", ".join(VARIANTS)}.')
+                            f'rows of stlm/experiments/rows.py: {", ".join(ROWS)}.')
 
 
 def model_config(name):
-  if name not in VARIANTS:
-    raise app.UsageError(f'--models: unknown {name!r}; choose from {", ".join(VARIANTS)}')
-  c = variants.row_config(name, _CONFIGS_DIR.value)
+  if name not in ROWS:
+    raise app.UsageError(f'--models: unknown {name!r}; choose from {", ".join(ROWS)}')
+  c = rows.row_config(name, _CONFIGS_DIR.value)
   layers, hidden = (int(x) for x in _CORE.value.lower().split('x'))
   heads, kv = (int(x) for x in _HEADS.value.split('/'))
   c.model.update(num_layers=layers, hidden_dim=hidden, num_heads=heads, num_kv_heads=kv,

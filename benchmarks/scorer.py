@@ -38,7 +38,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from stlm import tokenizers
-from stlm.eval import benchmarks
+from stlm.eval import zero_shot
 from stlm.eval import loaders
 from stlm.eval import scorer as scorer_lib
 from stlm.models import factory
@@ -95,8 +95,8 @@ def main(argv):
   model = factory.build_model(config.model)
   params = factory.init_params(model, config.model, jax.random.PRNGKey(0))
   feat = factory.make_featurizer(config, tok)
-  items = benchmarks.sample(loaders.load(_TASK.value, _DATA.value), _LIMIT.value or None)
-  requests = [r for p in benchmarks.build_prompts(_TASK.value, items, _DATA.value)
+  items = zero_shot.sample(loaders.load(_TASK.value, _DATA.value), _LIMIT.value or None)
+  requests = [r for p in zero_shot.build_prompts(_TASK.value, items, _DATA.value)
               for r in p.requests]
   m = config.model
   print(f'{config.name}:{config.preset} {m.kind}, {kinds.count_params(params):,} params, '

@@ -14,7 +14,7 @@ import pytest
 
 from stlm import config as config_lib
 from stlm import tokenizers
-from stlm.eval import benchmarks
+from stlm.eval import zero_shot
 from stlm.eval import harness
 from stlm.eval import loaders
 from stlm.eval import metrics
@@ -53,7 +53,7 @@ def tiny_exported(hidden=32, seed=0):
 def setup():
   root = require_shared_data() / 'benchmarks'
   exported = tiny_exported()
-  scorer = benchmarks.make_scorer(exported, batch_size=64)
+  scorer = zero_shot.make_scorer(exported, batch_size=64)
   return root, exported, scorer
 
 
@@ -82,7 +82,7 @@ def harness_out(setup):
 def test_harness_matches_builtin_scorer(setup, harness_out, name, split, task):
   root, _, scorer = setup
   items = loaders.load_split(name, root, split)[1][:N_ITEMS]
-  ps = benchmarks.build_prompts(name, items, root, split)
+  ps = zero_shot.build_prompts(name, items, root, split)
   results = scorer.loglikelihood([r for p in ps for r in p.requests])
   samples = sorted(harness_out['samples'][task], key=lambda s: s['doc_id'])
   assert [s['doc_id'] for s in samples] == list(range(N_ITEMS))
@@ -139,12 +139,12 @@ def test_old_eot_convention_is_an_option(setup):
 def test_requested_split_and_size_weighted_mmlu(setup):
   root, _, scorer = setup
   with pytest.raises(loaders.DataError, match='No arc_easy data'):
-    benchmarks.evaluate(scorer, 'arc_easy:test', root, limit=4)
-  res = benchmarks.evaluate(scorer, 'arc_easy:test', root, limit=4, allow_split_fallback=True)
+    zero_shot.evaluate(scorer, 'arc_easy:test', root, limit=4)
+  res = zero_shot.evaluate(scorer, 'arc_easy:test', root, limit=4, allow_split_fallback=True)
   assert res['split'] == 'dev' and res['requested_split'] == 'test'
   assert res['always_prefix_eot'] is False
-  mmlu = benchmarks.evaluate(scorer, 'mmlu', root, limit=12)
+  mmlu = zero_shot.evaluate(scorer, 'mmlu', root, limit=12)
   assert mmlu['main'] == 'acc' and 'acc_macro' in mmlu
-  table = benchmarks.markdown_table('m', 10, dict(arc_easy=res, mmlu=mmlu)).splitlines()
+  table = zero_shot.markdown_table('m', 10, dict(arc_easy=res, mmlu=mmlu)).splitlines()
   assert [c.strip() for c in table[3].strip('|').split('|')] == [
       'split', '', '-', '-', 'dev', '-', 'dev', '-']

@@ -11,7 +11,7 @@ import pytest
 from stlm import config as config_lib
 from stlm import tokenizers
 from stlm.data.featurize import TokenFeaturizer
-from stlm.eval import benchmarks
+from stlm.eval import zero_shot
 from stlm.eval import packing
 from stlm.eval import scorer as scorer_lib
 from stlm.models import factory
@@ -74,9 +74,9 @@ def test_kind_declares_the_fast_paths(tiny):
   s = make(tiny)
   assert (s.pack, s.gather) == (True, True)
   exported = types.SimpleNamespace(model=tiny[1], params=tiny[2], featurizer=tiny[3], config=c)
-  assert benchmarks.make_scorer(exported, score_fraction=1.0).score_fraction == 1.0
+  assert zero_shot.make_scorer(exported, score_fraction=1.0).score_fraction == 1.0
   with pytest.raises(ValueError, match='score fraction'):
-    benchmarks.make_scorer(exported, score_fraction=1.5)
+    zero_shot.make_scorer(exported, score_fraction=1.5)
 
 
 @pytest.mark.parametrize('pack,gather', [(True, True), (True, False), (False, True)])

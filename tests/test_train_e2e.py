@@ -87,13 +87,13 @@ def test_run_json_describes_the_finished_run(trained, name):
 
 def test_trained_model_beats_chance_on_local_cue_blimp(trained, shared_data, tmp_path):
   from stlm import export  # pylint: disable=g-import-not-at-top
-  from stlm.eval import benchmarks  # pylint: disable=g-import-not-at-top
+  from stlm.eval import zero_shot  # pylint: disable=g-import-not-at-top
   subset = tmp_path / 'blimp_subset'
   (subset / 'blimp').mkdir(parents=True)
   for paradigm in LOCAL_CUE_PARADIGMS:   # links, not copies: the data stays in ../shared
     (subset / 'blimp' / f'{paradigm}.jsonl').symlink_to(
         shared_data / 'benchmarks' / 'blimp' / f'{paradigm}.jsonl')
-  res = benchmarks.run_benchmarks(export.load_export(str(trained['baseline'] / 'export')),
+  res = zero_shot.run_benchmarks(export.load_export(str(trained['baseline'] / 'export')),
                                   ['blimp'], str(subset))['blimp']
   assert res['n'] == 200 * len(LOCAL_CUE_PARADIGMS)
   assert res['acc'] > res['chance'] + 3 * res['acc_stderr'], res['acc']

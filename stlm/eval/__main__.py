@@ -11,13 +11,13 @@ from absl import flags
 from absl import logging
 
 from stlm.data import corpus
-from stlm.eval import benchmarks
+from stlm.eval import zero_shot
 from stlm.eval import loaders
 from stlm.eval import perplexity
 
 _CKPT = flags.DEFINE_string('checkpoint', None, '<workdir>/export of a training run.')
-_BENCH = flags.DEFINE_string('benchmarks', ','.join(benchmarks.TABLE),
-                             f'Comma list of: {", ".join(benchmarks.KNOWN)} ("" = none); '
+_BENCH = flags.DEFINE_string('benchmarks', ','.join(zero_shot.TABLE),
+                             f'Comma list of: {", ".join(zero_shot.KNOWN)} ("" = none); '
                              'name:split requests a split (arc_easy:test).')
 _FALLBACK = flags.DEFINE_bool('allow_split_fallback', False, 'A requested split that is '
                               'missing falls back to the default order instead of failing.')
@@ -28,7 +28,7 @@ _DATA = flags.DEFINE_string('data_dir', None, 'Directory holding the benchmark r
 _TEXT = flags.DEFINE_list('text', [], 'Held-out .txt/.jsonl files for bits per byte.')
 _STRIDE = flags.DEFINE_integer('stride', None, 'Sliding-window stride (default: the window).')
 _LIMIT = flags.DEFINE_integer('limit', None, 'Items per benchmark, drawn with --seed.')
-_SEED = flags.DEFINE_integer('seed', benchmarks.DEFAULT_SEED, 'Seed of the --limit sample.')
+_SEED = flags.DEFINE_integer('seed', zero_shot.DEFAULT_SEED, 'Seed of the --limit sample.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Scorer batch size.')
 _SHOTS = flags.DEFINE_integer('mmlu_shots', 0, 'MMLU examples from the dev split.')
 _FRACTION = flags.DEFINE_float('score_fraction', None, 'Scorer K(T) / T: share of a row\'s '
@@ -41,7 +41,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's restore chatter off the table
   try:
-    specs = benchmarks.parse_specs(_BENCH.value)
+    specs = zero_shot.parse_specs(_BENCH.value)
     if specs and not _DATA.value:
       raise loaders.DataError('--data_dir is required to run benchmarks')
     for n, split in specs:  # fail before loading the model if a benchmark's files are missing
@@ -54,14 +54,14 @@ def main(argv):
                                 f'{split}; --allow_split_fallback takes the first split '
                                 'present instead)') from None
     docs = perplexity.read_documents(_TEXT.value) if _TEXT.value else None
-    exported = benchmarks.open_checkpoint(_CKPT.value)
+    exported = zero_shot.open_checkpoint(_CKPT.value)
     window = exported.config.model.max_len
     if _STRIDE.value is not None and not 1 <= _STRIDE.value <= window:
       raise loaders.DataError(f'--stride={_STRIDE.value} must be in 1..{window} (the window)')
-    scorer = benchmarks.make_scorer(exported, _BATCH.value, progress=True, verbose=True,
+    scorer = zero_shot.make_scorer(exported, _BATCH.value, progress=True, verbose=True,
                                     always_prefix_eot=_PREFIX.value,
                                     score_fraction=_FRACTION.value)
-    results = benchmarks.run_benchmarks(exported, _BENCH.value, _DATA.value, _LIMIT.value,
+    results = zero_shot.run_benchmarks(exported, _BENCH.value, _DATA.value, _LIMIT.value,
                                         seed=_SEED.value, mmlu_shots=_SHOTS.value,
                                         scorer=scorer, allow_split_fallback=_FALLBACK.value)
     ppl = None
@@ -72,11 +72,11 @@ def main(argv):
     sys.exit(f'error: {e}')
   path = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_CKPT.value)),
                                     'results.json')
-  out = benchmarks.write_results(
+  out = zero_shot.write_results(
       path, exported, _CKPT.value, results, ppl,
       scoring=dict(always_prefix_eot=_PREFIX.value, allow_split_fallback=_FALLBACK.value))
   n_params = out['parameters']
-  print(benchmarks.markdown_table(out['model'], n_params, results, ppl))
+  print(zero_shot.markdown_table(out['model'], n_params, results, ppl))
   print(f'\nwrote {path}')
 
 

@@ -40,15 +40,15 @@ class StlmLM(LM):
     super().__init__()
     del unused  # device, max_batch_size, ...: the scorer picks its own device and buckets
     # pylint: disable=g-import-not-at-top  (jax and the model only when a model is built)
-    from stlm.eval import benchmarks
+    from stlm.eval import zero_shot
     if exported is None:
       if not checkpoint:
         raise ValueError('model_args must name checkpoint=<workdir>/export')
-      exported = benchmarks.open_checkpoint(checkpoint)
+      exported = zero_shot.open_checkpoint(checkpoint)
     self.exported = exported
     bs = 32 if batch_size in (None, 'auto') else int(str(batch_size).split(':')[0])
     fraction = None if score_fraction in (None, '') else float(score_fraction)
-    self.scorer = scorer or benchmarks.make_scorer(exported, bs,
+    self.scorer = scorer or zero_shot.make_scorer(exported, bs,
                                                    always_prefix_eot=_bool(always_prefix_eot),
                                                    score_fraction=fraction)
     self.max_gen_bytes = int(max_gen_bytes)

@@ -3,13 +3,13 @@
   python -m stlm.experiments.equal_core --core=4x128 --context=128 --batch=16 --steps=600 \
       --data=../shared/data/corpus/wikipedia_en --workdir=runs/equal_core
 
-Every variant trains the same core (layers x hidden, heads, FFN, context) on the same data
+Every row trains the same core (layers x hidden, heads, FFN, context) on the same data
 with the same seed, batch and steps, so the same number of targets (tokens = chunks, one chunk
 per GPT-2 token) is seen. Then each export scores the same held-out documents (the first
 --eval_docs of the validation split) with the scorer: bits per byte = summed nats / ln 2 /
 UTF-8 bytes. The table (markdown, also written to <workdir>/table.md) gives parameters, the
 byte encoder + decoder (or embedding + head), training FLOPs per target, wall time, train
-throughput and held-out bits per byte. A finished variant is not retrained (its export and
+throughput and held-out bits per byte. A finished row is not retrained (its export and
 result are reused), so an interrupted comparison resumes.
 """
 
@@ -29,8 +29,8 @@ from stlm.data import tfds_builders
 from stlm.eval import perplexity
 from stlm.eval import scorer as scorer_lib
 from stlm.config import files
-from stlm.experiments import variants
-from stlm.experiments.variants import VARIANTS
+from stlm.experiments import rows
+from stlm.experiments.rows import ROWS
 from stlm.models import factory
 from stlm.train import loop
 from stlm.train import metrics as metrics_lib
@@ -47,18 +47,18 @@ _LR = flags.DEFINE_float('lr', 3e-3, 'peak learning rate (warmup 10% of steps, c
 _DATA = flags.DEFINE_string('data', '../shared/data/corpus/wikipedia_en',
                             'directory of .txt/.jsonl documents (data.source=local).')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'tfds ArrayRecord cache (default: stlm\'s).')
-_VARIANTS = flags.DEFINE_list('variants', 'baseline,paper,v2',
-                              f'rows to run, of {",".join(VARIANTS)}.')
-_EVAL_DOCS = flags.DEFINE_integer('eval_docs', 40, 'held-out documents scored per variant.')
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/equal_core', 'one subdirectory per variant.')
+_ROWS = flags.DEFINE_list('rows', 'baseline,paper,v2',
+                          f'comparison rows to run, of {",".join(ROWS)}.')
+_EVAL_DOCS = flags.DEFINE_integer('eval_docs', 40, 'held-out documents scored per row.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/equal_core', 'one subdirectory per row.')
 _SEED = flags.DEFINE_integer('seed', 0, 'seed of init and data order (same for every row).')
 
 
-def variant_config(name: str):
+def row_experiment_config(name: str):
   """The config of one row: its family's tiny preset, then the shared core and training."""
-  if name not in VARIANTS:
-    raise app.UsageError(f'--variants: unknown {name!r}; choose from {", ".join(VARIANTS)}')
-  c = variants.row_config(name, _CONFIGS_DIR.value)
+  if name not in ROWS:
+    raise app.UsageError(f'--rows: unknown {name!r}; choose from {", ".join(ROWS)}')
+  c = rows.row_config(name, _CONFIGS_DIR.value)
   layers, hidden = (int(x) for x in _CORE.value.lower().split('x'))
   heads, kv = (int(x) for x in _HEADS.value.split('/'))
   c.model.update(num_layers=layers, hidden_dim=hidden, num_heads=heads, num_kv_heads=kv,
@@ -80,8 +80,8 @@ def held_out_texts(config, n: int) -> list[str]:
   return [tfds_builders.record_text(docs[i]) for i in range(min(n, len(docs)))]
 
 
-def run_variant(name: str) -> dict:
-  config = variant_config(name)
+def run_row(name: str) -> dict:
+  config = row_experiment_config(name)
   workdir = os.path.join(_WORKDIR.value, name)
   result_path = os.path.join(workdir, 'result.json')
   if os.path.exists(result_path):
@@ -101,7 +101,7 @@ def run_variant(name: str) -> dict:
       if m.get('split') == 'train' and 'targets_per_s' in m:
         rates.append(m['targets_per_s'])
   result = dict(
-      variant=name, params=breakdown['total'],
+      row=name, params=breakdown['total'],
       embed_head=breakdown['embedding'] + breakdown['head'],
       flops_per_target=metrics_lib.flops_per_unit(exported.config, breakdown),
       wall_s=wall, targets_per_s=sorted(rates)[len(rates) // 2] if rates else float('nan'),
@@ -112,12 +112,12 @@ def run_variant(name: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
-  base = next((r['bits_per_byte'] for r in results if r['variant'] == 'baseline'), None)
-  lines = ['| variant | params | byte enc+dec / embed+head | train GFLOPs/target | wall time | '
+  base = next((r['bits_per_byte'] for r in results if r['row'] == 'baseline'), None)
+  lines = ['| row | params | byte enc+dec / embed+head | train GFLOPs/target | wall time | '
            'train targets/s | held-out bits/byte | vs baseline |', '|' + '---|' * 8]
   for r in results:
     ratio = f"{r['bits_per_byte'] / base:.3f}x" if base else '-'
-    lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['embed_head'] / 1e6:.3f}M | "
+    lines.append(f"| {r['row']} | {r['params'] / 1e6:.2f}M | {r['embed_head'] / 1e6:.3f}M | "
                  f"{r['flops_per_target'] / 1e9:.4f} | {r['wall_s']:.0f} s | "
                  f"{r['targets_per_s']:.0f} | {r['bits_per_byte']:.4f} | {ratio} |")
   return '\n'.join(lines)
@@ -129,10 +129,10 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   results = []
-  for name in _VARIANTS.value:
-    variant_config(name)   # an unknown name stops the run before anything trains
-  for name in _VARIANTS.value:
-    results.append(run_variant(name))
+  for name in _ROWS.value:
+    row_experiment_config(name)   # an unknown name stops the run before anything trains
+  for name in _ROWS.value:
+    results.append(run_row(name))
     text = table(results)
     with open(os.path.join(_WORKDIR.value, 'table.md'), 'w') as f:
       f.write(f'core {_CORE.value}, heads {_HEADS.value}, context {_CONTEXT.value}, batch '

@@ -331,11 +331,11 @@ def _final_benchmarks(config, export_dir: str, workdir: str) -> str | None:
   names = [n for n in config.train.final_eval_benchmarks.split(',') if n]
   if not names:
     return None
-  from stlm.eval import benchmarks  # pylint: disable=g-import-not-at-top
+  from stlm.eval import zero_shot  # pylint: disable=g-import-not-at-top
   exported = export_lib.load_export(export_dir)
-  results = benchmarks.run_benchmarks(exported, names, config.train.final_eval_data_dir)
+  results = zero_shot.run_benchmarks(exported, names, config.train.final_eval_data_dir)
   print(f'final benchmarks ({workdir}): {results}')
   path = os.path.join(workdir, run_info.RESULTS_FILE)
   if jax.process_index() == 0:
-    benchmarks.write_results(path, exported, export_dir, results)
+    zero_shot.write_results(path, exported, export_dir, results)
   return path

@@ -19,7 +19,7 @@ baseline_config, byte_pool_config = 'baseline.py', 'byte_pool.py'
 _V2 = dict(version='v2', condition='add')
 _V2_FIRST = dict(_V2, slot_embedding=False, condition_at='input')
 _CHUNK_ONLY = dict(encoder_context='chunk', decoder_context='chunk', ngram_buckets=0)
-VARIANTS = {
+ROWS = {
     'baseline': (baseline_config, None),
     'paper': (byte_pool_config, dict(version='paper')),
     'v2': (byte_pool_config, _V2),
@@ -51,7 +51,7 @@ VARIANTS = {
 
 def row_config(name: str, configs_dir: str = files.DEFAULT_DIR):
   """The tiny-preset config of row `name` with its byte-pool overrides; KeyError if unknown."""
-  config_file, byte_overrides = VARIANTS[name]
+  config_file, byte_overrides = ROWS[name]
   c = files.load(os.path.join(configs_dir, config_file), 'tiny')
   if byte_overrides:
     c.model.byte_pool.update(byte_overrides)

@@ -11,7 +11,7 @@ import pytest
 
 from stlm import config as config_lib
 from stlm.data.featurize import TokenFeaturizer
-from stlm.eval import benchmarks
+from stlm.eval import zero_shot
 from stlm.eval import loaders
 from stlm.models import factory
 from stlm.tokenizers import ByteTokenizer
@@ -124,22 +124,22 @@ def test_missing_data_and_unknown_names(tmp_path):
   assert 'does not exist' in str(e.value)
   assert str(tmp_path / 'nowhere' / 'arc' / 'ARC-Easy' / 'ARC-Easy-Test.jsonl') in str(e.value)
   with pytest.raises(loaders.DataError, match='known benchmarks: blimp, hellaswag'):
-    benchmarks.parse_names('blimp,squad')
-  assert benchmarks.parse_names('ARC-Easy, mmlu') == ['arc_easy', 'mmlu']
+    zero_shot.parse_names('blimp,squad')
+  assert zero_shot.parse_names('ARC-Easy, mmlu') == ['arc_easy', 'mmlu']
 
 
 def test_wrong_checkpoint_kinds(tmp_path):
   with pytest.raises(loaders.DataError, match='is not an stlm export'):
-    benchmarks.open_checkpoint(str(tmp_path))
+    zero_shot.open_checkpoint(str(tmp_path))
   (tmp_path / 'export' / 'params').mkdir(parents=True)
   (tmp_path / 'export' / 'config.json').write_text(json.dumps(dict(model=dict(kind='rnn'), tokenizer=dict(kind='bytes'))))
   with pytest.raises(loaders.DataError, match='training workdir; pass --checkpoint=.*export'):
-    benchmarks.open_checkpoint(str(tmp_path))
+    zero_shot.open_checkpoint(str(tmp_path))
   with pytest.raises(loaders.DataError, match="kind 'rnn'"):
-    benchmarks.open_checkpoint(str(tmp_path / 'export'))
+    zero_shot.open_checkpoint(str(tmp_path / 'export'))
   (tmp_path / 'ckpt' / '300').mkdir(parents=True)
   with pytest.raises(loaders.DataError, match='training checkpoint directory'):
-    benchmarks.open_checkpoint(str(tmp_path / 'ckpt'))
+    zero_shot.open_checkpoint(str(tmp_path / 'ckpt'))
 
 
 def test_cli_reports_unknown_benchmark(tmp_path):
@@ -165,13 +165,13 @@ def random_exported():
 
 @pytest.fixture(scope='module')
 def random_scorer(random_exported):
-  return benchmarks.Scorer(random_exported.model, random_exported.params,
+  return zero_shot.Scorer(random_exported.model, random_exported.params,
                            random_exported.featurizer, batch_size=32, min_bucket=64)
 
 
 def test_random_model_is_at_chance(shared_data, random_exported, random_scorer):
   scorer = random_scorer
-  res = benchmarks.run_benchmarks(random_exported, 'blimp,arc_easy',
+  res = zero_shot.run_benchmarks(random_exported, 'blimp,arc_easy',
                                   shared_data / 'benchmarks', limit=150, scorer=scorer)
   for name, chance in (('blimp', 0.5), ('arc_easy', 0.25)):
     r = res[name]
@@ -181,7 +181,7 @@ def test_random_model_is_at_chance(shared_data, random_exported, random_scorer):
   assert sum(g['n'] for g in res['blimp']['groups']['paradigm'].values()) == 150
   assert 'acc_norm' in res['arc_easy'] and 'acc_bytes' in res['arc_easy']
   assert scorer.compile_count <= 2
-  table = benchmarks.markdown_table('random-tiny', 12345, res, dict(bits_per_byte=8.1234))
+  table = zero_shot.markdown_table('random-tiny', 12345, res, dict(bits_per_byte=8.1234))
   assert table.splitlines()[0] == ('| Model | Parameters | BLiMP | HellaSwag | ARC-easy | '
                                    'WinoGrande | MMLU | Bits per byte |')
   cells = [c.strip() for c in table.splitlines()[2].strip('|').split('|')]
@@ -192,10 +192,10 @@ def test_random_model_is_at_chance(shared_data, random_exported, random_scorer):
 def test_mmlu_and_winogrande_runs(shared_data, random_scorer):
   scorer = random_scorer
   root = shared_data / 'benchmarks'
-  mmlu = benchmarks.evaluate(scorer, 'mmlu', root, limit=20, mmlu_shots=1)
+  mmlu = zero_shot.evaluate(scorer, 'mmlu', root, limit=20, mmlu_shots=1)
   assert mmlu['main'] == 'acc' and mmlu['shots'] == 1 and mmlu['chance'] == 0.25
   assert sum(g['n'] for g in mmlu['groups']['subject'].values()) == 20
-  wino = benchmarks.evaluate(scorer, 'winogrande', root, limit=10)
+  wino = zero_shot.evaluate(scorer, 'winogrande', root, limit=10)
   assert wino['n'] == 10 and wino['split'] == 'train_xs' and 0 <= wino['acc'] <= 1
   # The same seed draws the same items.
-  assert benchmarks.sample(list(range(100)), 5) == benchmarks.sample(list(range(100)), 5)
+  assert zero_shot.sample(list(range(100)), 5) == zero_shot.sample(list(range(100)), 5)
