@@ -5,11 +5,9 @@ Presets: tiny (CPU demo on the built-in corpus, the default), 10m, 50m, 100m:
 The tokenizer (GPT-2 by default, any `tokenizer.kind` works) only supplies chunk boundaries.
 
 Version: v2 (ragged byte stream, local window encoder and decoder; stlm/models/byte_pool/v2.py)
-by default: at equal core it beat the paper's version (per-chunk slots) on held-out bits per
-byte, 3.41 vs 3.90 at core 4x128 after 150 steps of 16 x 128 on Wikipedia (python -m
-stlm.experiments.equal_core, see the README). Its decoder cross-attends to the last 4 core
-outputs (condition 'cross_attention'): 3.35 vs 3.41 for the added core vector at that budget,
-2.716 vs 2.735 after 600 steps. The paper's version:
+by default, its decoder cross-attending to the last 4 core outputs (condition
+'cross_attention'): the best row of the equal-core comparison (python -m
+stlm.experiments.equal_core; results/2026-11-30-byte-pool.md). The paper's version:
 --config.model.byte_pool.version=paper (the sizes below are its; v2's byte parts, with n-gram
 and slot embeddings and the cross-attention, are 253K / 434K / 470K / 1.58M: 92.1-98.2% fewer
 than embed + head).

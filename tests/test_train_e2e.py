@@ -37,9 +37,8 @@ def local_data_flags(shared_data, tmp_path):
 
 # BLiMP paradigms decided by a local cue (anaphor gender and case, an NPI licensor, irregular
 # participles, that vs wh, determiner-noun number). A tiny model learns such cues within a
-# few hundred steps, while BLiMP as a whole stays near chance for it (50.0% after 300 steps,
-# 53.1% on 1000 pairs after 1000 steps; see the README), so the whole-BLiMP check would only
-# measure noise at this budget.
+# few hundred steps, while BLiMP as a whole stays near chance for it, so the whole-BLiMP check
+# would only measure noise at this budget.
 LOCAL_CUE_PARADIGMS = (
     'anaphor_gender_agreement', 'principle_A_case_1', 'sentential_negation_npi_licensor_present',
     'irregular_past_participle_verbs', 'wh_vs_that_no_gap', 'determiner_noun_agreement_1')

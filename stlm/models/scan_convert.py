@@ -7,7 +7,7 @@
 Works on any subtree that holds the Transformer's blocks (it looks for them at every level),
 so it applies to the baseline ('transformer') and to models that nest the core deeper.
 Models import no checkpoint code: restore a checkpoint's params as a plain tree, convert
-with these functions, and use them with the other layout (see the README).
+with these functions, and use them with the other layout (docs/performance.md).
 """
 
 import re
