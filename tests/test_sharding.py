@@ -63,12 +63,12 @@ class _Run:
 
   def __init__(self, config, devices):
     from stlm.models import factory  # pylint: disable=g-import-not-at-top
-    from stlm.train import sharding, state  # pylint: disable=g-import-not-at-top
+    from stlm.train import setup, sharding  # pylint: disable=g-import-not-at-top
     self.config, self.sharding = config, sharding
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(config.train.batch_size, self.mesh)
     # Exactly the trainer's construction: its state shardings, init and donating step.
-    built = state.build_train_step(config, factory.build_model(config.model), self.mesh)
+    built = setup.build_train_step(config, factory.build_model(config.model), self.mesh)
     self.init, self.step, self.state_sh = built.init, built.step, built.state_shardings
     self.abstract = built.abstract_state
 
