@@ -177,7 +177,15 @@ class Scorer:
     """Gathered positions per row of bucket T (None: the full head)."""
     return packing.budget(T, self.score_fraction) if self.gather else None
 
-  def _batch(self, spans: Sequence[_Span], rows: Sequence[Sequence[int]], T: int, K):
+  def layout(self, spans: Sequence[_Span]):
+    """(pieces, jobs): the pieces scored and, per batch in run order, (T, K, rows of piece
+    indices); `make_batch(pieces, rows, T, K)` builds each batch. What `score_spans` runs,
+    for callers that compute other quantities on exactly the scorer's rows."""
+    pieces, rows = self._rows(spans)
+    batches = packing.batches(rows, self.batch_size)
+    return pieces, [(T, self._k(T), chunk) for T, chunk in batches]
+
+  def make_batch(self, spans: Sequence[_Span], rows: Sequence[Sequence[int]], T: int, K):
     """(batch, valid mask, owner per scored slot, -1 = none) for rows of span indices."""
     B = self.batch_size
     if hasattr(self.featurizer, 'batch_spans'):  # a layout of its own (byte-pool v2 streams)
@@ -226,8 +234,7 @@ class Scorer:
     for s in spans:
       count[s.owner] += int(s.mask.sum())
     compiles0, t0 = self.compile_count, time.perf_counter()
-    pieces, rows = self._rows(spans)
-    jobs = [(T, self._k(T), chunk) for T, chunk in packing.batches(rows, self.batch_size)]
+    pieces, jobs = self.layout(spans)
     bar = tqdm.tqdm(total=len(pieces), desc=desc, unit='item', disable=not self.progress,
                     file=sys.stderr, leave=False)
     in_flight = []
@@ -244,7 +251,7 @@ class Scorer:
       bar.update(n_spans)
 
     for T, K, chunk in jobs:
-      batch, valid, owner = self._batch(pieces, chunk, T, K)
+      batch, valid, owner = self.make_batch(pieces, chunk, T, K)
       in_flight.append((sum(map(len, chunk)), owner, self._forward(self.params, batch, valid)))
       if len(in_flight) > _PIPELINE_DEPTH:
         collect()
@@ -256,7 +263,7 @@ class Scorer:
                       items_per_s=len(spans) / max(seconds, 1e-9),
                       compiles=self.compile_count - compiles0,
                       compile_count=self.compile_count,
-                      rows=sum(map(len, rows.values())), pieces=len(pieces),
+                      rows=sum(len(chunk) for _, _, chunk in jobs), pieces=len(pieces),
                       positions_used=sum(s.hi - s.lo for s in pieces),
                       positions_run=sum(self.batch_size * T for T, _, _ in jobs),
                       buckets={T: K for T, K, _ in jobs})

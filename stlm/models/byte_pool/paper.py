@@ -13,7 +13,7 @@ Hence sum(logprobs) is the exact log-probability of the text's chunk sequence, a
 code length for the text on the same footing as the baseline's token sequence.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,7 @@ from stlm.models import layers
 from stlm.models import pause
 from stlm.models import transformer
 from stlm.models.byte_pool import local_transformer
+from stlm.models.byte_pool import slot_classes
 
 POOLINGS = ('mean', 'attention', 'last')
 DECODERS = ('autoregressive', 'parallel')
@@ -197,8 +198,14 @@ class BytePoolLM(nn.Module):
 
   Param tree: byte_encoder / core / byte_decoder (factory.param_breakdown counts the byte
   parts as the embedding and head of this model).
+
+  core_transform: None (the model), or fn(y_BxTxD, segment_ids_BxT) -> y_BxTxD applied to
+  the final core outputs before the decoder reads them in `scores` (diagnostics; early-exit
+  outputs stay untouched); it adds no params, so `clone(core_transform=fn)` runs with the
+  model's params.
   """
   cfg: Any
+  core_transform: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
   def setup(self):
     self.byte_encoder = ByteEncoder(self.cfg)
@@ -265,6 +272,8 @@ class BytePoolLM(nn.Module):
                        f'{inputs.shape} and {targets.shape}')
     y_BxTxD, aux = self._core(inputs, batch['segment_ids'], batch['positions'],
                               deterministic=deterministic, decode=False)
+    if self.core_transform is not None:
+      y_BxTxD = self.core_transform(y_BxTxD, batch['segment_ids'])
     logits = self.decode_logits(y_BxTxD, targets, deterministic=deterministic)
     logprobs, units, greedy = chunk_scores(logits, targets)
     out = dict(logprobs=logprobs, units=units, greedy=greedy)
@@ -278,6 +287,16 @@ class BytePoolLM(nn.Module):
     out = depth.add_exit_outputs(self.cfg, out, aux, exit_scores, batch['loss_mask'],
                                  deterministic=deterministic)
     return depth.add_token_aux(out, aux, batch['loss_mask']), logits
+
+  def slot_class_scores(self, batch, *, deterministic=True):
+    """Slot class (slot_classes.CLASSES) -> (summed log p of its symbols, symbols), each
+    f32 B x T per target chunk; the classes' log p add up to __call__'s logprobs."""
+    _, logits = self.scores(batch, deterministic=deterministic)
+    targets = batch['targets']
+    slot = jnp.broadcast_to(jnp.arange(targets.shape[-1]), targets.shape)
+    masks = slot_classes.class_masks(targets, slot)
+    return slot_classes.class_sums(slot_logprobs(logits, targets), masks,
+                                   lambda v: v.sum(-1))
 
   def __call__(self, batch, *, deterministic=True):
     return self.scores(batch, deterministic=deterministic)[0]

@@ -8,6 +8,10 @@ import jax
 from stlm.models import kinds
 from stlm.models import weight_sharing as sharing
 
+# The param subtrees of the byte encoder (chunk bytes -> core input) and the byte decoder
+# (core output -> next chunk's bytes), in both versions.
+ENCODER, DECODER = 'byte_encoder', 'byte_decoder'
+
 
 def param_report(params, model_cfg) -> dict[str, int]:
   """Byte encoder + decoder params next to the baseline's embedding + head on the same core.
@@ -17,7 +21,7 @@ def param_report(params, model_cfg) -> dict[str, int]:
   """
   params = nn.unbox(params)
   count = lambda t: sum(x.size for x in jax.tree.leaves(t))
-  enc, dec, core = (count(params['byte_encoder']), count(params['byte_decoder']),
+  enc, dec, core = (count(params[ENCODER]), count(params[DECODER]),
                     count(params['core']))
   baseline = model_cfg.vocab_size * model_cfg.hidden_dim * (1 if model_cfg.tie_embeddings else 2)
   return dict(byte_encoder=enc, byte_decoder=dec, byte_total=enc + dec, core=core,

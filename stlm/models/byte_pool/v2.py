@@ -31,7 +31,7 @@ contract of every LM: logprobs / units / greedy per chunk target, B x T.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from stlm.models import layers
 from stlm.ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT
 from stlm.models.byte_pool import local_transformer as local
+from stlm.models.byte_pool import slot_classes
 
 NEG_INF = -1e30
 # As in v1: chunk vectors enter the core, and core vectors the decoder, at embedding scale.
@@ -287,24 +288,42 @@ def previous_symbols(targets_BxS, seg_BxS):
   return jnp.where(prev_seg == seg_BxS, prev, END_OF_CHUNK)
 
 
-def chunk_scores(logits_BxSxV, targets_BxS, start_BxS, seg_BxS, T: int):
-  """(log p of each target chunk B x T, symbols per chunk B x T, all-greedy B x T)."""
-  B = targets_BxS.shape[0]
+def symbol_logprobs(logits_BxSxV, targets_BxS):
+  """log p of each target symbol f32 B x S (padding included: mask it)."""
   lse = jax.nn.logsumexp(logits_BxSxV, axis=-1)
   tgt = jnp.take_along_axis(logits_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+  return tgt - lse
+
+
+def chunk_summer(start_BxS, seg_BxS, T: int):
+  """(fn: per-symbol B x S -> per-chunk sums B x T, bool B x S of the symbols in a chunk)."""
+  B = start_BxS.shape[0]
   flat, valid = chunk_index(start_BxS, seg_BxS, T)
-  lp = jnp.where(valid, tgt - lse, 0.0)
-  miss = valid & (jnp.argmax(logits_BxSxV, axis=-1) != targets_BxS)
   seg_sum = lambda v: jax.ops.segment_sum(v.reshape(-1), flat.reshape(-1),
                                           num_segments=B * T).reshape(B, T)
+  return seg_sum, valid
+
+
+def chunk_scores(logits_BxSxV, targets_BxS, start_BxS, seg_BxS, T: int):
+  """(log p of each target chunk B x T, symbols per chunk B x T, all-greedy B x T)."""
+  seg_sum, valid = chunk_summer(start_BxS, seg_BxS, T)
+  lp = jnp.where(valid, symbol_logprobs(logits_BxSxV, targets_BxS), 0.0)
+  miss = valid & (jnp.argmax(logits_BxSxV, axis=-1) != targets_BxS)
   return (seg_sum(lp), seg_sum(valid.astype(jnp.float32)),
           seg_sum(miss.astype(jnp.float32)) == 0)
 
 
 class BytePoolV2LM(nn.Module):
   """Byte-pool LM over the ragged stream layout; param tree byte_encoder / core / byte_decoder
-  (so the v1 parameter report and breakdown apply unchanged)."""
+  (so the v1 parameter report and breakdown apply unchanged).
+
+  core_transform: None (the model), or fn(y_BxTxD, segment_ids_BxT) -> y_BxTxD applied to
+  the core outputs before the decoder reads them in `scores` (diagnostics: what the decoder
+  loses without the core's information); it adds no params, so `clone(core_transform=fn)`
+  runs with the model's params.
+  """
   cfg: Any
+  core_transform: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
   def setup(self):
     for key, value in (('encoder_context', self.cfg.byte_pool.encoder_context),
@@ -345,6 +364,8 @@ class BytePoolV2LM(nn.Module):
                     T, deterministic=deterministic)
     y_BxTxD = self.core_vectors(x, batch['segment_ids'], batch['positions'],
                                 deterministic=deterministic)
+    if self.core_transform is not None:
+      y_BxTxD = self.core_transform(y_BxTxD, batch['segment_ids'])
     tgt, tstart, tseg = (batch['targets'], batch['targets_chunk_start'],
                          batch['targets_segment_ids'])
     # Project at chunk level, then gather per symbol: the projection runs T times, not S.
@@ -356,6 +377,16 @@ class BytePoolV2LM(nn.Module):
                                deterministic=deterministic)
     logprobs, units, greedy = chunk_scores(logits, tgt, tstart, tseg, T)
     return dict(logprobs=logprobs, units=units, greedy=greedy), logits
+
+  def slot_class_scores(self, batch, *, deterministic=True):
+    """Slot class (slot_classes.CLASSES) -> (summed log p of its symbols, symbols), each
+    f32 B x T per target chunk; the classes' log p add up to __call__'s logprobs."""
+    _, logits = self.scores(batch, deterministic=deterministic)
+    tgt, tstart = batch['targets'], batch['targets_chunk_start']
+    seg_sum, valid = chunk_summer(tstart, batch['targets_segment_ids'],
+                                  batch['segment_ids'].shape[1])
+    masks = slot_classes.class_masks(tgt, slot_index(tstart), valid)
+    return slot_classes.class_sums(symbol_logprobs(logits, tgt), masks, seg_sum)
 
   def __call__(self, batch, *, deterministic=True):
     return self.scores(batch, deterministic=deterministic)[0]
