@@ -45,6 +45,16 @@ PERTURBATION = 1.001
 LOSS_RTOL = 1e-5
 
 
+# Each forward and each resume compiles a program: the fast loop (-m 'not slow') scores the
+# two kinds the configs default to and resumes the baseline; the full suite does all of them.
+SCORED_FAST = ('baseline', 'byte_pool_v2')
+RESUMED_FAST = ('baseline',)
+
+
+def cases(fast: tuple[str, ...]) -> list:
+  return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in NAMES]
+
+
 def fixture_dir(name: str) -> pathlib.Path:
   return COMPAT_DIR / name
 
@@ -108,7 +118,7 @@ def test_export_featurizes_the_fixed_text_as_before(name):
     np.testing.assert_array_equal(np.asarray(batch[key]), value, err_msg=f'{name}: {key}')
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', cases(SCORED_FAST))
 def test_export_scores_the_fixed_batch_as_before(name):
   exp = expected(name)
   exported, forward = load(name)
@@ -124,7 +134,7 @@ def test_export_scores_the_fixed_batch_as_before(name):
   np.testing.assert_array_equal(np.asarray(out['greedy'])[real], exp['greedy'][real])
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', cases(SCORED_FAST))
 def test_tolerance_detects_a_changed_weight(name):
   """Scaling the largest weight by PERTURBATION moves some log-probability beyond RTOL/ATOL."""
   exp = expected(name)
@@ -167,7 +177,7 @@ def run_config(command: dict, **changes) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(config.to_dict())
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', cases(RESUMED_FAST))
 def test_checkpoint_resumes_for_one_more_step(name, tfds_dir, tmp_path):
   command = json.loads((fixture_dir(name) / 'command.json').read_text())
   steps = command['steps']
