@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from kernels import attention
 from stlm import config as config_lib
@@ -28,6 +29,7 @@ def _loss_and_grads(impl, batch):
   return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 
+@pytest.mark.slow
 def test_pallas_training_step_matches_xla():
   """Tolerances from the kernel's float32 error analysis (kernels/README.md): loss rtol 1e-5,
   every gradient leaf within 1e-4 of its largest entry."""

@@ -90,7 +90,8 @@ def test_future_token_never_changes_earlier_logits():
   assert np.abs(logits2[:, 3] - logits[:, 3]).max() > 1e-4
 
 
-@pytest.mark.parametrize('overrides', [(), (('position', 'learned'),)], ids=['rope', 'learned'])
+@pytest.mark.parametrize('overrides', [
+    (), pytest.param((('position', 'learned'),), marks=pytest.mark.slow)], ids=['rope', 'learned'])
 def test_packed_documents_are_isolated(overrides):
   _, params, forward = _setup(overrides)
   batch = _batch()
@@ -107,6 +108,7 @@ def test_packed_documents_are_isolated(overrides):
                              atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_decode_with_cache_matches_full_logits():
   model, params, forward = _setup()
   batch = _batch()
@@ -163,6 +165,7 @@ def test_every_param_has_logical_axis_names(overrides):
   assert len(jax.tree_util.tree_leaves(specs, is_leaf=is_spec)) == len(leaves)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
   cfg = tiny_cfg(dtype='bfloat16')
   model = factory.build_model(cfg)
@@ -185,6 +188,7 @@ def test_preset_param_counts_match_table_1(preset, target):
   assert factory.param_breakdown(abstract, cfg)['total'] == total
 
 
+@pytest.mark.slow
 def test_init_params_real_init():
   cfg = tiny_cfg()
   model, _, forward = _setup()

@@ -142,6 +142,7 @@ def test_outputs_and_units(batch):
   np.testing.assert_allclose(p[..., MAX_BYTES, byte_pool.END_OF_CHUNK], 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('decoder', ['autoregressive', 'parallel'])
 def test_causal_across_chunks(batch, decoder):
   _, _, params, forward = setup(decoder=decoder)
@@ -183,6 +184,7 @@ def test_parallel_decoder_never_sees_targets(batch):
   assert np.all(np.asarray(lp)[batch['targets'] == byte_pool.PAD] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pooling', ['mean', 'attention', 'last'])
 def test_pad_positions_change_nothing(batch, pooling):
   """Garbage in padding positions (segment 0): same real outputs, same loss, no gradient."""
@@ -210,6 +212,7 @@ def test_pad_positions_change_nothing(batch, pooling):
   assert np.all(dec[byte_pool.PAD] == 0) and np.any(dec[byte_pool.BYTE_OFFSET:] != 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pooling', ['mean', 'attention', 'last'])
 def test_extra_pad_slots_change_nothing(featurizer, pooling):
   """Rows cut at 4 bytes, 5 slots wide or padded to 7: identical log-probabilities."""
@@ -262,6 +265,7 @@ def test_loss_equals_slow_reference(batch):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_lowers_loss(batch):
   _, _, params, _ = setup()
   tx, step = train_step()
@@ -273,6 +277,7 @@ def test_training_lowers_loss(batch):
   assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_param_report_per_preset():
   """Totals within 10% of each preset's name; byte parts >= 90% smaller than embed + head."""
   reports = {}

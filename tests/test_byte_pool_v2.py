@@ -90,7 +90,8 @@ PLAIN = {'slot_embedding': False, 'condition': 'add', 'condition_at': 'input'}
 ADD = {'condition': 'add'}
 
 
-@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK], ids=['default', 'attn_chunk'])
+@pytest.mark.parametrize('overrides', [
+    DEFAULT, pytest.param(ATTENTION_CHUNK, marks=pytest.mark.slow)], ids=['default', 'attn_chunk'])
 def test_outputs_units_and_normalisation(batch, overrides):
   _, _, params, forward = setup(**overrides)
   out, logits = forward(params, batch)
@@ -113,8 +114,10 @@ def _chunk_bounds(starts):
   return np.append(b, len(starts))
 
 
-@pytest.mark.parametrize('overrides', [DEFAULT, ATTENTION_CHUNK, LAST, SLOTS, PLAIN, ADD],
-                         ids=['default', 'attn_chunk', 'last', 'slots', 'plain', 'add'])
+@pytest.mark.parametrize('overrides', [
+    DEFAULT, *(pytest.param(o, marks=pytest.mark.slow)
+               for o in (ATTENTION_CHUNK, LAST, SLOTS, PLAIN, ADD))],
+    ids=['default', 'attn_chunk', 'last', 'slots', 'plain', 'add'])
 def test_no_leak_from_later_chunks(batch, overrides):
   """Changing a byte of chunk k+1 (input k+1 = target k) never moves chunks <= k-1, nor the
   symbols of target k up to the changed one; the change is seen afterwards."""
@@ -135,6 +138,7 @@ def test_no_leak_from_later_chunks(batch, overrides):
   assert not np.allclose(out1['logprobs'][0, k + 1], out0['logprobs'][0, k + 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides', [{}, ADD], ids=['cross', 'add'])
 def test_core_output_of_chunk_t_conditions_the_first_symbol_of_chunk_t_plus_1(batch, overrides):
   """Alignment: with both local models limited to their own chunk, the first symbol of target
@@ -151,6 +155,7 @@ def test_core_output_of_chunk_t_conditions_the_first_symbol_of_chunk_t_plus_1(ba
   assert not np.allclose(logits1[0, tb[k]], logits0[0, tb[k]])
 
 
+@pytest.mark.slow
 def test_padding_and_neighbours_change_nothing(batch, featurizer):
   """Garbage beyond a row's end, and a packed neighbour document, leave a document's log-probs
   unchanged: segment 2 of row 1 scores as if alone."""
@@ -173,6 +178,7 @@ def test_padding_and_neighbours_change_nothing(batch, featurizer):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides', [SLOTS, PLAIN, DEFAULT],
                          ids=['slots', 'plain', 'default'])
 def test_generation_path_equals_full_forward_and_does_not_leak(featurizer, overrides):
@@ -194,6 +200,7 @@ def test_generation_path_equals_full_forward_and_does_not_leak(featurizer, overr
   assert not np.allclose(got2[k + 1 - 6:], got[k + 1 - 6:])
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_the_argmax(featurizer):
   cfg, model, params, forward = setup()
   import ml_collections  # pylint: disable=g-import-not-at-top

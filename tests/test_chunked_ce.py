@@ -36,6 +36,7 @@ def test_values_and_greedy_match_plain():
   assert greedy[:4].all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('speculate', [True, False])
 @pytest.mark.parametrize('cotangent', ['loss', 'other'])
 def test_gradients_match_plain(speculate, cotangent):
@@ -71,6 +72,7 @@ def _model_cfg(chunk, tied):
   return m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('tied', [True, False])
 def test_baseline_loss_and_grads_match_plain(tied):
   """The model's loss (masked, packed) and every parameter gradient agree with ce_chunk=0."""

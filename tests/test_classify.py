@@ -34,6 +34,7 @@ def _backbone():
   return backbone_lib.scratch_backbone(c, seed=0)
 
 
+@pytest.mark.slow
 def test_causal_backbone_pools_its_last_position():
   from configs import baseline as baseline_config  # pylint: disable=g-import-not-at-top
   c = baseline_config.get_config('tiny')
@@ -63,11 +64,13 @@ def _fit(labels_shuffled: bool):
   return finetune.accuracy_with_se(probs.argmax(1), te_y)
 
 
+@pytest.mark.slow
 def test_learns_a_synthetic_task():
   acc, se = _fit(labels_shuffled=False)
   assert acc >= 0.97, (acc, se)
 
 
+@pytest.mark.slow
 def test_shuffled_labels_stay_at_chance():
   acc, _ = _fit(labels_shuffled=True)
   assert acc < 0.4   # chance is 0.25; n = 200 gives SE ~ 0.03
@@ -122,6 +125,7 @@ def test_prototype_predicts_nearest_mean():
   np.testing.assert_array_equal(pred, [0, 1])
 
 
+@pytest.mark.slow
 def test_fewrel_encodings_have_two_marker_vectors():
   bb = _backbone()
   rel = _relations()
@@ -136,6 +140,7 @@ def test_token_overlap():
   assert r['occurrences'] == pytest.approx(3 / 4)    # a, a, b of a, a, b, c
 
 
+@pytest.mark.slow
 def test_candidates_grid_and_selection_on_validation(monkeypatch):
   """Every pooling x lr is tried; the best validation accuracy wins (first on ties), and
   only the chosen classifier is scored on test."""
@@ -177,6 +182,7 @@ def test_candidates_grid_and_selection_on_validation(monkeypatch):
   assert record['test_sha256'] == compare.test_split_digest(texts, [1] * 6)
 
 
+@pytest.mark.slow
 def test_scratch_like_an_export_is_its_model_untrained(tmp_path):
   """--checkpoint=scratch:<export>: same shapes and tokenizer as the export, fresh weights."""
   import jax  # pylint: disable=g-import-not-at-top

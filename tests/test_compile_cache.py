@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from stlm.train import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +33,7 @@ def _start(cache_dir):
   return int(words[words.index('hits') + 1]), int(words[words.index('misses') + 1])
 
 
+@pytest.mark.slow
 def test_second_start_hits_the_cache(tmp_path):
   cache_dir = str(tmp_path / 'cache')
   hits, misses = _start(cache_dir)

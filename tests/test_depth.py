@@ -72,6 +72,7 @@ def run(kind, batch, train=False, params=None, **overrides):
                               jax.random.PRNGKey(1)))
 
 
+@pytest.mark.slow
 def test_default_forward_is_the_plain_block_stack():
   """The default core is embed -> blocks -> final norm -> tied head: nothing added."""
   model, params, _ = setup('baseline')
@@ -96,6 +97,7 @@ def test_default_forward_is_the_plain_block_stack():
   assert 'stats' not in got and 'extra_nll' not in got
 
 
+@pytest.mark.slow
 def test_layer_drop_rates_rise_linearly_and_rate_zero_is_the_full_model():
   assert depth.layer_drop_rates(model_cfg('baseline', layer_drop_max=0.4)) == (0.0, 0.2, 0.4)
   batch = make_batch('baseline')
@@ -107,6 +109,7 @@ def test_layer_drop_rates_rise_linearly_and_rate_zero_is_the_full_model():
   assert not np.array_equal(dropped['logprobs'], full['logprobs'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', KINDS)
 def test_early_exit_threshold_zero_is_the_full_model_and_exits_cost_nats(kind):
   batch = make_batch(kind)
@@ -128,6 +131,7 @@ def test_early_exit_threshold_zero_is_the_full_model_and_exits_cost_nats(kind):
   np.testing.assert_allclose(-low['logprobs'].sum(), nll1, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_early_exit_losses_and_mod_fractions_appear_in_train_metrics():
   cfg = model_cfg('baseline', num_layers=2, early_exit_layers='1', early_exit_weights='0.5',
                   layer_drop_max=0.2, mod_capacity=0.5)
@@ -147,6 +151,7 @@ def test_early_exit_losses_and_mod_fractions_appear_in_train_metrics():
   assert np.isfinite(metrics['loss'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', KINDS)
 def test_mixture_of_depths_is_causal_in_inference(kind):
   mod = dict(mod_capacity=0.5, mod_every=1)  # every block routed
@@ -163,6 +168,7 @@ def test_mixture_of_depths_is_causal_in_inference(kind):
     np.testing.assert_array_equal(out['logprobs'][:, :t + 1], base['logprobs'][:, :t + 1])
 
 
+@pytest.mark.slow
 def test_mixture_of_depths_decode_cache_matches_the_full_forward():
   """Generation path: token-by-token decoding with MoD routing equals one full forward."""
   model, params, _ = setup('baseline', mod_capacity=0.5)
@@ -203,6 +209,7 @@ def test_depth_config_errors_name_the_key():
       config_validate.validate(bad)
 
 
+@pytest.mark.slow
 def test_scorer_reports_layers_used():
   from stlm.data.featurize import TokenFeaturizer  # pylint: disable=g-import-not-at-top
   from stlm.eval import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
@@ -222,6 +229,7 @@ def test_scorer_reports_layers_used():
   assert results[1e-9] != results[0.0]
 
 
+@pytest.mark.slow
 def test_generation_with_early_exit_reports_layers():
   from stlm import generate  # pylint: disable=g-import-not-at-top
   from stlm import tokenizers  # pylint: disable=g-import-not-at-top

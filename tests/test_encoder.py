@@ -82,6 +82,7 @@ def test_registered_featurizer_and_kind():
   assert kinds.get_kind('baseline').reports_bits_per_byte is True
 
 
+@pytest.mark.slow
 def test_unchosen_positions_carry_no_loss():
   model, params, _ = _model('encoder')
   ex = _featurizer().mask(np.arange(97, 97 + T, dtype=np.int32), np.random.default_rng(1))
@@ -103,7 +104,8 @@ def test_unchosen_positions_carry_no_loss():
   assert 0 <= acc <= batch['loss_mask'].sum()
 
 
-@pytest.mark.parametrize('kind,sees_future', [('encoder', True), ('baseline', False)])
+@pytest.mark.parametrize('kind,sees_future', [
+    ('encoder', True), pytest.param('baseline', False, marks=pytest.mark.slow)])
 def test_attention_direction(kind, sees_future):
   _, params, logits = _model(kind)
   x = np.arange(10, 10 + T, dtype=np.int32)[None]

@@ -163,7 +163,14 @@ def _assert_close(kernel, ref, truth, dtype):
                             f'(XLA {dtype} error {xla_err:.2e})')
 
 
-@pytest.mark.parametrize('case', _cases(), ids=_case_id)
+def _fast_case(c):
+  """The cases the fast loop (-m 'not slow') keeps: float32, one row, at most 17 keys."""
+  return c['dtype'] == 'float32' and c['batch'] == 1 and c['length'] <= 17
+
+
+@pytest.mark.parametrize('case', [
+    c if _fast_case(c) else pytest.param(c, marks=pytest.mark.slow, id=_case_id(c))
+    for c in _cases()], ids=_case_id)
 def test_matches_reference(case):
   c = case
   q, k, v, do = _inputs(c['batch'], c['length'], c['length'], c['kv_heads'], c['head_dim'],
@@ -185,6 +192,7 @@ def test_covering_set_covers_every_pair():
   assert len(cases) <= 20
 
 
+@pytest.mark.slow
 def test_fully_masked_rows_give_zeros():
   """Queries whose segment has no key, and causal queries before the first key (T > S)."""
   # Segment 9 exists only among the queries: rows 30.. of batch 1 see nothing.
@@ -208,6 +216,7 @@ def test_fully_masked_rows_give_zeros():
   assert np.all(np.asarray(kernel[0][:, 5:], np.float32) != 0)
 
 
+@pytest.mark.slow
 def test_decode_shape_queries_are_last_keys():
   """T < S (a cache): query i is key S - T + i; causal and segment masks both apply."""
   q, k, v, do = _inputs(2, 5, 37, 2, 64, jnp.float32, seed=3)
@@ -218,6 +227,7 @@ def test_decode_shape_queries_are_last_keys():
   _assert_close(kernel, ref, truth, 'float32')
 
 
+@pytest.mark.slow
 def test_odd_head_dim_and_small_blocks():
   """head_dim 20 (the 10m preset; padded to 32 on GPU) and 16-row blocks: many blocks."""
   q, k, v, do = _inputs(1, 70, 70, 2, 20, jnp.float32, seed=4)
@@ -228,6 +238,7 @@ def test_odd_head_dim_and_small_blocks():
   _assert_close(kernel, ref, truth, 'float32')
 
 
+@pytest.mark.slow
 def test_tpu_faithful_interpreter():
   """The TPU configuration under Pallas' TPU interpreter, which models VMEM/HBM, raises
   on out-of-bounds block reads, fills uninitialised memory with NaN and detects races."""
@@ -296,6 +307,7 @@ def test_supports_reports_reason():
   assert 'dtype' in fa.supports((2, 128, 8, 64), (2, 128, 2, 64), jnp.float64)
 
 
+@pytest.mark.slow
 def test_entry_point_dispatches_to_pallas():
   """attention(impl='pallas') at the tiny preset's head shape (H=4, K=2, head_dim 16)."""
   q, k, v, _ = _inputs(1, 17, 17, 2, 16, jnp.float32)

@@ -76,6 +76,7 @@ def _window_batch(rows, width):
   return b
 
 
+@pytest.mark.slow
 def test_cached_core_matches_full_forward(byte_model, gpt2):
   """The next-chunk distribution from the cached core equals the full forward's, at every step."""
   config, model, params, forward = byte_model
@@ -105,6 +106,7 @@ def test_cached_core_matches_full_forward(byte_model, gpt2):
   np.testing.assert_allclose(cached[0, 0], full[0, len(kept) - 1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_baseline_cache_matches_full_forward(base_model):
   config, model, params, logits = base_model
   ids = np.random.default_rng(1).integers(0, 257, tbp.T)
@@ -139,6 +141,7 @@ def test_greedy_generation_is_the_argmax_chunk(byte_model, gpt2):
   assert out[:len(expected)] == expected[:tbp.MAX_BYTES]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore::stlm.generate.ContextTruncated')  # byte prompts > 12
 @pytest.mark.parametrize('kind', ['byte_pool', 'baseline'])
 def test_any_prompt_gives_valid_text(byte_model, base_model, gpt2, kind):

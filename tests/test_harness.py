@@ -78,6 +78,7 @@ def harness_out(setup):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,split,task', CASES)
 def test_harness_matches_builtin_scorer(setup, harness_out, name, split, task):
   root, _, scorer = setup
@@ -104,6 +105,7 @@ def test_harness_matches_builtin_scorer(setup, harness_out, name, split, task):
   assert np.std([r.logprob for r in results]) > 0.1
 
 
+@pytest.mark.slow
 def test_rolling_and_generation(setup):
   _, exported, scorer = setup
   lm = harness.StlmLM(exported=exported, scorer=scorer)
@@ -124,6 +126,7 @@ def test_cli_argv_adds_model_tasks_and_data_dir():
   assert argv[argv.index('--metadata') + 1] == '{"a": 1, "data_dir": "/d"}'
 
 
+@pytest.mark.slow
 def test_old_eot_convention_is_an_option(setup):
   _, _, scorer = setup
   pairs = [('The cat sat on the', ' mat'), ('', 'Colorless green ideas.')]
@@ -136,6 +139,7 @@ def test_old_eot_convention_is_an_option(setup):
   assert old[0] != new[0] and old[1] == new[1]  # an empty context had EOT either way
 
 
+@pytest.mark.slow
 def test_requested_split_and_size_weighted_mmlu(setup):
   root, _, scorer = setup
   with pytest.raises(loaders.DataError, match='No arc_easy data'):

@@ -48,6 +48,7 @@ def stlm_logits(ex, ids):
                                    method='logits')[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,model', [
     ('llama', dict()),   # the baseline: RoPE + SwiGLU + RMSNorm + GQA, tied
     ('llama', dict(use_bias=True, tie_embeddings=False, num_kv_heads=4)),
@@ -87,6 +88,7 @@ def test_inexact_variants_are_refused(model, key):
   assert 'refus' in str(e.value) or 'safetensors' in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_refuses_and_writes_nothing(tmp_path):
   c = config_lib.apply_preset(config_lib.base_config(), 'tiny')
   c.model.ffn_type = 'gelu'
@@ -101,6 +103,7 @@ def test_cli_refuses_and_writes_nothing(tmp_path):
   assert proc.returncode != 0 and 'model.ffn_type' in proc.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_safetensors_round_trip_byte_pool(tmp_path):
   c = config_lib.apply_preset(config_lib.base_config(), 'tiny')
   c.model.update(kind='byte_pool', hidden_dim=32, num_heads=4, num_kv_heads=2, ffn_dim=64,

@@ -126,6 +126,7 @@ def two_processes(tmp_path_factory):
   return results, tmp / 'run'
 
 
+@pytest.mark.slow
 def test_both_processes_report_the_same_loss(two_processes):
   results, _ = two_processes
   first, second = results
@@ -136,6 +137,7 @@ def test_both_processes_report_the_same_loss(two_processes):
   assert first['final_eval_loss'] == second['final_eval_loss']
 
 
+@pytest.mark.slow
 def test_each_process_reads_a_different_shard(two_processes):
   results, _ = two_processes
   first, second = results
@@ -144,6 +146,7 @@ def test_each_process_reads_a_different_shard(two_processes):
   assert not set(first['digests']) & set(second['digests'])
 
 
+@pytest.mark.slow
 def test_process_zero_writes_metrics_and_checkpoints_are_collective(two_processes):
   _, run = two_processes
   lines = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines() if l]

@@ -54,7 +54,7 @@ def closed_form(mode, r):
   return L * (per_layer + lora) + shared + E
 
 
-@pytest.mark.parametrize('kind', ['baseline', 'byte_pool'])
+@pytest.mark.parametrize('kind', ['baseline', pytest.param('byte_pool', marks=pytest.mark.slow)])
 def test_sharing_param_counts_match_the_closed_form(kind):
   flops = {}
   for mode, r in (('none', 0), ('ffn', 0), ('ffn_attn', 0), ('ffn', 4), ('ffn_attn', 4)):
@@ -93,6 +93,7 @@ _BEFORE_OPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['baseline', 'byte_pool'])
 def test_options_off_reproduce_the_model_before_them(kind):
   cfg = model_cfg(kind)
@@ -148,6 +149,7 @@ def lora_setup(kind):
   return cfg, model, params, _batch(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['baseline', 'byte_pool'])
 def test_lora_with_zero_b_is_exactly_the_shared_model(kind):
   cfg, lora_model, params, batch = lora_setup(kind)
@@ -158,6 +160,7 @@ def test_lora_with_zero_b_is_exactly_the_shared_model(kind):
   np.testing.assert_array_equal(with_lora, without)
 
 
+@pytest.mark.slow
 def test_both_lora_matrices_train():
   _, model, params, batch = lora_setup('baseline')
   grad_fn = jax.jit(jax.grad(lambda p: step_lib.loss_sums(model, p, batch)['nll']))
@@ -169,6 +172,7 @@ def test_both_lora_matrices_train():
   assert float(jnp.abs(g['up_a']).max()) > 0            # after one update B != 0
 
 
+@pytest.mark.slow
 def test_shared_attention_decodes_like_the_full_forward():
   _, model, params, batch = lora_setup('baseline')
   # Non-zero B, so the per-layer adapters matter in both paths.
@@ -213,8 +217,8 @@ def _train_cfg(**kw):
 
 @pytest.mark.parametrize('schedule,expected', [
     ('early', {0: 1.0, 9: 1.0, 10: 0.0, 500: 0.0}),
-    ('late', {0: 0.0, 9: 0.0, 10: 1.0, 500: 1.0}),
-    ('linear', {0: 1.0, 5: 0.5, 10: 0.0, 500: 0.0}),
+    pytest.param('late', {0: 0.0, 9: 0.0, 10: 1.0, 500: 1.0}, marks=pytest.mark.slow),
+    pytest.param('linear', {0: 1.0, 5: 0.5, 10: 0.0, 500: 0.0}, marks=pytest.mark.slow),
 ])
 def test_dropout_schedule_rates_inside_one_compiled_step(schedule, expected):
   cfg = _train_cfg(dropout_schedule=schedule, dropout_schedule_steps=10)

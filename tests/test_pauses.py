@@ -75,6 +75,7 @@ def test_pair_pauses_keep_the_continuation_and_its_bytes(kind):
   assert is_pause(ex1['inputs'][first - 2:first + 1]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', KINDS)
 def test_model_reads_pauses_and_scores_the_same_bytes(kind):
   c = config(kind, pause_every=3, pause_before_continuation=2)
@@ -98,6 +99,7 @@ def test_model_reads_pauses_and_scores_the_same_bytes(kind):
   assert scorer.loglikelihood(reqs[:1])[0].logprob != got[0].logprob
 
 
+@pytest.mark.slow
 def test_generation_places_pauses_where_the_featurizer_does():
   """Cached generation with pauses predicts each token from the same position as training."""
   c = config('baseline', pause_every=3, pause_count=2, vocab_size=257, max_len=32)

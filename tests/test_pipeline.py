@@ -111,7 +111,7 @@ def test_train_is_deterministic_for_a_seed(cfg):
   assert any(not np.array_equal(x['targets'], z['targets']) for x, z in zip(a, c))
 
 
-@pytest.mark.parametrize('skip', [0, 1, 5, 13])
+@pytest.mark.parametrize('skip', [0, 1, pytest.param(5, marks=pytest.mark.slow), pytest.param(13, marks=pytest.mark.slow)])
 def test_restore_yields_the_same_next_batches(cfg, skip):
   f = _featurizer(cfg)
   it = pipeline.make_train_iter(cfg, f)
@@ -229,6 +229,7 @@ def test_builtin_corpus_with_gpt2(tmp_path):
   assert stats == {'documents': 1, 'bytes': 11, 'tokens': 2, 'tokens_per_byte': 2 / 11}
 
 
+@pytest.mark.slow
 def test_mix_of_sources(cfg):
   c = cfg.copy_and_resolve_references()
   c.data.source = 'mix'

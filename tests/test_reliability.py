@@ -113,6 +113,7 @@ def signal_when(proc, marker, sig):
   return ''.join(out), proc.wait(timeout=600)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resume_equals_uninterrupted(reference, data_dir, tmp_path):
   workdir = tmp_path / 'run'
   # The step-0 validation line comes before step 1: the signal lands during step 1.
@@ -127,6 +128,7 @@ def test_sigterm_saves_exits_zero_and_resume_equals_uninterrupted(reference, dat
   assert_each_step_once(workdir)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_logs_each_step_once(reference, data_dir, tmp_path):
   workdir = tmp_path / 'run'
   out, rc = signal_when(spawn(data_dir, workdir), 'step 3: validation', signal.SIGKILL)
@@ -145,6 +147,7 @@ def _state_leaves(step_dir):
       if np.issubdtype(np.asarray(x).dtype, np.floating)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy', ['stop', 'skip'])
 def test_forced_nan_never_reaches_a_checkpoint_or_export(data_dir, tmp_path, policy):
   workdir = tmp_path / 'run'
@@ -188,6 +191,7 @@ def _damage(step_dir: pathlib.Path, kind: str) -> pathlib.Path:
   return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['truncated data file', 'missing data file',
                                   'missing _METADATA', 'empty JSON item'])
 def test_damaged_checkpoint_is_named_moved_aside_and_previous_resumes(
@@ -208,6 +212,7 @@ def test_damaged_checkpoint_is_named_moved_aside_and_previous_resumes(
   assert_same_params(export_params(workdir), export_params(reference))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_without_fallback_stops_naming_it(reference, data_dir, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
@@ -235,13 +240,15 @@ def assert_one_line_error(proc, *fragments):
 
 @pytest.mark.parametrize('args,fragments', [
     (['--config.train.lrr=1'], ['--config.train.lrr', 'did you mean lr?']),
-    (['--config=configs/no_such_config.py'], ['configs/no_such_config.py']),
+    pytest.param(['--config=configs/no_such_config.py'], ['configs/no_such_config.py'],
+                 marks=pytest.mark.slow),
     (['--config=configs/baseline.py:huge'], ["Unknown size preset 'huge'"]),
 ])
 def test_bad_flags_give_one_line(args, fragments, tmp_path):
   assert_one_line_error(run_main(*args, f'--workdir={tmp_path / "run"}'), *fragments)
 
 
+@pytest.mark.slow
 def test_bad_run_inputs_give_one_line(reference, data_dir, tmp_path):
   del reference  # prepares the data
   a_file = tmp_path / 'a_file'

@@ -40,10 +40,14 @@ def _loss_and_grads(cfg, params, train):
 
 
 @pytest.fixture(scope='module')
-def plain():
+def plain_params():
   cfg = _cfg()
-  params = factory.init_params(factory.build_model(cfg), cfg, jax.random.PRNGKey(0))
-  return params, _loss_and_grads(cfg, params, train=True)
+  return factory.init_params(factory.build_model(cfg), cfg, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope='module')
+def plain(plain_params):
+  return plain_params, _loss_and_grads(_cfg(), plain_params, train=True)
 
 
 def _assert_close(got, want):
@@ -53,6 +57,7 @@ def _assert_close(got, want):
                want[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', ['block', 'dots_saveable'])
 def test_remat_same_loss_and_grads(plain, remat):
   """Same parameter names, same dropout masks, same values: remat only changes memory/time."""
@@ -63,6 +68,7 @@ def test_remat_same_loss_and_grads(plain, remat):
   _assert_close(_loss_and_grads(cfg, params, train=True), want)
 
 
+@pytest.mark.slow
 def test_scan_layers_same_loss_and_grads_after_conversion(plain):
   """Without dropout (scan splits the dropout rng per layer differently)."""
   params, _ = plain
@@ -76,8 +82,8 @@ def test_scan_layers_same_loss_and_grads_after_conversion(plain):
   _assert_close((value, scan_convert.to_unscanned(grads)), want)
 
 
-def test_conversion_round_trip_and_errors(plain):
-  params, _ = plain
+def test_conversion_round_trip_and_errors(plain_params):
+  params = plain_params
   back = scan_convert.to_unscanned(scan_convert.to_scanned(params, L))
   assert jax.tree.structure(back) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, back, params)

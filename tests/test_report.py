@@ -82,6 +82,7 @@ def test_table_diff_and_reference(runs_dir):
     table.pick_reference(runs, 'nope')
 
 
+@pytest.mark.slow
 def test_report_writes_html_markdown_and_pngs(runs_dir, tmp_path):
   out = tmp_path / 'report'
   runs = collect.scan(runs_dir)
@@ -100,6 +101,7 @@ def test_report_writes_html_markdown_and_pngs(runs_dir, tmp_path):
     assert f'src="{pathlib.Path(p).name}"' in html
 
 
+@pytest.mark.slow
 def test_cli_on_runs_and_an_empty_directory(runs_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='is not a directory of runs'):
     collect.scan(tmp_path / 'nothing')

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from stlm import config as config_lib
 from stlm.train import run_info
 from tests.conftest import REPO_ROOT
@@ -54,6 +56,7 @@ def test_status_running_then_crashed_then_resumed(tmp_path):
   assert run_info.read(str(tmp_path))['status'] == 'finished'
 
 
+@pytest.mark.slow
 def test_metrics_writer_starts_without_importing_torch(tmp_path):
   # tensorboardX pulls in torch (seconds of start-up) when it is installed; the writer must
   # not, and a later `import torch` in the same process must still work.

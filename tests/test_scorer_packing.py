@@ -118,7 +118,7 @@ def test_compiles_once_per_bucket_across_calls(tiny):
              for T, K in s.stats['buckets'].items())
 
 
-@pytest.mark.parametrize('ce_chunk', [0, 5])
+@pytest.mark.parametrize('ce_chunk', [pytest.param(0, marks=pytest.mark.slow), 5])
 def test_gathered_head_equals_full_head(tiny, ce_chunk):
   c, _, params, _ = tiny
   cfg = c.model.copy_and_resolve_references()

@@ -178,6 +178,7 @@ def _params(arrays, prefix):
   return {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + '/')}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape', MESHES, ids=lambda s: 'x'.join(map(str, s)))
 def test_mesh_matches_single_device(sharded, shape):
   results, arrays = sharded
@@ -195,6 +196,7 @@ def _shard(shape, spec, mesh):
   return [d // np.prod([mesh[a] for a in axes]) if axes else d for d, axes in zip(shape, spec)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape', MESHES, ids=lambda s: 'x'.join(map(str, s)))
 def test_params_and_optimizer_really_sharded(sharded, shape):
   results, _ = sharded
@@ -226,6 +228,7 @@ def test_params_and_optimizer_really_sharded(sharded, shape):
     assert np.prod(q_shards[0]) * total == np.prod(q_global)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(sharded):
   results, arrays = sharded
   c, ref = results['checkpoint'], results['reference']['losses']

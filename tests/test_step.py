@@ -52,6 +52,7 @@ def setup():
   return c, model, state, fn
 
 
+@pytest.mark.slow
 def test_accumulating_two_halves_equals_one_full_batch(setup):
   # Plain SGD so the updated params expose the gradient itself (Adam's first step is
   # ~sign(g), which turns float rounding in near-zero gradients into lr-sized jumps).

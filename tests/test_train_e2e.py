@@ -59,6 +59,7 @@ def trained(tmp_path_factory):
   return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['baseline', 'byte_pool'])
 def test_tiny_preset_learns_real_text(trained, name):
   """300 steps of the tiny preset cut validation bits per byte by at least 40% from step 0."""
@@ -70,6 +71,7 @@ def test_tiny_preset_learns_real_text(trained, name):
   assert (trained[name] / 'export' / 'config.json').is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['baseline', 'byte_pool'])
 def test_run_json_describes_the_finished_run(trained, name):
   info = json.loads((trained[name] / 'run.json').read_text())
@@ -84,6 +86,7 @@ def test_run_json_describes_the_finished_run(trained, name):
   assert all('time' in r for r in read_metrics(trained[name], 'validation'))
 
 
+@pytest.mark.slow
 def test_trained_model_beats_chance_on_local_cue_blimp(trained, shared_data, tmp_path):
   from stlm import export  # pylint: disable=g-import-not-at-top
   from stlm.eval import zero_shot  # pylint: disable=g-import-not-at-top
@@ -98,6 +101,7 @@ def test_trained_model_beats_chance_on_local_cue_blimp(trained, shared_data, tmp
   assert res['acc'] > res['chance'] + 3 * res['acc_stderr'], res['acc']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['baseline', 'byte_pool'])
 def test_eval_cli_prints_the_table2_row(trained, shared_data, name):
   proc = subprocess.run(
@@ -118,6 +122,7 @@ def test_eval_cli_prints_the_table2_row(trained, shared_data, name):
   assert results['benchmarks']['mmlu']['n'] == 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['baseline', 'byte_pool'])
 def test_generate_prints_text_from_the_export(trained, name):
   proc = subprocess.run(
@@ -129,6 +134,7 @@ def test_generate_prints_text_from_the_export(trained, name):
   assert proc.stdout.startswith('Once upon a time') and len(proc.stdout) > len('Once upon a time')
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_continues_with_identical_loss(shared_data, tmp_path):
   flags = [*local_data_flags(shared_data, tmp_path), '--config.train.log_every=1',
            '--config.train.eval_every=1000', '--config.train.ckpt_every=3',
@@ -144,6 +150,7 @@ def test_resume_in_fresh_process_continues_with_identical_loss(shared_data, tmp_
     assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), (step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused_and_left_untouched(shared_data, tmp_path):
   workdir = tmp_path / 'run'
   flags = [*local_data_flags(shared_data, tmp_path), '--config.train.steps=2',

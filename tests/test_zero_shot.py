@@ -142,6 +142,7 @@ def test_wrong_checkpoint_kinds(tmp_path):
     zero_shot.open_checkpoint(str(tmp_path / 'ckpt'))
 
 
+@pytest.mark.slow
 def test_cli_reports_unknown_benchmark(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'stlm.eval', f'--checkpoint={tmp_path}', '--benchmarks=blimp,foo',
@@ -169,6 +170,7 @@ def random_scorer(random_exported):
                            random_exported.featurizer, batch_size=32, min_bucket=64)
 
 
+@pytest.mark.slow
 def test_random_model_is_at_chance(shared_data, random_exported, random_scorer):
   scorer = random_scorer
   res = zero_shot.run_benchmarks(random_exported, 'blimp,arc_easy',
@@ -189,6 +191,7 @@ def test_random_model_is_at_chance(shared_data, random_exported, random_scorer):
   assert cells[3:] == ['-', f"{100 * res['arc_easy']['acc']:.1f}", '-', '-', '8.123']
 
 
+@pytest.mark.slow
 def test_mmlu_and_winogrande_runs(shared_data, random_scorer):
   scorer = random_scorer
   root = shared_data / 'benchmarks'
