@@ -152,6 +152,7 @@ def test_rows_per_batch_never_leaves_a_row_alone():
 # ------------------------------------------------------------------ the diagnostics
 
 
+@pytest.mark.slow   # compiles the diagnostics and their gradient
 def test_no_cost_and_no_encoder_gradient_when_the_decoder_cannot_read_the_core():
   model, params, featurizer, texts, batch, valid, forward = setup()
   params = ignoring_core(params)
@@ -185,6 +186,7 @@ def test_slot_classes_add_up_to_the_chunk_scores():
   assert all(sums[f'model/{c}'] < 0 for c in slot_classes.CLASSES)
 
 
+@pytest.mark.slow   # compiles the diagnostics and their gradient
 def test_cost_and_encoder_gradient_when_the_targets_come_from_the_core():
   model, params, _, _, batch, valid, forward = setup()
   params = reading_core(params)
