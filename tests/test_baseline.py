@@ -217,7 +217,8 @@ def test_factory_kinds_and_dummy_batch():
 def test_byte_pool_missing_gives_clear_error(monkeypatch):
   import stlm.models  # pylint: disable=g-import-not-at-top
   monkeypatch.delattr(stlm.models, 'byte_pool', raising=False)
-  monkeypatch.setitem(sys.modules, 'stlm.models.byte_pool', None)  # as if the file were absent
+  for name in ('stlm.models.byte_pool', 'stlm.models.byte_pool.kind'):   # as if absent
+    monkeypatch.setitem(sys.modules, name, None)
   # A registry that has not yet loaded its kind modules, so it tries (and fails) again.
   monkeypatch.setattr(kinds, '_REGISTRY', {k: v for k, v in kinds._REGISTRY.items()
                                            if k != 'byte_pool'})

@@ -319,8 +319,8 @@ def _without(cfg_dict, dotted_keys):
 
 def test_resume_check_reads_missing_keys_as_their_legacy_values_and_skips_unused_sections():
   from configs import byte_pool  # pylint: disable=g-import-not-at-top
-  from stlm import config as config_lib  # pylint: disable=g-import-not-at-top
-  added = list(config_lib.LEGACY_VALUES)
+  from stlm.config import legacy  # pylint: disable=g-import-not-at-top
+  added = list(legacy.LEGACY_VALUES)
   # A baseline run whose checkpoint predates the byte-pool keys resumes: it never reads them.
   base = baseline.get_config('tiny')
   assert checkpoint.config_differences(_without(base.to_dict(), added), base) == []
@@ -341,5 +341,5 @@ def test_resume_check_reads_missing_keys_as_their_legacy_values_and_skips_unused
                    "'after_attention'",
                    'model.byte_pool.slot_embedding: checkpoint has False, this run has True']
   # ... and with the legacy values set explicitly, it resumes.
-  v2.model.byte_pool.update({k.rsplit('.', 1)[1]: v for k, v in config_lib.LEGACY_VALUES.items()})
+  v2.model.byte_pool.update({k.rsplit('.', 1)[1]: v for k, v in legacy.LEGACY_VALUES.items()})
   assert checkpoint.config_differences(_without(v2.to_dict(), added), v2) == []

@@ -4,12 +4,10 @@
 what a key added later meant for configs written before it; `errors` the error every check
 raises. `validate` (start-up checks) reads the choice tables of the modules whose behaviour
 they name, so it sits above the models and the trainer and is imported as
-`stlm.config.validate`, never from here.
+`stlm.config.validate`, never from here; `legacy` likewise (it reads the schema).
 """
 
 from stlm.config.errors import ConfigError
-from stlm.config.legacy import LEGACY_VALUES, upgrade
 from stlm.config.schema import SIZE_PRESETS, apply_preset, base_config
 
-__all__ = ['ConfigError', 'LEGACY_VALUES', 'SIZE_PRESETS', 'apply_preset', 'base_config',
-           'upgrade']
+__all__ = ['ConfigError', 'SIZE_PRESETS', 'apply_preset', 'base_config']

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from stlm import config as config_lib
+from stlm.config import legacy
 from stlm import tokenizers
 from stlm.models import factory
 
@@ -67,7 +67,7 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'{directory} is not an stlm export: {CONFIG_FILE} is missing '
                             '(expected <workdir>/export from a finished training run)')
   with open(path, encoding='utf-8') as f:
-    config = config_lib.upgrade(json.load(f))
+    config = legacy.upgrade(json.load(f))
   if config.tokenizer.kind == 'sentencepiece' and not os.path.isabs(config.tokenizer.sp_model_path):
     config.tokenizer.sp_model_path = os.path.join(os.path.abspath(directory),
                                                   config.tokenizer.sp_model_path)

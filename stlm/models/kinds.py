@@ -25,7 +25,8 @@ from stlm.models import model_config
 
 # Modules that register the built-in kinds when imported (lazily: registering imports the
 # model code, and the registry must be importable from that code without a cycle).
-_KIND_MODULES = ('stlm.models.baseline', 'stlm.models.byte_pool', 'stlm.models.encoder')
+_KIND_MODULES = ('stlm.models.baseline', 'stlm.models.byte_pool.kind',
+                 'stlm.models.encoder')
 
 Batch = dict[str, np.ndarray]
 
@@ -155,10 +156,13 @@ def _load_builtin() -> None:
     try:
       importlib.import_module(module)
     except ModuleNotFoundError as e:
-      if e.name != module:  # a dependency of the module is missing: a real error
+      # The module or its package is absent (anything else missing is a real error): a
+      # checkout without this kind's files still runs the other kinds.
+      if e.name != module and not module.startswith(f'{e.name}.'):
         raise
-      # A checkout without this kind's file still runs the other kinds.
-      _missing[module] = module.replace('.', '/') + '.py'
+      own = '/'.join(module.split('.')[:3])   # the kind's module or package in stlm/models
+      _missing[module] = f'{own}.py' if own.count('/') == module.count('.') else \
+          f'{own}.py or {own}/'
 
 
 def kind_names() -> tuple[str, ...]:

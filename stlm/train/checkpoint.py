@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
-from stlm import config as config_lib
+from stlm.config import legacy
 from stlm.models import kinds
 
 # Keys that may change between a run and its resumption without changing what is trained.
@@ -170,7 +170,7 @@ def config_differences(saved: dict, current) -> list[str]:
   for k in sorted(set(a) | set(b)):
     if k in RESUMABLE_KEYS or (unused and k.startswith(unused)):
       continue
-    old = a.get(k, config_lib.LEGACY_VALUES.get(k))
+    old = a.get(k, legacy.LEGACY_VALUES.get(k))
     if old != b.get(k):
       out.append(f'{k}: checkpoint has {old!r}, this run has {b.get(k)!r}')
   return out
