@@ -88,10 +88,17 @@ PLAIN = {'slot_embedding': False, 'condition': 'add', 'condition_at': 'input'}
 # DEFAULT (configs/byte_pool.py): slot embeddings, the decoder cross-attends to the last 4
 # core outputs after its first attention. ADD: one projected core vector added there instead.
 ADD = {'condition': 'add'}
+# The decoder's only view across chunks is the core: chunk-only byte context, the core
+# cross-attended before every decoder block (own queries per block), slot-concat pooling and
+# two hash functions per n-gram size; CORE_ADD adds one projected core vector there instead.
+CORE_CHUNK = {'decoder_context': 'chunk', 'condition_at': 'every_layer', 'decoder_layers': 2,
+              'pooling': 'slots', 'ngram_hashes': 2}
+CORE_ADD = dict(CORE_CHUNK, condition='add')
 
 
 @pytest.mark.parametrize('overrides', [
-    DEFAULT, pytest.param(ATTENTION_CHUNK, marks=pytest.mark.slow)], ids=['default', 'attn_chunk'])
+    DEFAULT, CORE_CHUNK, pytest.param(ATTENTION_CHUNK, marks=pytest.mark.slow)],
+    ids=['default', 'core_chunk', 'attn_chunk'])
 def test_outputs_units_and_normalisation(batch, overrides):
   _, _, params, forward = setup(**overrides)
   out, logits = forward(params, batch)
@@ -115,9 +122,9 @@ def _chunk_bounds(starts):
 
 
 @pytest.mark.parametrize('overrides', [
-    DEFAULT, *(pytest.param(o, marks=pytest.mark.slow)
-               for o in (ATTENTION_CHUNK, LAST, SLOTS, PLAIN, ADD))],
-    ids=['default', 'attn_chunk', 'last', 'slots', 'plain', 'add'])
+    DEFAULT, CORE_CHUNK, *(pytest.param(o, marks=pytest.mark.slow)
+                           for o in (ATTENTION_CHUNK, LAST, SLOTS, PLAIN, ADD, CORE_ADD))],
+    ids=['default', 'core_chunk', 'attn_chunk', 'last', 'slots', 'plain', 'add', 'core_add'])
 def test_no_leak_from_later_chunks(batch, overrides):
   """Changing a byte of chunk k+1 (input k+1 = target k) never moves chunks <= k-1, nor the
   symbols of target k up to the changed one; the change is seen afterwards."""
@@ -155,6 +162,45 @@ def test_core_output_of_chunk_t_conditions_the_first_symbol_of_chunk_t_plus_1(ba
   assert not np.allclose(logits1[0, tb[k]], logits0[0, tb[k]])
 
 
+@pytest.mark.parametrize('overrides', [CORE_CHUNK, pytest.param(CORE_ADD, marks=pytest.mark.slow)],
+                         ids=['cross', 'add'])
+def test_a_chunk_only_decoder_sees_earlier_chunks_only_through_the_core(batch, overrides):
+  """With decoder_context 'chunk', a byte of an earlier chunk reaches a later chunk's logits
+  only through the core: with the core outputs held fixed (a core_transform returning the
+  unperturbed run's), perturbing it moves nothing of the later chunks; through the core it
+  does."""
+  cfg, model, params, forward = setup(**overrides)
+  _, logits0 = forward(params, batch)
+  k = 3
+  b = {key: np.array(v) for key, v in batch.items()}
+  ib, tb = _chunk_bounds(b['inputs_chunk_start'][0]), _chunk_bounds(b['targets_chunk_start'][0])
+  # Input chunk k+1 is target chunk k: perturb it in both streams, as the data would.
+  b['inputs'][0, ib[k + 1]] = b['targets'][0, tb[k]] = b['inputs'][0, ib[k + 1]] % 200 + 7
+  y0 = model.apply({'params': params}, batch['inputs'], batch['inputs_chunk_start'],
+                   batch['inputs_segment_ids'], T, method='encode')
+  y0 = model.apply({'params': params}, y0, batch['segment_ids'], batch['positions'],
+                   method='core_vectors')
+  frozen = model.clone(core_transform=lambda y, seg: y0)
+  scores = jax.jit(lambda p, b: frozen.apply({'params': p}, b, method='scores')[1])
+  later = slice(tb[k + 1], tb[-1])            # target chunks k+1 .. (after the changed chunk)
+  np.testing.assert_array_equal(scores(params, b)[0, later], scores(params, batch)[0, later])
+  _, logits1 = forward(params, b)
+  assert not np.allclose(logits1[0, later], logits0[0, later])
+
+
+def test_every_layer_and_slot_pooling_params():
+  """condition_at 'every_layer' gives the cross-attention one query/output pair per decoder
+  block; pooling 'slots' one max_bytes + 1 slot block projection instead of to_core; a
+  second hash function one more table per n-gram size."""
+  cfg, _, params, _ = setup(**CORE_CHUNK)
+  cross = params['byte_decoder']['cross']
+  assert {'q_kernel', 'q_kernel_1', 'o_kernel', 'o_kernel_1'} <= set(cross)
+  enc = params['byte_encoder']
+  assert 'to_core' not in enc
+  assert enc['slots_to_core'].shape == (MAX_BYTES + 1, cfg.byte_pool.byte_dim, cfg.hidden_dim)
+  assert {'ngram_2', 'ngram_3', 'ngram_2_1', 'ngram_3_1'} <= set(enc)
+
+
 @pytest.mark.slow
 def test_padding_and_neighbours_change_nothing(batch, featurizer):
   """Garbage beyond a row's end, and a packed neighbour document, leave a document's log-probs
@@ -179,8 +225,8 @@ def test_padding_and_neighbours_change_nothing(batch, featurizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('overrides', [SLOTS, PLAIN, DEFAULT],
-                         ids=['slots', 'plain', 'default'])
+@pytest.mark.parametrize('overrides', [SLOTS, PLAIN, DEFAULT, CORE_CHUNK],
+                         ids=['slots', 'plain', 'default', 'core_chunk'])
 def test_generation_path_equals_full_forward_and_does_not_leak(featurizer, overrides):
   """Also checks the generation tails: with slot embeddings a symbol's slot reads back to
   its chunk's start, which the tails must cover (a tail one chunk short fails here)."""

@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   b.encoder_layers = 2
   b.encoder_heads = 4
   b.encoder_ffn_dim = 256
-  b.pooling = 'mean'             # mean | attention | last
+  b.pooling = 'mean'             # mean | attention | last | slots (v2: per-slot concat + projection)
   b.decoder_layers = 2
   b.decoder_heads = 4
   b.decoder_ffn_dim = 256
@@ -80,11 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
   b.decoder_context = 'window'   # window (previous bytes of earlier chunks) | chunk
   b.ngram_sizes = (3, 4)         # hashed byte n-gram embeddings added in the encoder (BLT)
   b.ngram_buckets = 512          # rows per n-gram table (0 = none); tiny's budget: 90% < 3.2M
+  b.ngram_hashes = 1             # hash functions (one table each) per n-gram size (BLT: 3)
   b.slot_embedding = True        # learned slot-in-chunk embedding on local encoder/decoder inputs
   b.condition = 'add'            # core output -> decoder: add (one projection) | slot_add (one per
                                  # slot) | cross_attention (to the last cross_chunks core outputs)
   b.cross_chunks = 4             # core outputs a decoder symbol attends to with cross_attention
-  b.condition_at = 'after_attention'  # where it enters the decoder: input | after_attention (layer 1)
+  b.condition_at = 'after_attention'  # where it enters the decoder: input | after_attention
+                                 # (layer 1) | every_layer (before each block's attention)
 
   # Masked-LM encoder (config.model.kind == 'encoder', stlm/data/mlm.py); ignored otherwise.
   mlm = m.mlm = ml_collections.ConfigDict()

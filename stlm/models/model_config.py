@@ -37,6 +37,7 @@ class BytePoolConfig:
   decoder_context: str
   ngram_sizes: tuple[int, ...]
   ngram_buckets: int
+  ngram_hashes: int
   slot_embedding: bool
   condition: str
   cross_chunks: int

@@ -107,19 +107,23 @@ class LocalTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxE, seg_BxL, group_BxL=None, *, deterministic: bool,
-               after_attention=None):
-    """after_attention: a function x_BxLxE -> B x L x E whose value joins the residual stream
-    after the first attention sub-block (so the first attention's queries and keys see the
-    symbols alone): the byte-pool decoder's core condition."""
+               after_attention=None, before_block=None):
+    """The byte-pool decoder's core condition enters through one of two hooks:
+    after_attention: fn(x_BxLxE, 0) -> B x L x E, joins the residual stream after the first
+    attention sub-block (so the first attention's queries and keys see the symbols alone);
+    before_block: fn(x_BxLxE, i) -> B x L x E, joins it before block i's attention, in every
+    block (so the core steers every layer's byte attention, as BLT's decoder)."""
     cfg = self.cfg
     x = x_BxLxE.astype(layers.dtype_of(cfg.dtype))
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     for i in range(cfg.num_layers):
+      if before_block is not None:
+        x = x + before_block(x, i).astype(x.dtype)
       h = layers.Norm(cfg, name=f'block_{i}_attn_norm')(x)
       h = LocalAttention(cfg, name=f'block_{i}_attn')(h, seg_BxL, group_BxL)
       x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
       if i == 0 and after_attention is not None:
-        x = x + after_attention(x).astype(x.dtype)
+        x = x + after_attention(x, 0).astype(x.dtype)
       h = layers.Norm(cfg, name=f'block_{i}_ffn_norm')(x)
       h = layers.FeedForward(cfg, name=f'block_{i}_ffn')(h)
       x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
@@ -139,6 +143,7 @@ class CoreCrossAttention(nn.Module):
   cfg: Any
   core_dim: int
   chunks: int
+  queries: int = 1
 
   def setup(self):
     cfg = self.cfg
@@ -156,8 +161,15 @@ class CoreCrossAttention(nn.Module):
     self.age = kernel('age_embedding', (self.chunks, H, d), (None, 'heads', 'head_dim'),
                       layers.EMBED_INIT)
     # Small output init: at the start the decoder is a byte LM, the core joins as it learns.
-    self.o_kernel = kernel('o_kernel', (H, d, E), ('heads', 'head_dim', 'embed'),
-                           layers.fan_in_init((0, 1), 2, 1.0 / (2 * cfg.num_layers)))
+    o_init = layers.fan_in_init((0, 1), 2, 1.0 / (2 * cfg.num_layers))
+    self.o_kernel = kernel('o_kernel', (H, d, E), ('heads', 'head_dim', 'embed'), o_init)
+    # Queries 1.. (one per decoder block with condition_at 'every_layer') share the memory's
+    # keys and values, each with its own norm, query and output projections.
+    self.extra_norms = [layers.Norm(cfg) for _ in range(self.queries - 1)]
+    self.extra_q = [kernel(f'q_kernel_{i}', (E, H, d), ('embed', 'heads', 'head_dim'),
+                           layers.fan_in_init(0, (1, 2))) for i in range(1, self.queries)]
+    self.extra_o = [kernel(f'o_kernel_{i}', (H, d, E), ('heads', 'head_dim', 'embed'), o_init)
+                    for i in range(1, self.queries)]
 
   def project(self, y_xD):
     """Core outputs [..., D] -> (keys, values) [..., H, d]."""
@@ -181,15 +193,18 @@ class CoreCrossAttention(nn.Module):
       ok.append((shifted(seg_BxT, s, -1) == seg_BxT) & (seg_BxT > 0))
     return jnp.stack(ks, 2), jnp.stack(vs, 2), jnp.stack(ok, 2)
 
-  def attend(self, x_BxSxE, k_BxSxKxHxd, v_BxSxKxHxd, valid_BxSxK):
-    """The attention output B x S x E (zero where a symbol has no core output)."""
+  def attend(self, x_BxSxE, k_BxSxKxHxd, v_BxSxKxHxd, valid_BxSxK, query: int = 0):
+    """The attention output B x S x E of query set `query` (zero where a symbol has no core
+    output)."""
     dtype = layers.dtype_of(self.cfg.dtype)
     d = self.cfg.hidden_dim // self.cfg.num_heads
-    q = jnp.einsum('bse,ehd->bshd', self.norm(x_BxSxE).astype(dtype),
-                   self.q_kernel.astype(dtype))
+    norm, q_kernel, o_kernel = ((self.norm, self.q_kernel, self.o_kernel) if query == 0 else
+                                (self.extra_norms[query - 1], self.extra_q[query - 1],
+                                 self.extra_o[query - 1]))
+    q = jnp.einsum('bse,ehd->bshd', norm(x_BxSxE).astype(dtype), q_kernel.astype(dtype))
     k = k_BxSxKxHxd + self.age.astype(dtype)
     s = jnp.einsum('bshd,bskhd->bshk', q, k, preferred_element_type=jnp.float32)
     s = jnp.where(valid_BxSxK[:, :, None], s / jnp.sqrt(jnp.float32(d)), NEG_INF)
     p = jax.nn.softmax(s, axis=-1) * valid_BxSxK.any(-1)[:, :, None, None]
     out = jnp.einsum('bshk,bskhd->bshd', p.astype(dtype), v_BxSxKxHxd)
-    return jnp.einsum('bshd,hde->bse', out, self.o_kernel.astype(dtype))
+    return jnp.einsum('bshd,hde->bse', out, o_kernel.astype(dtype))

@@ -6,16 +6,19 @@ symbols back to back (bytes + END_OF_CHUNK, or EOT), so no compute goes to per-c
 - Encoder: byte embeddings (+ hashed byte n-gram embeddings, BLT) -> a causal sliding-window
   transformer over the input stream (a symbol sees the `local_window - 1` symbols before it,
   earlier chunks included, later ones never) -> one vector per chunk by segment reductions
-  (mean, last or attention pooling) -> the core's width.
+  (mean, last or attention pooling) -> the core's width; or (pooling 'slots', MEGABYTE) the
+  chunk's symbol states by slot, concatenated and projected, so the vector keeps byte order.
 - Core: the baseline's causal `Transformer` over chunks.
 - Decoder: over the target stream, each symbol's input is the previous symbol (+ its slot
   embedding); the projected core output of the chunk before its chunk joins the residual
   stream after the first attention sub-block (condition_at 'after_attention', the default;
   'input' adds it to the input). Or, with condition 'cross_attention' (BLT), the symbol
-  attends there to the last `cross_chunks` core outputs of its document. A causal
-  sliding-window transformer, so a byte of chunk t+1 sees y_t and the bytes before it,
-  including the previous chunks' (decoder_context 'window'; 'chunk' limits it to its own
-  chunk, like v1).
+  attends there to the last `cross_chunks` core outputs of its document; condition_at
+  'every_layer' makes it enter before every decoder block (BLT's cross-attention in all
+  decoder layers), with its own queries per block. A causal sliding-window transformer, so a
+  byte of chunk t+1 sees y_t and the bytes before it, including the previous chunks'
+  (decoder_context 'window'; 'chunk' limits it to its own chunk, like v1 and MEGABYTE, so
+  the core is its only view of earlier chunks).
 
 Why after the first attention: added at the input, the core vector (constant over a chunk,
 different across chunks) dominates the first layer's queries and keys, and the window decoder
@@ -48,9 +51,25 @@ PROJ_INIT = layers.fan_in_init(scale=0.02 ** 2)
 # model.byte_pool.encoder_context / decoder_context -> whether a symbol sees only the bytes
 # of its own chunk ('chunk') or also earlier chunks' within the window ('window').
 CONTEXTS = {'window': False, 'chunk': True}
-# model.byte_pool.condition_at -> whether the core enters the decoder after the first
-# attention sub-block (True) or at its input (False).
-CONDITION_AT = {'input': False, 'after_attention': True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where the core's condition joins the decoder's residual stream (model.byte_pool.
+  condition_at): at its input, after the first attention sub-block, or before every block's
+  attention (so it steers the byte attention of every layer, as BLT's decoder)."""
+  at_input: bool = False
+  after_first_attention: bool = False
+  every_block: bool = False
+
+
+CONDITION_AT = {'input': Placement(at_input=True),
+                'after_attention': Placement(after_first_attention=True),
+                'every_layer': Placement(every_block=True)}
+# model.byte_pool.pooling -> how the encoder's symbols become one chunk vector: their mean,
+# the last symbol's state, attention pooling, or (slots, MEGABYTE) every slot's state
+# concatenated and projected, so the vector keeps which byte sat where.
+POOLINGS = ('mean', 'last', 'attention', 'slots')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +89,13 @@ _HASH_MUL = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A26
 
 def condition(cfg) -> Condition:
   return CONDITIONS[cfg.byte_pool.condition]
+
+
+def cross_queries(cfg) -> int:
+  """Query sets of the decoder's cross-attention: one per decoder block with condition_at
+  'every_layer', else one."""
+  return cfg.byte_pool.decoder_layers if CONDITION_AT[cfg.byte_pool.condition_at].every_block \
+      else 1
 
 
 def memory_chunks(cfg) -> int:
@@ -125,6 +151,15 @@ def allowed_symbols(slot_BxS, max_bytes: int):
   return ok
 
 
+def ngram_tables(b):
+  """(param name, n, salt) of every hashed n-gram table: model.byte_pool.ngram_hashes hash
+  functions (BLT) per size in ngram_sizes; none with ngram_buckets 0."""
+  if not b.ngram_buckets:
+    return []
+  return [(f'ngram_{n}' if k == 0 else f'ngram_{n}_{k}', n, 1 + i + 101 * k)
+          for k in range(b.ngram_hashes) for i, n in enumerate(b.ngram_sizes)]
+
+
 def ngram_hash(ids_BxS, seg_BxS, n: int, buckets: int, salt: int):
   """Hash of the n symbols ending at each position (same segment only) into [0, buckets)."""
   h = jnp.full(ids_BxS.shape, salt, jnp.uint32)
@@ -150,10 +185,10 @@ class StreamEncoder(nn.Module):
     E = b.byte_dim
     dtype = layers.dtype_of(cfg.dtype)
     x = layers.TokenEmbedding(ecfg, name='embed')(ids_BxS)
-    for i, n in enumerate(b.ngram_sizes if b.ngram_buckets else ()):
-      table = layers.make_param(self, f'ngram_{n}', layers.EMBED_INIT, (b.ngram_buckets, E),
+    for name, n, salt in ngram_tables(b):
+      table = layers.make_param(self, name, layers.EMBED_INIT, (b.ngram_buckets, E),
                                 ('vocab', 'embed'), ecfg)
-      x = x + jnp.take(table, ngram_hash(ids_BxS, seg_BxS, n, b.ngram_buckets, 1 + i),
+      x = x + jnp.take(table, ngram_hash(ids_BxS, seg_BxS, n, b.ngram_buckets, salt),
                        axis=0).astype(dtype)
     x = add_slots(x, slot_table(self, cfg, ecfg), start_BxS, b.max_bytes_per_chunk)
     group = jnp.cumsum(start_BxS, axis=1) if CONTEXTS[b.encoder_context] else None
@@ -185,12 +220,28 @@ class StreamEncoder(nn.Module):
       denom = seg_sum(e_NxH)
       num = seg_sum((e_NxH[:, :, None] * h_NxE.reshape(-1, H, D)).reshape(-1, E))
       pooled = (num.reshape(-1, H, D) / jnp.maximum(denom, 1e-30)[:, :, None]).reshape(-1, E)
+    elif b.pooling == 'slots':
+      return self.slot_concat(h_NxE, flat_N, start_BxS, B, T)
     else:
-      raise ValueError(f'model.byte_pool.pooling {b.pooling!r} unknown; choose mean, '
-                       'attention or last')
+      raise ValueError(f'model.byte_pool.pooling {b.pooling!r} unknown; choose one of '
+                       f'{", ".join(POOLINGS)}')
     w = layers.make_param(self, 'to_core', PROJ_INIT, (E, cfg.hidden_dim), (None, 'embed'), cfg)
     x_BxTxD = jnp.einsum('ne,ed->nd', pooled.astype(dtype), w.astype(dtype))
     return x_BxTxD.reshape(B, T, cfg.hidden_dim)
+
+  def slot_concat(self, h_NxE, flat_N, start_BxS, B: int, T: int):
+    """Pooling 'slots': each chunk's symbol states laid out by slot (C = max_bytes + 1 slots,
+    empty ones zero), concatenated and projected to the core's width: B x T x D."""
+    cfg, b = self.cfg, self.cfg.byte_pool
+    C, E = b.max_bytes_per_chunk + 1, b.byte_dim
+    dtype = layers.dtype_of(cfg.dtype)
+    slot_N = jnp.minimum(slot_index(start_BxS), C - 1).reshape(-1)
+    cell_N = jnp.where(flat_N < B * T, flat_N * C + slot_N, B * T * C)   # padding dropped
+    grid = jax.ops.segment_sum(h_NxE, cell_N, num_segments=B * T * C)
+    w = layers.make_param(self, 'slots_to_core', layers.fan_in_init(1, 2, 0.02 ** 2),
+                          (C, E, cfg.hidden_dim), (None, None, 'embed'), cfg)
+    x = jnp.einsum('nce,ced->nd', grid.reshape(B * T, C, E).astype(dtype), w.astype(dtype))
+    return x.reshape(B, T, cfg.hidden_dim)
 
 
 class StreamDecoder(nn.Module):
@@ -203,7 +254,8 @@ class StreamDecoder(nn.Module):
                                 ffn_dim=b.decoder_ffn_dim, window=b.local_window,
                                 vocab=BYTE_VOCAB)
     if condition(cfg).cross_attention:
-      self.cross = local.CoreCrossAttention(self.dcfg, cfg.hidden_dim, memory_chunks(cfg))
+      self.cross = local.CoreCrossAttention(self.dcfg, cfg.hidden_dim, memory_chunks(cfg),
+                                            cross_queries(cfg))
     elif condition(cfg).per_slot:
       # MEGABYTE: one projection of the core output per slot of the next chunk.
       self.from_core = layers.make_param(
@@ -261,16 +313,17 @@ class StreamDecoder(nn.Module):
     cfg, b = self.cfg, self.cfg.byte_pool
     dtype = layers.dtype_of(cfg.dtype)
     if isinstance(cond_BxSxE, tuple):
-      cond_of = lambda x: self.cross.attend(x, *cond_BxSxE)
+      cond_of = lambda x, i: self.cross.attend(x, *cond_BxSxE, query=i)
     else:
-      cond_of = lambda x: cond_BxSxE.astype(dtype)
-    late = CONDITION_AT[b.condition_at]
+      cond_of = lambda x, i: cond_BxSxE.astype(dtype)
+    where = CONDITION_AT[b.condition_at]
     x = self.embed(prev_BxS)
-    x = x if late else x + cond_of(x)
+    x = x + cond_of(x, 0) if where.at_input else x
     x = add_slots(x, self.slots, start_BxS, b.max_bytes_per_chunk)
     group = jnp.cumsum(start_BxS, axis=1) if CONTEXTS[b.decoder_context] else None
     h = self.transformer(x, seg_BxS, group, deterministic=deterministic,
-                         after_attention=cond_of if late else None)
+                         after_attention=cond_of if where.after_first_attention else None,
+                         before_block=cond_of if where.every_block else None)
     if cfg.tie_embeddings:
       logits = jnp.einsum('ble,ve->blv', h.astype(dtype), self.embed.embedding.astype(dtype),
                           preferred_element_type=jnp.float32)

@@ -9,7 +9,8 @@ from stlm.config import errors as config_errors
 from stlm.data import layout
 from stlm.models import layers
 from stlm.ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK
-from stlm.models.byte_pool.v2 import CONDITION_AT, CONDITIONS, CONTEXTS, memory_chunks
+from stlm.models.byte_pool.v2 import (CONDITION_AT, CONDITIONS, CONTEXTS, POOLINGS,
+                                      cross_queries, memory_chunks)
 
 
 def validate(model_cfg) -> None:
@@ -34,6 +35,11 @@ def validate(model_cfg) -> None:
     config_errors.fail('model.byte_pool.stream_len', b.stream_len,
                        f'cannot hold one chunk of model.byte_pool.max_bytes_per_chunk + 1 = '
                        f'{b.max_bytes_per_chunk + 1} symbols (0 = 5 x model.max_len)')
+  if b.pooling not in POOLINGS:
+    config_errors.fail('model.byte_pool.pooling', b.pooling,
+                       f'unknown value for version v2; choose one of {", ".join(POOLINGS)}')
+  if not isinstance(b.ngram_hashes, int) or b.ngram_hashes < 1:
+    config_errors.fail('model.byte_pool.ngram_hashes', b.ngram_hashes, 'must be an integer >= 1')
   if b.ngram_buckets < 0 or any(int(n) < 1 for n in b.ngram_sizes):
     config_errors.fail('model.byte_pool.ngram_sizes', tuple(b.ngram_sizes),
                        'n-gram sizes must be >= 1 and ngram_buckets >= 0')
@@ -122,9 +128,13 @@ def flops_per_target(model_cfg, breakdown) -> float:
   condition = CONDITIONS[b.condition]
   from_core_rows = b.max_bytes_per_chunk + 1 if condition.per_slot else 1
   if condition.cross_attention:
-    per_symbol_params += 2 * E * E          # query and output projections
-    attn += 12 * memory_chunks(m) * E        # scores and mixing over the core outputs read
-    from_core_rows = 2                       # key and value projections, once per chunk
+    queries = cross_queries(m)
+    per_symbol_params += 2 * E * E * queries           # query and output projections
+    attn += 12 * memory_chunks(m) * E * queries         # scores and mixing over the outputs read
+    from_core_rows = 2                                  # key and value projections, per chunk
+  to_core_rows = 1
+  if b.pooling == 'slots':
+    to_core_rows = b.max_bytes_per_chunk + 1           # one E x D block per slot
   core_attn = 12 * m.num_layers * m.max_len * m.hidden_dim / 2
   return 6 * breakdown['core'] + core_attn + symbols * (6 * per_symbol_params + attn) \
-      + 6 * (1 + from_core_rows) * m.hidden_dim * E   # to_core and from_core, per chunk
+      + 6 * (to_core_rows + from_core_rows) * m.hidden_dim * E   # to and from the core
