@@ -21,12 +21,14 @@ from absl import flags
 import jax
 import numpy as np
 
+from stlm import tokenizers
 from stlm.config import validate as config_validate
 from stlm.config import files
 from stlm.experiments import rows
 from stlm.experiments.rows import ROWS
 from stlm.models import factory
 from stlm.models import kinds
+from stlm.models.byte_pool.v2_kind import CHUNK_LENGTH_PROBS
 from stlm.train import sharding
 from stlm.train import setup as setup_lib
 
@@ -42,14 +44,20 @@ _MODELS = flags.DEFINE_list('models', 'baseline,paper,v2',
                             f'rows of stlm/experiments/rows.py: {", ".join(ROWS)}.')
 
 
+# Bytes per chunk of the synthetic v2 rows: the context of a byte-level row ('bytes') covers
+# as much text as the chunk rows'.
+SYNTHETIC_BYTES_PER_CHUNK = float(np.dot(np.arange(1, len(CHUNK_LENGTH_PROBS) + 1),
+                                         CHUNK_LENGTH_PROBS) / np.sum(CHUNK_LENGTH_PROBS))
+
+
 def model_config(name):
   if name not in ROWS:
     raise app.UsageError(f'--models: unknown {name!r}; choose from {", ".join(ROWS)}')
-  c = rows.row_config(name, _CONFIGS_DIR.value)
-  layers, hidden = (int(x) for x in _CORE.value.lower().split('x'))
-  heads, kv = (int(x) for x in _HEADS.value.split('/'))
-  c.model.update(num_layers=layers, hidden_dim=hidden, num_heads=heads, num_kv_heads=kv,
-                 ffn_dim=3 * hidden, max_len=_CONTEXT.value, dtype=_DTYPE.value)
+  core = rows.Core.parse(_CORE.value, _HEADS.value, _CONTEXT.value)
+  c = rows.shared_core_config(name, core, bytes_per_token=SYNTHETIC_BYTES_PER_CHUNK,
+                              configs_dir=_CONFIGS_DIR.value)
+  c.model.update(dtype=_DTYPE.value)
+  c.model.vocab_size = tokenizers.build_tokenizer(c.tokenizer).vocab_size
   c.train.update(batch_size=_BATCH.value, grad_accum=1)
   config_validate.validate(c)
   return c

@@ -207,25 +207,3 @@ def test_only_byte_pool_models_are_diagnosed():
   assert not cd.supported(other)
   with pytest.raises(ValueError, match='byte-pool model'):
     cd.diagnose(other, {}, None, ['x'])
-
-
-def test_comparison_table_has_diagnostic_columns_and_dashes_for_the_baseline():
-  from stlm.experiments import equal_core   # pylint: disable=g-import-not-at-top
-  common = dict(params=1e6, embed_head=1e5, flops_per_target=1e7, wall_s=1.0,
-                targets_per_s=10.0)
-  diagnostics = dict(mean_y_cost=0.25, shuffled_y_cost=0.5, grad_ratio=0.0123,
-                     slot_bits_per_byte=dict(first=1.0, later=1.5, end_of_chunk=0.125))
-  results = [dict(common, row='baseline', bits_per_byte=2.0, diagnostics=None),
-             dict(common, row='v2_cross', bits_per_byte=2.625, diagnostics=diagnostics),
-             dict(common, row='v2', bits_per_byte=3.0)]   # a result written without them
-  lines = equal_core.table(results).splitlines()
-  header = [c.strip() for c in lines[0].strip('|').split('|')]
-  assert header[-6:] == list(equal_core.DIAGNOSTIC_COLUMNS)
-  cells = lambda line: [c.strip() for c in line.strip('|').split('|')]
-  assert cells(lines[2])[-6:] == ['-'] * 6
-  assert cells(lines[3])[-6:] == ['+0.2500', '+0.5000', '1.0000', '1.5000', '0.1250', '0.0123']
-  assert cells(lines[4])[-6:] == ['-'] * 6
-  assert all(len(cells(line)) == len(header) for line in lines[1:5])
-  assert lines[-1] == equal_core.DIAGNOSTICS_LEGEND
-  plain = equal_core.table(results, diagnostics=False).splitlines()
-  assert len(cells(plain[0])) == len(header) - 6 and len(plain) == 5
