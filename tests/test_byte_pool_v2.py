@@ -304,3 +304,49 @@ def test_cross_attention_flops_and_config_errors():
   m.byte_pool.cross_chunks = 0
   with pytest.raises(config_validate.ConfigError, match='model.byte_pool.cross_chunks'):
     config_validate.validate(cfg)
+
+
+def test_every_layer_and_slot_pooling_flops_and_config_errors():
+  """'every_layer' adds one query/output projection pair and its scores per extra decoder
+  block; pooling 'slots' max_bytes more E x D blocks per chunk than to_core; bad values of
+  the new keys name them."""
+  from stlm.config import validate as config_validate  # pylint: disable=g-import-not-at-top
+  cfg = byte_pool_config.get_config('tiny')
+  m = cfg.model
+  m.byte_pool.update(condition='cross_attention', cross_chunks=4, decoder_layers=3)
+  breakdown = {'core': 1000}
+  once = byte_pool_v2_kind.flops_per_target(m, breakdown)
+  m.byte_pool.condition_at = 'every_layer'
+  every = byte_pool_v2_kind.flops_per_target(m, breakdown)
+  E, D = m.byte_pool.byte_dim, m.hidden_dim
+  symbols = layout.stream_len(m.max_len, m.byte_pool.max_bytes_per_chunk) / m.max_len
+  assert every - once == pytest.approx(2 * symbols * (6 * 2 * E * E + 12 * 4 * E))
+  m.byte_pool.pooling = 'slots'
+  slots = byte_pool_v2_kind.flops_per_target(m, breakdown)
+  assert slots - every == pytest.approx(6 * m.byte_pool.max_bytes_per_chunk * D * E)
+  for key, value in (('pooling', 'max'), ('ngram_hashes', 0), ('condition_at', 'output')):
+    bad = byte_pool_config.get_config('tiny')
+    bad.model.byte_pool[key] = value
+    with pytest.raises(config_validate.ConfigError, match=f'model.byte_pool.{key}'):
+      config_validate.validate(bad)
+
+
+def test_a_chunk_context_needs_only_a_one_chunk_window():
+  """With chunk groups of at most C symbols, sliding-window attention over a C-wide window
+  equals the wide window's (the chunk mask lets no farther key through), so chunk-context
+  local models compute C keys a symbol, not local_window."""
+  from stlm.models.byte_pool import local_transformer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  B, L, H, D, C = 2, 50, 2, 4, 7
+  q, k, v = (rng.normal(size=(B, L, H, D)).astype(np.float32) for _ in range(3))
+  starts = rng.random((B, L)) < 0.3
+  starts[:, ::C] = True                                 # no chunk longer than C symbols
+  group = np.cumsum(starts, axis=1)
+  seg = np.ones((B, L), np.int32)
+  seg[1, 40:] = 0                                       # padding
+  wide = local_transformer.sliding_window_attention(q, k, v, seg, group, 64)
+  narrow = local_transformer.sliding_window_attention(q, k, v, seg, group, C)
+  np.testing.assert_allclose(narrow, wide, rtol=1e-5, atol=1e-6)
+  b = small_cfg(decoder_context='chunk', encoder_context='window').byte_pool
+  assert (byte_pool_v2.attention_window(b, 'chunk'), byte_pool_v2.attention_window(b, 'window')
+          ) == (min(b.local_window, MAX_BYTES + 1), b.local_window)

@@ -135,14 +135,15 @@ def test_generate_prints_text_from_the_export(trained, name):
 
 
 @pytest.mark.slow
-def test_resume_in_fresh_process_continues_with_identical_loss(shared_data, tmp_path):
+@pytest.mark.parametrize('config', ['configs/baseline.py', 'configs/byte_pool.py'])
+def test_resume_in_fresh_process_continues_with_identical_loss(shared_data, tmp_path, config):
   flags = [*local_data_flags(shared_data, tmp_path), '--config.train.log_every=1',
            '--config.train.eval_every=1000', '--config.train.ckpt_every=3',
            '--config.train.warmup_steps=2']
   straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-  run_main('configs/baseline.py', straight, *flags, '--config.train.steps=5')
-  run_main('configs/baseline.py', resumed, *flags, '--config.train.steps=3')
-  run_main('configs/baseline.py', resumed, *flags, '--config.train.steps=5')
+  run_main(config, straight, *flags, '--config.train.steps=5')
+  run_main(config, resumed, *flags, '--config.train.steps=3')
+  run_main(config, resumed, *flags, '--config.train.steps=5')
   a = {r['step']: r['loss'] for r in read_metrics(straight, 'train')}
   b = {r['step']: r['loss'] for r in read_metrics(resumed, 'train')}
   assert sorted(b) == [1, 2, 3, 4, 5]

@@ -91,6 +91,15 @@ def condition(cfg) -> Condition:
   return CONDITIONS[cfg.byte_pool.condition]
 
 
+def attention_window(b, context: str) -> int:
+  """Sliding window of a local model with `context` (encoder_context / decoder_context): the
+  configured local_window, or with 'chunk' at most one chunk (max_bytes + 1 symbols), which
+  every key its chunk mask lets through already lies within, so it computes only those."""
+  if CONTEXTS[context]:
+    return min(b.local_window, b.max_bytes_per_chunk + 1)
+  return b.local_window
+
+
 def cross_queries(cfg) -> int:
   """Query sets of the decoder's cross-attention: one per decoder block with condition_at
   'every_layer', else one."""
@@ -180,7 +189,8 @@ class StreamEncoder(nn.Module):
   def __call__(self, ids_BxS, start_BxS, seg_BxS, T: int, *, deterministic: bool):
     cfg, b = self.cfg, self.cfg.byte_pool
     ecfg = local.local_cfg(cfg, num_layers=b.encoder_layers, num_heads=b.encoder_heads,
-                           ffn_dim=b.encoder_ffn_dim, window=b.local_window, vocab=BYTE_VOCAB)
+                           ffn_dim=b.encoder_ffn_dim, window=attention_window(b, b.encoder_context),
+                           vocab=BYTE_VOCAB)
     B, S = ids_BxS.shape
     E = b.byte_dim
     dtype = layers.dtype_of(cfg.dtype)
@@ -251,7 +261,8 @@ class StreamDecoder(nn.Module):
   def setup(self):
     cfg, b = self.cfg, self.cfg.byte_pool
     self.dcfg = local.local_cfg(cfg, num_layers=b.decoder_layers, num_heads=b.decoder_heads,
-                                ffn_dim=b.decoder_ffn_dim, window=b.local_window,
+                                ffn_dim=b.decoder_ffn_dim,
+                                window=attention_window(b, b.decoder_context),
                                 vocab=BYTE_VOCAB)
     if condition(cfg).cross_attention:
       self.cross = local.CoreCrossAttention(self.dcfg, cfg.hidden_dim, memory_chunks(cfg),

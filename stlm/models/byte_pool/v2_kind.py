@@ -10,7 +10,7 @@ from stlm.data import layout
 from stlm.models import layers
 from stlm.ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK
 from stlm.models.byte_pool.v2 import (CONDITION_AT, CONDITIONS, CONTEXTS, POOLINGS,
-                                      cross_queries, memory_chunks)
+                                      attention_window, cross_queries, memory_chunks)
 
 
 def validate(model_cfg) -> None:
@@ -123,7 +123,8 @@ def flops_per_target(model_cfg, breakdown) -> float:
     per_symbol_params += n_layers * (4 * E * E + layers.ffn_variant(m).matrices * E * ffn)
   per_symbol_params += E * BYTE_VOCAB  # the output layer
   # Windowed attention: scores and mixing against 2 x window keys (block-wise), per layer.
-  attn = 12 * (b.encoder_layers + b.decoder_layers) * 2 * b.local_window * E
+  attn = 12 * 2 * E * (b.encoder_layers * attention_window(b, b.encoder_context)
+                       + b.decoder_layers * attention_window(b, b.decoder_context))
   symbols = _stream_len(m) / m.max_len
   condition = CONDITIONS[b.condition]
   from_core_rows = b.max_bytes_per_chunk + 1 if condition.per_slot else 1
