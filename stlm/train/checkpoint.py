@@ -161,16 +161,16 @@ def config_differences(saved: dict, current) -> list[str]:
   """'key: checkpoint has X, this run has Y' for every key that changes what is trained.
 
   Skipped: RESUMABLE_KEYS and keys of the config sections other model kinds own. A key
-  the checkpoint lacks (written by code before the key existed) counts as its
-  `config.LEGACY_VALUES` entry, the behaviour that code had.
+  the checkpoint lacks (written by code before the key existed) counts as what that code
+  did: its `config.LEGACY_VALUES` entry, else its schema default (`legacy.upgrade`).
   """
-  a, b = flatten_config(saved), flatten_config(current)
+  a, b = flatten_config(legacy.upgrade(saved)), flatten_config(current)
   unused = kinds.foreign_config_sections(b['model.kind']) if 'model.kind' in b else ()
   out = []
   for k in sorted(set(a) | set(b)):
     if k in RESUMABLE_KEYS or (unused and k.startswith(unused)):
       continue
-    old = a.get(k, legacy.LEGACY_VALUES.get(k))
+    old = a.get(k)
     if old != b.get(k):
       out.append(f'{k}: checkpoint has {old!r}, this run has {b.get(k)!r}')
   return out
