@@ -78,6 +78,7 @@ def main(argv):
   from stlm.data import corpus
   from stlm.train import checkpoint
   from stlm.train import divergence
+  from stlm.train import lease
   from stlm.train import loop
   try:
     config = FLAGS.config
@@ -88,7 +89,8 @@ def main(argv):
   try:
     loop.train(config, workdir, config_flags.get_config_filename(FLAGS['config']))
   except (config_validate.ConfigError, corpus.CorpusError, checkpoint.CheckpointMismatchError,
-          checkpoint.DamagedCheckpointError, divergence.DivergenceError) as e:
+          checkpoint.DamagedCheckpointError, divergence.DivergenceError,
+          lease.LeaseHeldError) as e:
     # Bad input or a diverged run, not a bug: the message says what and where; a traceback
     # would bury it (--verbosity=1 shows it).
     if FLAGS.verbosity >= 1:

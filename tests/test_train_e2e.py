@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -149,6 +150,41 @@ def test_resume_in_fresh_process_continues_with_identical_loss(shared_data, tmp_
   assert sorted(b) == [1, 2, 3, 4, 5]
   for step in (4, 5):  # the steps after the restore: same data batch, same params, same loss
     assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_a_second_start_in_a_running_workdir_is_refused_and_the_first_is_unaffected(
+    shared_data, tmp_path):
+  flags = [*local_data_flags(shared_data, tmp_path), '--config.train.log_every=1',
+           '--config.train.eval_every=1000', '--config.train.ckpt_every=10',
+           '--config.train.warmup_steps=2', '--config.train.steps=30']
+  run_main('configs/baseline.py', tmp_path / 'straight', *flags)
+  workdir = tmp_path / 'run'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  first = subprocess.Popen(
+      [sys.executable, 'main.py', '--config=configs/baseline.py', f'--workdir={workdir}',
+       *flags], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  try:
+    deadline = time.time() + 300
+    while not (workdir / 'lease.json').exists():
+      assert first.poll() is None and time.time() < deadline, first.communicate()
+      time.sleep(0.1)
+    second = run_main('configs/baseline.py', workdir, *flags, check=False)
+  finally:
+    out, err = first.communicate(timeout=900)
+  assert first.returncode == 0, err[-3000:]
+  errors = [l for l in (second.stdout + second.stderr).splitlines() if l.startswith('error: ')]
+  assert second.returncode != 0 and len(errors) == 1, second.stderr[-3000:]
+  assert 'in use by another run' in errors[0] and f'pid {first.pid}' in errors[0]
+  assert 'Traceback' not in second.stderr
+  a = {r['step']: r['loss'] for r in read_metrics(tmp_path / 'straight', 'train')}
+  b = {r['step']: r['loss'] for r in read_metrics(workdir, 'train')}
+  assert sorted(b) == list(range(1, 31))           # one run's rows, each step once
+  for step in a:
+    assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+  assert not (workdir / 'lease.json').exists()     # released at the end
+  del out
 
 
 @pytest.mark.slow

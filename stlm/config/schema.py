@@ -146,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
   tr.max_consecutive_skips = 10  # skip policy: stop after this many non-finite steps in a row
   tr.final_eval_benchmarks = ''  # comma list run by stlm.eval after training ('' = none)
   tr.final_eval_data_dir = ''    # benchmark release files for final_eval_benchmarks
+  # A workdir lease (stlm/train/lease.py) whose heartbeat is older than this is stale (the
+  # holder's host is another machine, so its pid cannot be checked); taken over with a warning.
+  tr.lease_stale_s = 300.0
   # Persistent XLA compilation cache: 'auto' (per-user cache dir), '' (off) or a path.
   tr.compile_cache_dir = 'auto'
 

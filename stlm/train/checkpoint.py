@@ -30,7 +30,7 @@ RESUMABLE_KEYS = frozenset({
     'train.ckpt_every', 'train.keep_checkpoints', 'train.final_eval_benchmarks',
     'train.final_eval_data_dir', 'data.num_workers', 'data.num_threads', 'data.data_dir', 'mesh.shape',
     'model.attention_impl', 'train.nonfinite_policy', 'train.max_consecutive_skips',
-    'train.restore_fallback',
+    'train.restore_fallback', 'train.lease_stale_s',
 })
 
 # Files every complete checkpoint of this layout has (relative to <step>/), and the JSON ones.

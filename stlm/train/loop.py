@@ -3,6 +3,7 @@
 import functools
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -22,6 +23,7 @@ from stlm.models import kinds
 from stlm.train import checkpoint
 from stlm.train import compile_cache
 from stlm.train import divergence
+from stlm.train import lease as lease_lib
 from stlm.train import metrics as metrics_lib
 from stlm.train import preemption
 from stlm.train import run_info
@@ -157,14 +159,22 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           config_path: str | None = None) -> dict:
   """Trains (or resumes) the run in workdir; returns the final validation metrics.
 
-  `config_path` (the --config file) gives run.json the config's docstring.
+  `config_path` (the --config file) gives run.json the config's docstring. The run holds
+  the workdir's lease (stlm/train/lease.py) throughout: a second run there is refused with
+  lease.LeaseHeldError before it writes anything.
   """
-  recorder = run_info.RunRecorder(os.path.abspath(workdir), config, config_path)
-  try:
-    return _train(config, workdir, recorder)
-  except BaseException as e:  # also KeyboardInterrupt: the report must say it stopped
-    recorder.crashed(e)
-    raise
+  workdir = os.path.abspath(workdir)
+  check_workdir(workdir)
+  lease = lease_lib.WorkdirLease(
+      workdir, stale_s=config.train.lease_stale_s,
+      enabled=jax.process_index() == 0, log=lambda line: print(line, file=sys.stderr))
+  with lease:
+    recorder = run_info.RunRecorder(workdir, config, config_path)
+    try:
+      return _train(config, workdir, recorder)
+    except BaseException as e:  # also KeyboardInterrupt: the report must say it stopped
+      recorder.crashed(e)
+      raise
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
@@ -172,8 +182,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   config_validate.validate(config)
   # Before anything is compiled: JAX reads the cache setting at the first compilation.
   compile_cache.enable(config.train.get('compile_cache_dir', ''))
-  workdir = os.path.abspath(workdir)
-  check_workdir(workdir)
   # Data first: a bad corpus must stop the run before anything is created in workdir, and a
   # sentencepiece tokenizer is trained on the prepared train split.
   _prepare_data(config)
