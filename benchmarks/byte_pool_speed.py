@@ -1,7 +1,8 @@
 """Train-step speed of baseline vs byte_pool paper vs byte_pool v2 on one core, interleaved.
 
   python benchmarks/byte_pool_speed.py --core=8x256 --context=256 --batch=8 --rounds=5
-  (--models: any rows of stlm/experiments/rows.py, e.g. baseline,v2,v2_cross)
+  (--models: any rows of stlm/experiments/rows.py, e.g. baseline,v2,v2_cross;
+   --byte_sizes=10m: the byte-pool rows with the local-model sizes of that preset)
 
 Each model's own jitted train step (benchmarks/train_step.py's: same sharding, optimizer) runs
 on synthetic batches of its layout (v2: chunk lengths as measured on Wikipedia text). Steps are
@@ -40,6 +41,9 @@ _CONTEXT = flags.DEFINE_integer('context', 256, 'positions (tokens = chunks).')
 _BATCH = flags.DEFINE_integer('batch', 8, 'rows per step.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'timed rounds (after a compile-and-warm-up step).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'compute dtype.')
+_BYTE_SIZES = flags.DEFINE_string(
+    'byte_sizes', '', 'a preset of configs/byte_pool.py (10m, 50m, ...) whose local-model sizes '
+    'the byte-pool rows take; empty: the rows\' own (tiny).')
 _MODELS = flags.DEFINE_list('models', 'baseline,paper,v2',
                             f'rows of stlm/experiments/rows.py: {", ".join(ROWS)}.')
 
@@ -57,6 +61,8 @@ def model_config(name):
   c = rows.shared_core_config(name, core, bytes_per_token=SYNTHETIC_BYTES_PER_CHUNK,
                               configs_dir=_CONFIGS_DIR.value)
   c.model.update(dtype=_DTYPE.value)
+  if _BYTE_SIZES.value and ROWS[name].config == rows.byte_pool_config:
+    rows.use_byte_sizes(c, _BYTE_SIZES.value, _CONFIGS_DIR.value)
   c.model.vocab_size = tokenizers.build_tokenizer(c.tokenizer).vocab_size
   c.train.update(batch_size=_BATCH.value, grad_accum=1)
   config_validate.validate(c)

@@ -81,3 +81,12 @@ def test_unknown_rows_and_comparisons_are_usage_errors(workdir):
     equal_core.row_experiment_config('nope')
   with pytest.raises(app.UsageError, match='--compare'):
     equal_core.row_experiment_config('baseline', comparison='speed')
+
+
+def test_a_row_takes_a_presets_byte_sizes():
+  c = rows.shared_core_config('v2_cross', CORE, bytes_per_token=3.5)
+  assert c.model.byte_pool.decoder_layers == 1                 # the row's (tiny) sizes
+  rows.use_byte_sizes(c, '10m')
+  b = c.model.byte_pool
+  assert (b.encoder_layers, b.decoder_layers, b.byte_dim) == (2, 2, 64)
+  assert b.condition == 'cross_attention'                      # the rest stays the row's

@@ -101,6 +101,18 @@ def row_config(name: str, configs_dir: str = files.DEFAULT_DIR):
   return c
 
 
+# The byte-level sizes a preset of configs/byte_pool.py sets (its local models).
+BYTE_SIZE_KEYS = ('byte_dim', 'encoder_layers', 'encoder_heads', 'encoder_ffn_dim',
+                  'decoder_layers', 'decoder_heads', 'decoder_ffn_dim')
+
+
+def use_byte_sizes(c, preset: str, configs_dir: str = files.DEFAULT_DIR) -> None:
+  """Gives config c the local models' sizes of configs/byte_pool.py's `preset` (a byte-pool
+  row measured at the byte sizes a preset trains, not the tiny ones)."""
+  sizes = files.load(os.path.join(configs_dir, byte_pool_config), preset).model.byte_pool
+  c.model.byte_pool.update({k: sizes[k] for k in BYTE_SIZE_KEYS})
+
+
 @dataclasses.dataclass(frozen=True)
 class Core:
   """The comparison's shared core: layers x hidden, heads / kv heads, FFN, context (tokens)."""
