@@ -77,6 +77,7 @@ def main(argv):
   from stlm.config import validate as config_validate
   from stlm.data import corpus
   from stlm.train import checkpoint
+  from stlm.train import disk
   from stlm.train import divergence
   from stlm.train import lease
   from stlm.train import loop
@@ -90,7 +91,7 @@ def main(argv):
     loop.train(config, workdir, config_flags.get_config_filename(FLAGS['config']))
   except (config_validate.ConfigError, corpus.CorpusError, checkpoint.CheckpointMismatchError,
           checkpoint.DamagedCheckpointError, divergence.DivergenceError,
-          lease.LeaseHeldError) as e:
+          lease.LeaseHeldError, disk.DiskSpaceError, checkpoint.CheckpointWriteError) as e:
     # Bad input or a diverged run, not a bug: the message says what and where; a traceback
     # would bury it (--verbosity=1 shows it).
     if FLAGS.verbosity >= 1:

@@ -343,3 +343,62 @@ def test_resume_check_reads_missing_keys_as_their_legacy_values_and_skips_unused
   # ... and with the legacy values set explicitly, it resumes.
   v2.model.byte_pool.update({k.rsplit('.', 1)[1]: v for k, v in legacy.LEGACY_VALUES.items()})
   assert checkpoint.config_differences(_without(v2.to_dict(), added), v2) == []
+
+
+def _checkpoint_entries(workdir):
+  return sorted(os.listdir(pathlib.Path(workdir, 'checkpoints')))
+
+
+def _resume_equals_reference(reference, data_dir, workdir):
+  loop.train(make_config(data_dir), str(workdir))
+  ref = losses(reference)
+  assert losses(workdir) == ref
+  assert_same_params(export_params(workdir), export_params(reference))
+  assert_each_step_once(workdir)
+
+
+def test_too_little_disk_before_a_save_stops_keeping_the_newest_checkpoint(
+    reference, data_dir, tmp_path, monkeypatch):
+  """Free space runs out after checkpoint 2: the run stops before saving 4 with one message
+  (needed, free, path), checkpoint 2 intact, and the same command resumes exactly."""
+  from stlm.train import disk  # pylint: disable=g-import-not-at-top
+  answers = iter([10**12, 10**12])          # the start-up check and the check before save 2
+  monkeypatch.setattr(disk, 'free_bytes', lambda path: next(answers, 1 << 20))
+  workdir = tmp_path / 'run'
+  with pytest.raises(disk.DiskSpaceError) as e:
+    loop.train(make_config(data_dir), str(workdir))
+  text = str(e.value)
+  assert '\n' not in text and 'MB but only 1.0 MB are free at' in text
+  assert 'stopped after step 4' in text and 'checkpoint 2 is kept' in text
+  assert _checkpoint_entries(workdir) == ['2']
+  info = json.loads((workdir / 'run.json').read_text())
+  assert info['status'] == 'crashed' and 'are free at' in info['error']
+  monkeypatch.undo()
+  _resume_equals_reference(reference, data_dir, workdir)
+
+
+def test_a_save_failing_with_no_space_removes_its_partial_files(
+    reference, data_dir, tmp_path, monkeypatch):
+  """The write of checkpoint 4 fails with ENOSPC after leaving a temporary directory: one
+  message naming the reason, the temporary directory removed, checkpoint 2 kept, exact resume."""
+  import errno  # pylint: disable=g-import-not-at-top
+  real_save = ocp.CheckpointManager.save
+
+  def save(manager, step, *args, **kwargs):
+    if step == 4:
+      os.makedirs(os.path.join(str(manager.directory), '4.orbax-checkpoint-tmp-1700000000'))
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  workdir = tmp_path / 'run'
+  with pytest.raises(checkpoint.CheckpointWriteError) as e:
+    loop.train(make_config(data_dir), str(workdir))
+  text = str(e.value)
+  assert 'saving checkpoint 4' in text and 'No space left on device' in text
+  assert 'checkpoint 2 is kept' in text and '\n' not in text
+  assert _checkpoint_entries(workdir) == ['2']
+  assert json.loads((workdir / 'run.json').read_text())['status'] == 'crashed'
+  assert not (workdir / 'lease.json').exists()
+  monkeypatch.undo()
+  _resume_equals_reference(reference, data_dir, workdir)

@@ -12,8 +12,10 @@ it; the message names the step and the file. With train.restore_fallback the dam
 moved aside to <step>.damaged (never deleted) and the previous one is tried.
 """
 
+import glob
 import json
 import os
+import shutil
 
 import grain
 import jax
@@ -23,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from stlm.config import legacy
 from stlm.models import kinds
+from stlm.train import disk
 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = frozenset({
@@ -42,6 +45,18 @@ DAMAGED_SUFFIX = '.damaged'
 
 class CheckpointMismatchError(ValueError):
   """The workdir holds checkpoints of a different config."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A save failed for lack of room or permission; its partial files are removed and the
+  older checkpoints kept."""
+
+  def __init__(self, step: int, directory: str, reason: str, kept):
+    kept_text = f'checkpoint {kept} is kept' if kept is not None else 'no earlier checkpoint'
+    super().__init__(f'saving checkpoint {step} in {directory} failed: {reason}; its partial '
+                     f'files were removed and {kept_text}. Free space (or fix permissions) '
+                     'and run the same command again to resume.')
+    self.step = step
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -292,22 +307,63 @@ class RunCheckpoints:
         write_file_manifest(self.step_dir(step))
     self._unrecorded = []
 
+  def space_shortfall(self, state) -> str | None:
+    """disk.shortfall for the next save (sized like the newest checkpoint, else the state),
+    on any process; None when every process has room."""
+    newest = self.latest_step()
+    estimate = disk.tree_bytes(self.step_dir(newest)) if newest is not None else 0
+    why = disk.shortfall(self.directory, estimate or disk.state_bytes(state))
+    if _all_processes_ok(why is None):
+      return None
+    return why or 'another process has too little free space for the next checkpoint'
+
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     # Orbax waits for the previous async save before starting this one anyway.
     self.wait()
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(json.loads(self.config.to_json()))), force=force)
+    self._saving = step
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iter),
+          config=ocp.args.JsonSave(json.loads(self.config.to_json()))), force=force)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._raise_write_error(step, e)
     if saved:
       self._unrecorded.append(step)
     return saved
 
+  def _raise_write_error(self, step: int, error: BaseException):
+    """A save's I/O failure -> its partial files removed, CheckpointWriteError; else re-raise."""
+    if not disk.is_io_error(error):
+      raise error
+    self._failed = True
+    partial = glob.glob(glob.escape(self.step_dir(step)) + '.orbax-checkpoint-tmp*')
+    if not os.path.exists(os.path.join(self.step_dir(step), '_CHECKPOINT_METADATA')):
+      partial.append(self.step_dir(step))   # never finalised
+    if jax.process_index() == 0:
+      for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    self._unrecorded = [s for s in self._unrecorded if s != step]
+    kept = max((s for s in self.manager.all_steps(read=True) if s != step
+                and os.path.isdir(self.step_dir(s))), default=None)
+    raise CheckpointWriteError(step, self.directory, disk.short_reason(error), kept) from None
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught  (an async save's error)
+      self._raise_write_error(getattr(self, '_saving', -1), e)
     self._record_finished()
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
+    failed = lambda: getattr(self, '_failed', False)
+    try:
+      if not failed():
+        self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-exception-caught
+        if not failed():   # after a failed save the manager's own error is that one again
+          raise
 

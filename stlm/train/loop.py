@@ -22,6 +22,7 @@ from stlm.models import factory
 from stlm.models import kinds
 from stlm.train import checkpoint
 from stlm.train import compile_cache
+from stlm.train import disk
 from stlm.train import divergence
 from stlm.train import lease as lease_lib
 from stlm.train import metrics as metrics_lib
@@ -238,6 +239,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
     # From here a SIGTERM/SIGINT stops after the next step with a checkpoint (before, there is
     # nothing to save and the default handlers end the process at once).
     with preemption.PreemptionWatcher() as watcher:
+      why = ckpts.space_shortfall(state)
+      if why:   # before any training: nothing would be saved
+        raise disk.DiskSpaceError(f'{why}; free space or use another --workdir')
       if start_step == 0:  # the untrained reference every learning curve is read against
         ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
                       config.train.eval_batches or None, bpb)
@@ -281,6 +285,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
           preempted = watcher.stop_requested(step)
           if preempted or step % config.train.ckpt_every == 0 or step == config.train.steps:
             guard.check(state.params, f'saving checkpoint {step}')
+            ckpts.wait()   # the previous save's size is what this one needs
+            why = ckpts.space_shortfall(state)
+            if why:
+              kept = ckpts.latest_step()
+              raise disk.DiskSpaceError(
+                  f'{why}; stopped after step {step} without saving it ('
+                  + (f'checkpoint {kept} is kept' if kept is not None else 'no checkpoint yet')
+                  + '). Free space and run the same command again to resume.')
             ckpts.save(step, state, train_iter, force=preempted or step == config.train.steps)
           if preempted and step < config.train.steps:
             stopped_at = step
