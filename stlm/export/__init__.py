@@ -12,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -39,8 +40,36 @@ def is_export(directory: str) -> bool:
 
 
 def save_export(directory: str, params, config) -> None:
-  """Writes params and config; only replaces an export of the same config (see train loop)."""
+  """Writes params and config; only replaces an export of the same config (see train loop).
+
+  The export is written whole under <directory>.writing, then renamed into place (an older
+  export first renamed aside, then removed), so a reader sees the old export, the new one, or
+  for the instant between two renames none, never half of one; a write that fails leaves the
+  old export as it was.
+  """
   directory = os.path.abspath(directory)
+  staging, old = directory + '.writing', directory + '.old'
+  if jax.process_index() == 0 and os.path.exists(staging):
+    shutil.rmtree(staging)   # left by an export that was killed
+  _sync('stlm: export staging cleared')
+  _write_export(staging, params, config)
+  if jax.process_index() == 0:
+    if os.path.exists(old):
+      shutil.rmtree(old)
+    if os.path.exists(directory):
+      os.rename(directory, old)
+    os.rename(staging, directory)
+    if os.path.exists(old):
+      shutil.rmtree(old)
+  _sync('stlm: export in place')
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _write_export(directory: str, params, config) -> None:
   config = ml_collections.ConfigDict(config.to_dict())
   if config.tokenizer.kind == 'sentencepiece':
     os.makedirs(directory, exist_ok=True)
