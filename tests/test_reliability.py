@@ -402,3 +402,21 @@ def test_a_save_failing_with_no_space_removes_its_partial_files(
   assert not (workdir / 'lease.json').exists()
   monkeypatch.undo()
   _resume_equals_reference(reference, data_dir, workdir)
+
+
+def test_a_corpus_changed_between_runs_is_refused_on_resume(data_dir, tmp_path):
+  """A resumed run whose local corpus changed (a file edited) would silently read another data
+  order: the resume check compares the corpus fingerprint saved with the checkpoint."""
+  corpus_dir = tmp_path / 'corpus'
+  corpus_dir.mkdir()
+  for i in range(4):
+    (corpus_dir / f'doc{i}.txt').write_text(f'Document {i}. ' + 'Some words of text. ' * 60)
+  local = {'data.source': 'local', 'data.path': str(corpus_dir), 'data.val_fraction': 0.25,
+           'train.steps': 2}
+  workdir = tmp_path / 'run'
+  loop.train(make_config(data_dir, **local), str(workdir))
+  with open(corpus_dir / 'doc1.txt', 'a', encoding='utf-8') as f:
+    f.write('One more sentence.')
+  with pytest.raises(checkpoint.CheckpointMismatchError, match='the corpus changed since'):
+    loop.train(make_config(data_dir, **dict(local, **{'train.steps': 4})), str(workdir))
+  assert _checkpoint_entries(workdir) == ['2']

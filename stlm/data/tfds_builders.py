@@ -256,6 +256,19 @@ def prepare(name: str, data_cfg) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def fingerprint(data_cfg) -> dict[str, dict]:
+  """{source: its prepared dataset's name (for a local corpus it hashes the file list, sizes
+  and times) and documents per split}: what a resumed run must find unchanged, or its data
+  order would silently differ."""
+  names = sorted(dict(data_cfg.mix)) if data_cfg.source == 'mix' else [data_cfg.source]
+  out = {}
+  for name in names:
+    info = prepare(name, data_cfg).info
+    out[name] = dict(dataset=info.full_name,
+                     documents={s: int(v.num_examples) for s, v in sorted(info.splits.items())})
+  return out
+
+
 def document_sources(data_cfg, split: str) -> dict[str, tuple[object, float]]:
   """{source name: (random-access source of {'id','text'} bytes records, weight)}."""
   if data_cfg.source == 'mix':

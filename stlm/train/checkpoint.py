@@ -194,19 +194,24 @@ def config_differences(saved: dict, current) -> list[str]:
 class RunCheckpoints:
   """Keep-last-N async checkpoints under <workdir>/checkpoints."""
 
-  def __init__(self, workdir: str, config, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, config, *, keep: int, async_save: bool = True,
+               corpus: dict | None = None):
+    """corpus: the data's fingerprint (tfds_builders.fingerprint), saved with every checkpoint
+    and compared on resume; None saves and checks none."""
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.config = config
+    self.corpus = corpus
     self._unrecorded = []  # saved steps whose file manifest is not written yet
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_names=('state', 'data', 'config'),
+        item_names=('state', 'data', 'config', 'corpus'),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler(),
-                       'config': ocp.JsonCheckpointHandler()})
+                       'config': ocp.JsonCheckpointHandler(),
+                       'corpus': ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -250,6 +255,22 @@ class RunCheckpoints:
           f'{self.directory} holds checkpoints (step {step}) of a different config; refusing to '
           'resume or overwrite them. Use another --workdir, or restore these values:\n  '
           + '\n  '.join(diffs))
+    self._check_corpus(step)
+
+  def _check_corpus(self, step: int) -> None:
+    """The corpus fingerprint saved with checkpoint `step` (none in checkpoints of older code)
+    must equal this run's."""
+    if self.corpus is None:
+      return
+    try:
+      saved = self.manager.restore(step, args=ocp.args.Composite(corpus=ocp.args.JsonRestore()))
+    except Exception:  # pylint: disable=broad-exception-caught  (no corpus item: older code)
+      return
+    if saved['corpus'] != self.corpus:
+      raise CheckpointMismatchError(
+          f'the corpus changed since checkpoint {step} in {self.directory} (its files, sizes or '
+          f'times): checkpoint has {saved["corpus"]}, this run finds {self.corpus}. Resuming '
+          'would silently change the data order; restore the corpus or use another --workdir.')
 
   def restore(self, abstract_state, data_iter):
     """Restores the latest checkpoint (no fallback): the state; the data iterator in place."""
@@ -325,7 +346,9 @@ class RunCheckpoints:
       saved = self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           data=grain.checkpoint.CheckpointSave(data_iter),
-          config=ocp.args.JsonSave(json.loads(self.config.to_json()))), force=force)
+          config=ocp.args.JsonSave(json.loads(self.config.to_json())),
+          **({'corpus': ocp.args.JsonSave(self.corpus)} if self.corpus is not None else {})),
+          force=force)
     except Exception as e:  # pylint: disable=broad-exception-caught
       self._raise_write_error(step, e)
     if saved:

@@ -196,7 +196,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   proc, nproc = jax.process_index(), jax.process_count()
   train_iter = pipeline.make_train_iter(config, featurizer, 'train',
                                         process_index=proc, process_count=nproc)
-  ckpts = checkpoint.RunCheckpoints(workdir, config, keep=config.train.keep_checkpoints)
+  ckpts = checkpoint.RunCheckpoints(workdir, config, keep=config.train.keep_checkpoints,
+                                    corpus=tfds_builders.fingerprint(config.data))
   ckpts.check_config()          # before anything in workdir is written
   _check_export_is_ours(workdir, config)
   make_eval_iter = functools.partial(pipeline.make_eval_iter, config, featurizer, 'validation',
