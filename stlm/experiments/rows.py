@@ -76,6 +76,9 @@ ROWS = {
     'core_chunk': _byte_pool(**_CORE),
     'core_chunk_slots': _byte_pool(**dict(_CORE, pooling='slots')),
     'core_chunk_slots_hash3': _byte_pool(**dict(_CORE, pooling='slots', ngram_hashes=3)),
+    # ... with local models 96 wide (as v2_cross_wide), still within a 90% saving at 128.
+    'core_chunk_wide': _byte_pool(**dict(_CORE, byte_dim=96, encoder_ffn_dim=256,
+                                         decoder_ffn_dim=384)),
     # The ingredients of v2's conditioning, one removed at a time.
     'v2_first': _byte_pool(**_V2_FIRST),
     'v2_no_slots': _byte_pool(**dict(_V2, slot_embedding=False)),
