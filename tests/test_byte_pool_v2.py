@@ -77,28 +77,30 @@ def test_byte_ids_are_shared():
 
 
 # Model variants: (pooling, contexts, n-grams); each compiles once for the whole module.
+# DEFAULT (configs/byte_pool.py): the decoder's only view across chunks is the core
+# (chunk-only byte context), which it cross-attends before every block; slot-concat pooling.
 DEFAULT = {}
-ATTENTION_CHUNK = {'pooling': 'attention', 'decoder_context': 'chunk',
-                   'encoder_context': 'chunk', 'ngram_buckets': 0}
-LAST = {'pooling': 'last'}
+# The window decoder (earlier chunks' bytes in view), the core cross-attended after its first
+# attention, mean pooling: the previous default; the variants below start from it.
+WINDOW = {'decoder_context': 'window', 'condition_at': 'after_attention', 'pooling': 'mean'}
+ATTENTION_CHUNK = dict(WINDOW, pooling='attention', decoder_context='chunk',
+                       encoder_context='chunk', ngram_buckets=0)
+LAST = dict(WINDOW, pooling='last')
 # A core projection per slot (MEGABYTE); and the first v2 (no slot embeddings, the core
 # output added at the decoder's input).
-SLOTS = {'slot_embedding': True, 'condition': 'slot_add'}
-PLAIN = {'slot_embedding': False, 'condition': 'add', 'condition_at': 'input'}
-# DEFAULT (configs/byte_pool.py): slot embeddings, the decoder cross-attends to the last 4
-# core outputs after its first attention. ADD: one projected core vector added there instead.
-ADD = {'condition': 'add'}
-# The decoder's only view across chunks is the core: chunk-only byte context, the core
-# cross-attended before every decoder block (own queries per block), slot-concat pooling and
-# two hash functions per n-gram size; CORE_ADD adds one projected core vector there instead.
-CORE_CHUNK = {'decoder_context': 'chunk', 'condition_at': 'every_layer', 'decoder_layers': 2,
-              'pooling': 'slots', 'ngram_hashes': 2}
+SLOTS = dict(WINDOW, slot_embedding=True, condition='slot_add')
+PLAIN = dict(WINDOW, slot_embedding=False, condition='add', condition_at='input')
+# ADD: one projected core vector added after the first attention instead.
+ADD = dict(WINDOW, condition='add')
+# The default with two decoder blocks (own queries per block) and two hash functions per
+# n-gram size; CORE_ADD adds one projected core vector before every block instead.
+CORE_CHUNK = {'decoder_layers': 2, 'ngram_hashes': 2}
 CORE_ADD = dict(CORE_CHUNK, condition='add')
 
 
 @pytest.mark.parametrize('overrides', [
-    DEFAULT, CORE_CHUNK, pytest.param(ATTENTION_CHUNK, marks=pytest.mark.slow)],
-    ids=['default', 'core_chunk', 'attn_chunk'])
+    DEFAULT, WINDOW, CORE_CHUNK, pytest.param(ATTENTION_CHUNK, marks=pytest.mark.slow)],
+    ids=['default', 'window', 'core_chunk', 'attn_chunk'])
 def test_outputs_units_and_normalisation(batch, overrides):
   _, _, params, forward = setup(**overrides)
   out, logits = forward(params, batch)
@@ -122,9 +124,10 @@ def _chunk_bounds(starts):
 
 
 @pytest.mark.parametrize('overrides', [
-    DEFAULT, CORE_CHUNK, *(pytest.param(o, marks=pytest.mark.slow)
-                           for o in (ATTENTION_CHUNK, LAST, SLOTS, PLAIN, ADD, CORE_ADD))],
-    ids=['default', 'core_chunk', 'attn_chunk', 'last', 'slots', 'plain', 'add', 'core_add'])
+    DEFAULT, WINDOW, CORE_CHUNK, *(pytest.param(o, marks=pytest.mark.slow)
+                                   for o in (ATTENTION_CHUNK, LAST, SLOTS, PLAIN, ADD, CORE_ADD))],
+    ids=['default', 'window', 'core_chunk', 'attn_chunk', 'last', 'slots', 'plain', 'add',
+         'core_add'])
 def test_no_leak_from_later_chunks(batch, overrides):
   """Changing a byte of chunk k+1 (input k+1 = target k) never moves chunks <= k-1, nor the
   symbols of target k up to the changed one; the change is seen afterwards."""
@@ -146,7 +149,7 @@ def test_no_leak_from_later_chunks(batch, overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('overrides', [{}, ADD], ids=['cross', 'add'])
+@pytest.mark.parametrize('overrides', [{}, {'condition': 'add'}], ids=['cross', 'add'])
 def test_core_output_of_chunk_t_conditions_the_first_symbol_of_chunk_t_plus_1(batch, overrides):
   """Alignment: with both local models limited to their own chunk, the first symbol of target
   chunk k (text chunk k+1) learns of input chunk k only through the core output at k; a
@@ -225,8 +228,8 @@ def test_padding_and_neighbours_change_nothing(batch, featurizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('overrides', [SLOTS, PLAIN, DEFAULT, CORE_CHUNK],
-                         ids=['slots', 'plain', 'default', 'core_chunk'])
+@pytest.mark.parametrize('overrides', [SLOTS, PLAIN, WINDOW, DEFAULT, CORE_CHUNK],
+                         ids=['slots', 'plain', 'window', 'default', 'core_chunk'])
 def test_generation_path_equals_full_forward_and_does_not_leak(featurizer, overrides):
   """Also checks the generation tails: with slot embeddings a symbol's slot reads back to
   its chunk's start, which the tails must cover (a tail one chunk short fails here)."""
@@ -267,7 +270,7 @@ def test_greedy_generation_is_the_argmax(featurizer):
 
 def test_param_budget_and_report():
   """v2 byte parts >= 90% smaller than the baseline's embedding + head at every preset."""
-  for preset in ('tiny', '10m'):
+  for preset in ('tiny', '10m', '50m', '100m'):
     cfg = byte_pool_config.get_config(preset).model
     cfg.byte_pool.version = 'v2'
     params = factory.abstract_params(factory.build_model(cfg), cfg)
@@ -277,11 +280,17 @@ def test_param_budget_and_report():
 
 
 def test_the_byte_pool_config_trains_v2_by_default():
-  """configs/byte_pool.py picks v2 (it won the equal-core comparison); the base config keeps
+  """configs/byte_pool.py picks v2 with the chunk-only decoder steered by the core in every
+  block and slot-concat pooling (the comparison's row core_chunk_slots); the base config keeps
   the paper's version for configs that switch model.kind."""
   from stlm import config as config_lib  # pylint: disable=g-import-not-at-top
-  b = byte_pool_config.get_config('tiny').model.byte_pool
-  assert (b.version, b.condition) == ('v2', 'cross_attention')
+  from stlm.experiments import rows  # pylint: disable=g-import-not-at-top
+  for preset in ('tiny', '10m'):
+    b = byte_pool_config.get_config(preset).model.byte_pool
+    row = rows.ROWS['core_chunk_slots'].byte_pool
+    assert {k: b[k] for k in row if k != 'decoder_layers'} == {
+        k: v for k, v in row.items() if k != 'decoder_layers'}
+  assert byte_pool_config.get_config('10m').model.byte_pool.decoder_layers == 2
   assert config_lib.base_config().model.byte_pool.version == 'paper'
 
 
@@ -313,7 +322,8 @@ def test_every_layer_and_slot_pooling_flops_and_config_errors():
   from stlm.config import validate as config_validate  # pylint: disable=g-import-not-at-top
   cfg = byte_pool_config.get_config('tiny')
   m = cfg.model
-  m.byte_pool.update(condition='cross_attention', cross_chunks=4, decoder_layers=3)
+  m.byte_pool.update(condition='cross_attention', cross_chunks=4, decoder_layers=3,
+                     condition_at='after_attention', pooling='mean')
   breakdown = {'core': 1000}
   once = byte_pool_v2_kind.flops_per_target(m, breakdown)
   m.byte_pool.condition_at = 'every_layer'

@@ -31,7 +31,8 @@ from stlm.models import transformer
 from stlm.models.byte_pool import local_transformer
 from stlm.models.byte_pool import slot_classes
 
-POOLINGS = ('mean', 'attention', 'last')
+# model.byte_pool.pooling, both versions: how a chunk's byte states become one core input.
+POOLINGS = ('mean', 'attention', 'last', 'slots')
 DECODERS = ('autoregressive', 'parallel')
 NEG_INF = -1e30
 # Chunk vectors enter the core, and core vectors enter the decoder, at the scale of the
@@ -96,8 +97,8 @@ class ByteEncoder(nn.Module):
   def __call__(self, ids_NxC, *, deterministic: bool):
     cfg, b = self.cfg, self.cfg.byte_pool
     if b.pooling not in POOLINGS:
-      raise ValueError(f'model.byte_pool.pooling {b.pooling!r} unknown; choose mean, '
-                       'attention or last')
+      raise ValueError(f'model.byte_pool.pooling {b.pooling!r} unknown; choose one of '
+                       f'{", ".join(POOLINGS)}')
     bcfg = byte_cfg(cfg, num_layers=b.encoder_layers, num_heads=b.encoder_heads,
                     ffn_dim=b.encoder_ffn_dim)
     N, C = ids_NxC.shape
@@ -115,6 +116,12 @@ class ByteEncoder(nn.Module):
       last_N = jnp.maximum(n_N - 1, 0)
       pooled_NxE = jnp.take_along_axis(h_NxCxE, last_N[:, None, None], axis=1)[:, 0]
       pooled_NxE = jnp.where((n_N > 0)[:, None], pooled_NxE, 0.0)
+    elif b.pooling == 'slots':   # every slot's state, concatenated and projected (MEGABYTE)
+      dtype = layers.dtype_of(cfg.dtype)
+      w = layers.make_param(self, 'slots_to_core', layers.fan_in_init(1, 2, 0.02 ** 2),
+                            (C, b.byte_dim, cfg.hidden_dim), (None, None, 'embed'), cfg)
+      h = jnp.where(real_NxC[..., None], h_NxCxE, 0.0).astype(dtype)
+      return jnp.einsum('nce,ced->nd', h, w.astype(dtype))
     else:
       pooled_NxE = AttentionPool(bcfg, name='pool')(h_NxCxE, real_NxC)
     dtype = layers.dtype_of(cfg.dtype)

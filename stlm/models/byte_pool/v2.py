@@ -44,6 +44,7 @@ from stlm.models import layers
 from stlm.ids import BYTE_OFFSET, BYTE_VOCAB, END_OF_CHUNK, EOT
 from stlm.models.byte_pool import local_transformer as local
 from stlm.models.byte_pool import slot_classes
+from stlm.models.byte_pool.paper import POOLINGS
 
 NEG_INF = -1e30
 # As in v1: chunk vectors enter the core, and core vectors the decoder, at embedding scale.
@@ -66,10 +67,6 @@ class Placement:
 CONDITION_AT = {'input': Placement(at_input=True),
                 'after_attention': Placement(after_first_attention=True),
                 'every_layer': Placement(every_block=True)}
-# model.byte_pool.pooling -> how the encoder's symbols become one chunk vector: their mean,
-# the last symbol's state, attention pooling, or (slots, MEGABYTE) every slot's state
-# concatenated and projected, so the vector keeps which byte sat where.
-POOLINGS = ('mean', 'last', 'attention', 'slots')
 
 
 @dataclasses.dataclass(frozen=True)
