@@ -132,9 +132,23 @@ def base_config() -> ml_collections.ConfigDict:
   # late (from step s) | linear (down to 0 at step s); s = dropout_schedule_steps (0 = steps)
   tr.dropout_schedule = 'constant'
   tr.dropout_schedule_steps = 0
+  # adamw | muon (stlm/train/optimizer.py OPTIMIZERS). muon: Muon for the hidden weight
+  # matrices (attention and FFN kernels), this AdamW (lr, b1, b2, eps, weight_decay) for the
+  # rest: embeddings, output head, norms, biases, position and byte tables.
+  tr.optimizer = 'adamw'
   tr.b1 = 0.9
   tr.b2 = 0.95
   tr.eps = 1e-8
+  # Muon's peak lr, on the same schedule as lr. 0.02 with momentum 0.95 is the Muon
+  # reference's setting (modded-nanogpt), whose update scaling, sqrt(max(1, fan_out /
+  # fan_in)), optax also uses: an orthogonalised update's size does not depend on the
+  # gradient's, so this rate is not comparable with AdamW's.
+  tr.muon_lr = 0.02
+  tr.muon_momentum = 0.95        # Nesterov momentum of the Muon params
+  # Decoupled decay of the Muon params chosen by weight_decay_params, multiplied by muon_lr
+  # as weight_decay is by lr, so weight_decay's value would decay them far harder; 0 as the
+  # Muon reference.
+  tr.muon_weight_decay = 0.0
   tr.grad_clip = 1.0
   tr.log_every = 10
   tr.eval_every = 500

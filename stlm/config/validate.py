@@ -27,6 +27,7 @@ _CHOICES = {
     'tokenizer.kind': tokenizers.KINDS,
     'data.split_by': corpus.SPLIT_RULES,
     'data.decode_errors': ('strict', 'replace'),
+    'train.optimizer': optimizer.OPTIMIZERS,
     'train.schedule': optimizer.SCHEDULES,
     'train.wsd_decay_shape': optimizer.WSD_DECAY_SHAPES,
     'train.weight_decay_params': optimizer.DECAY_PARAMS,
@@ -114,6 +115,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not isinstance(t.dropout_schedule_steps, int) or t.dropout_schedule_steps < 0:
     _fail('train.dropout_schedule_steps', t.dropout_schedule_steps,
           'must be an integer >= 0 (0 = train.steps)')
+  if t.optimizer == 'muon':
+    if t.muon_lr <= 0:
+      _fail('train.muon_lr', t.muon_lr, 'must be positive')
+    if not 0.0 <= t.muon_momentum < 1.0:
+      _fail('train.muon_momentum', t.muon_momentum, 'must be in [0, 1)')
+    if t.muon_weight_decay < 0:
+      _fail('train.muon_weight_decay', t.muon_weight_decay, 'must be >= 0')
   if t.grad_clip < 0:
     _fail('train.grad_clip', t.grad_clip, 'must be >= 0 (0 disables clipping)')
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and the AdamW optimizer, all from optax."""
+"""Learning-rate schedules and the optimizers (AdamW, Muon), all from optax."""
 
 import flax.linen as nn
 import jax
@@ -35,10 +35,15 @@ def _wsd(peak, end, steps, warmup, fraction, shape) -> optax.Schedule:
       [_warmup(peak, warmup), optax.constant_schedule(peak), decay], [warmup, decay_start])
 
 
-def make_schedule(train_cfg) -> optax.Schedule:
-  """Linear warmup, then cosine / linear decay to lr * min_lr_ratio, constant, WSD
-  (warmup-stable-decay) or inverse square root (peak * sqrt(warmup / step))."""
-  peak, steps, warmup = train_cfg.lr, train_cfg.steps, train_cfg.warmup_steps
+def make_schedule(train_cfg, peak: float | None = None) -> optax.Schedule:
+  """Linear warmup, then cosine / linear decay to peak * min_lr_ratio, constant, WSD
+  (warmup-stable-decay) or inverse square root (peak * sqrt(warmup / step)).
+
+  peak: the peak rate, train.lr unless given (Muon's params follow the same shape from
+  train.muon_lr).
+  """
+  peak = train_cfg.lr if peak is None else peak
+  steps, warmup = train_cfg.steps, train_cfg.warmup_steps
   end = peak * train_cfg.min_lr_ratio
   if train_cfg.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1), end)
@@ -96,6 +101,16 @@ def param_axes(boxed_params):
   return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
+def _is_axes(x) -> bool:
+  # optax's MaskedNode (a param another transform owns) is a NamedTuple too: keep it a node.
+  return isinstance(x, tuple) and not isinstance(x, optax.MaskedNode)
+
+
+def _unnamed_axes(params):
+  """(None,) * ndim for every param: the policy for params that carry no logical names."""
+  return jax.tree.map(lambda x: (None,) * x.ndim, params)
+
+
 def decays(axes: tuple) -> bool:
   """Whether a param with these logical axes gets weight decay (the default policy)."""
   return (len(axes) >= 2 and not any(a in NO_DECAY_AXES for a in axes)
@@ -110,30 +125,98 @@ def decay_mask(axes_tree, which: str = 'matrices'):
   tied embedding included: nanoGPT's configure_optimizers, the original repository's set-up),
   'all'.
   """
-  is_axes = lambda x: isinstance(x, tuple)
   rule = {'matrices': decays, 'ndim2': lambda axes: len(axes) >= 2,
           'all': lambda axes: True}
   if which not in rule:
     raise ValueError(f'config.train.weight_decay_params={which!r} is not one of '
                      f'{", ".join(DECAY_PARAMS)}')
-  return jax.tree.map(rule[which], axes_tree, is_leaf=is_axes)
+  return jax.tree.map(rule[which], axes_tree, is_leaf=_is_axes)
+
+
+# Muon's matrices. An attention kernel keeps its heads as two axes: q/k/v write
+# (heads, head_dim), o reads them; nn.scan stacks the layers of a scanned model on 'layers',
+# one matrix per layer (Muon's batch axes).
+HEAD_AXES = (('heads', 'head_dim'), ('kv_heads', 'head_dim'))
+STACKED_AXES = ('layers',)
+
+
+def muon_dimension_numbers(axes: tuple) -> optax.contrib.MuonDimensionNumbers | None:
+  """How Muon reads a param with these logical axes as a matrix (reduction = input axes,
+  output = output axes; the rest are batch axes), or None where AdamW trains it instead.
+
+  Muon is for the hidden weight matrices (Jordan et al. 2024): embedding, n-gram and output
+  head tables (any 'vocab' axis), position tables (first axis 'position'), norms, and params
+  of one dimension or only a head group (per-head biases, learned query vectors) stay on
+  AdamW. Kernels are laid out inputs first, outputs last (x @ W): a head group at the end is
+  the output, at the start the input; otherwise 'embed' first reads the residual stream (the
+  rest is the output), and any other layout writes its last axis.
+  """
+  own = [i for i, a in enumerate(axes) if a not in STACKED_AXES]
+  names = tuple(axes[i] for i in own)
+  if (len(names) < 2 or any(a in NO_DECAY_AXES or a == 'vocab' for a in names)
+      or names[0] in TABLE_AXES):
+    return None
+  if names[-2:] in HEAD_AXES:
+    split = len(names) - 2
+  elif names[:2] in HEAD_AXES:
+    split = 2
+  elif names[0] == 'embed':
+    split = 1
+  else:
+    split = len(names) - 1
+  if split in (0, len(names)):
+    return None
+  return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(own[:split]),
+                                            output_axis=tuple(own[split:]))
+
+
+def _adamw(train_cfg, axes_of) -> optax.GradientTransformation:
+  """AdamW at train.lr's schedule, decaying the params train.weight_decay_params chooses."""
+  return optax.adamw(
+      make_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+      weight_decay=train_cfg.weight_decay,
+      mask=lambda p: decay_mask(axes_of(p), train_cfg.weight_decay_params))
+
+
+def _muon(train_cfg, axes_of) -> optax.GradientTransformation:
+  """optax's Muon (Nesterov momentum, 5 quintic Newton-Schulz steps, update scaled by
+  sqrt(max(1, fan_out / fan_in))) at train.muon_lr's schedule for the hidden matrices
+  (`muon_dimension_numbers`), the same AdamW as 'adamw' for every other param.
+
+  The other params go to `_adamw`, not optax.contrib.muon's own Adam branch: that one is
+  Nesterov whenever Muon is and decays every param it trains, so it would not be the
+  configured AdamW.
+  """
+  is_dims = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+  dims_of = lambda p: jax.tree.map(muon_dimension_numbers, axes_of(p), is_leaf=_is_axes)
+  labels_of = lambda p: jax.tree.map(lambda d: 'adamw' if d is None else 'muon', dims_of(p),
+                                     is_leaf=is_dims)
+  muon = optax.contrib.muon(
+      make_schedule(train_cfg, peak=train_cfg.muon_lr), beta=train_cfg.muon_momentum,
+      weight_decay=train_cfg.muon_weight_decay,
+      weight_decay_mask=lambda p: decay_mask(axes_of(p), train_cfg.weight_decay_params),
+      muon_weight_dimension_numbers=dims_of)
+  return optax.partition({'muon': muon, 'adamw': _adamw(train_cfg, axes_of)}, labels_of)
+
+
+# train.optimizer -> fn(train config, params -> their logical axes) -> the transform that
+# follows gradient clipping.
+OPTIMIZERS = {'adamw': _adamw, 'muon': _muon}
 
 
 def make_optimizer(train_cfg, axes=None) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW with the configured schedule and decay mask.
+  """Global-norm clipping, then train.optimizer (`OPTIMIZERS`) with the configured schedule
+  and decay mask.
 
   axes: the params' logical axis names (`param_axes` of the boxed params); without them
   (params that carry no names) they are read as unnamed axes, one per dimension, so the
-  default policy decays every param of two or more dimensions.
+  default policy decays every param of two or more dimensions, and Muon trains them too.
   """
-  which = train_cfg.weight_decay_params
-  if axes is None:
-    mask = lambda p: decay_mask(jax.tree.map(lambda x: (None,) * x.ndim, p), which)
-  else:
-    mask = decay_mask(axes, which)
-  adamw = optax.adamw(
-      make_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-      weight_decay=train_cfg.weight_decay, mask=mask)
+  kind = train_cfg.optimizer
+  if kind not in OPTIMIZERS:
+    raise ValueError(f'config.train.optimizer={kind!r} is not one of {", ".join(OPTIMIZERS)}')
+  axes_of = _unnamed_axes if axes is None else (lambda _: axes)
+  tx = OPTIMIZERS[kind](train_cfg, axes_of)
   if train_cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), tx)
+  return tx

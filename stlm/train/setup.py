@@ -49,7 +49,7 @@ def build_train_step(config, model, mesh) -> TrainStep:
                                opt_state=tx.init(params), rng=dropout_rng)
 
   abstract_init = jax.eval_shape(init_state)   # traced once: shapes for shardings and restore
-  state_shardings = _state_shardings(boxed, mesh, tx, abstract_init)
+  state_shardings = _state_shardings(boxed, mesh, abstract_init)
   jitted_init = jax.jit(init_state, out_shardings=state_shardings)
 
   def init():
@@ -69,9 +69,9 @@ def build_train_step(config, model, mesh) -> TrainStep:
                    abstract_state=abstract)
 
 
-def _state_shardings(boxed, mesh, tx, abstract):
+def _state_shardings(boxed, mesh, abstract):
   """Params sharded by their logical axes, optimizer moments like their params, rest replicated."""
   param_sh = sharding.param_shardings(boxed, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_sh = sharding.opt_state_shardings(tx, abstract.opt_state, param_sh, mesh)
+  opt_sh = sharding.opt_state_shardings(abstract.opt_state, abstract.params, param_sh, mesh)
   return state_lib.TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)

@@ -15,7 +15,6 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ('data', 'fsdp')
@@ -107,11 +106,31 @@ def param_shardings(boxed_abstract_params, mesh, rules=LOGICAL_RULES):
                       mesh_specs, abstract, is_leaf=lambda s: isinstance(s, P))
 
 
-def opt_state_shardings(tx, abstract_opt_state, param_sh, mesh):
-  """Optimizer moments sharded like their params; counters and scalars replicated."""
+def opt_state_shardings(abstract_opt_state, abstract_params, param_sh, mesh):
+  """Optimizer moments sharded like their params; counters and scalars replicated.
+
+  optax keeps per-param state (Adam's moments, Muon's momentum) as copies of the params
+  tree, so a state leaf whose key path ends in a param's path, with that param's shape, is
+  that param's. Read from the key paths rather than optax.tree_map_params, which
+  re-initialises the optimizer on a placeholder that optax.contrib.muon's partition of the
+  params cannot take.
+  """
   replicated = NamedSharding(mesh, P())
-  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_sh,
-                               transform_non_params=lambda _: replicated)
+  params = {tuple(getattr(k, 'key', k) for k in p): (x.shape, sh) for (p, x), sh in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_sh))}
+
+  def sharding_of(path, leaf):
+    keys = []  # the trailing dict keys: where a copy of the params tree puts a param's path
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, k.key)
+    for start in range(len(keys)):
+      shape, sh = params.get(tuple(keys[start:]), (None, None))
+      if shape == leaf.shape:
+        return sh
+    return replicated
+  return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt_state)
 
 
 def batch_axis_size(mesh) -> int:

@@ -158,7 +158,8 @@ class CoreCrossAttention(nn.Module):
                            layers.fan_in_init(0, (1, 2)))
     self.v_kernel = kernel('v_kernel', (D, H, d), (None, 'heads', 'head_dim'),
                            layers.fan_in_init(0, (1, 2)))
-    self.age = kernel('age_embedding', (self.chunks, H, d), (None, 'heads', 'head_dim'),
+    # A table indexed by age (a relative position): named so, decay and Muon treat it as one.
+    self.age = kernel('age_embedding', (self.chunks, H, d), ('position', 'heads', 'head_dim'),
                       layers.EMBED_INIT)
     # Small output init: at the start the decoder is a byte LM, the core joins as it learns.
     o_init = layers.fan_in_init((0, 1), 2, 1.0 / (2 * cfg.num_layers))
