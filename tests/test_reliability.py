@@ -338,7 +338,7 @@ def test_resume_check_reads_missing_keys_as_their_legacy_values_and_skips_unused
   assert diffs == ["model.byte_pool.condition: checkpoint has 'add', this run has "
                    "'cross_attention'",
                    "model.byte_pool.condition_at: checkpoint has 'input', this run has "
-                   "'after_attention'",
+                   "'every_layer'",
                    'model.byte_pool.slot_embedding: checkpoint has False, this run has True']
   # ... and with the legacy values set explicitly, it resumes.
   v2.model.byte_pool.update({k.rsplit('.', 1)[1]: v for k, v in legacy.LEGACY_VALUES.items()})
