@@ -132,11 +132,20 @@ def _vocab(c) -> int:
   return tokenizers.build_tokenizer(c.tokenizer).vocab_size
 
 
+# Model config JSON -> its parameter breakdown: the equal-params depth search and the run
+# directories ask for the same configs many times.
+_BREAKDOWNS: dict[str, dict] = {}
+
+
 def _counts(c) -> dict:
   """Parameter breakdown of config c (its tokenizer's vocabulary), without allocating."""
   m = c.model
   m.vocab_size = _vocab(c)
-  return factory.param_breakdown(factory.abstract_params(factory.build_model(m), m), m)
+  key = m.to_json()
+  if key not in _BREAKDOWNS:
+    _BREAKDOWNS[key] = factory.param_breakdown(
+        factory.abstract_params(factory.build_model(m), m), m)
+  return _BREAKDOWNS[key]
 
 
 def _flops_per_step(c) -> float:

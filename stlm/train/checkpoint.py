@@ -201,6 +201,8 @@ class RunCheckpoints:
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.config = config
     self.corpus = corpus
+    self._saving = -1       # the step of the save in flight (an async error names it)
+    self._failed = False    # a save failed: the manager's thread holds that error
     self._unrecorded = []  # saved steps whose file manifest is not written yet
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
@@ -375,18 +377,17 @@ class RunCheckpoints:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-exception-caught  (an async save's error)
-      self._raise_write_error(getattr(self, '_saving', -1), e)
+      self._raise_write_error(self._saving, e)
     self._record_finished()
 
   def close(self) -> None:
-    failed = lambda: getattr(self, '_failed', False)
     try:
-      if not failed():
+      if not self._failed:
         self.wait()
     finally:
       try:
         self.manager.close()
       except Exception:  # pylint: disable=broad-exception-caught
-        if not failed():   # after a failed save the manager's own error is that one again
+        if not self._failed:   # after a failed save the manager's own error is that one again
           raise
 
