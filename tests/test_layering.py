@@ -17,6 +17,7 @@ LAYERS = (
     ('stlm.config.files', 1),
     ('stlm.config', 0),
     ('stlm.ids', 0),
+    ('stlm.cli_errors', 0),   # every layer's bad-input errors derive from its BadInput
     ('kernels', 0),
     ('stlm.tokenizers', 1),
     ('stlm.data', 2),

@@ -1,7 +1,9 @@
 """The config error type, low-level so model kinds can raise it from their own checks."""
 
+from stlm import cli_errors
 
-class ConfigError(ValueError):
+
+class ConfigError(cli_errors.BadInput, ValueError):
   """A config value that cannot work; the message names the key."""
 
 

@@ -25,6 +25,8 @@ import os
 import pathlib
 import re
 
+from stlm import cli_errors
+
 AGNEWS_CLASSES = ('World', 'Sports', 'Business', 'Science/Tech')  # classes.txt
 # The release order of DBpedia-14 (classes.txt: id 1 = Company ... 14 = WrittenWork).
 DBPEDIA_CLASSES = ('Company', 'EducationalInstitution', 'Artist', 'Athlete', 'OfficeHolder',
@@ -32,7 +34,7 @@ DBPEDIA_CLASSES = ('Company', 'EducationalInstitution', 'Artist', 'Athlete', 'Of
                    'Plant', 'Album', 'Film', 'WrittenWork')
 
 
-class DataFormatError(ValueError):
+class DataFormatError(cli_errors.BadInput, ValueError):
   """A row or file that does not follow its release layout (message names file:line)."""
 
 

@@ -27,13 +27,15 @@ import pathlib
 import re
 from typing import Iterator
 
+from stlm import cli_errors
+
 SPLIT_RULES = ('auto', 'file', 'blank_line', 'eot', 'line')
 EXTENSIONS = ('.txt', '.jsonl')
 DECODE_ERRORS = ('strict', 'replace')
 _BLANK_LINE = re.compile(r'\n[ \t\r\f\v]*\n\s*')
 
 
-class CorpusError(ValueError):
+class CorpusError(cli_errors.BadInput, ValueError):
   """Bad corpus input; the message names the file (and line or byte offset)."""
 
 

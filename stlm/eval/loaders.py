@@ -16,11 +16,13 @@ import pathlib
 import socket
 from typing import Callable
 
+from stlm import cli_errors
+
 KNOWN = ('blimp', 'hellaswag', 'arc_easy', 'arc_challenge', 'winogrande', 'mmlu',
          'piqa', 'openbookqa', 'copa', 'lambada')
 
 
-class DataError(ValueError):
+class DataError(cli_errors.BadInput, ValueError):
   """A benchmark file is missing or malformed; the message says where."""
 
 

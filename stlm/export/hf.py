@@ -26,6 +26,7 @@ import shutil
 
 import numpy as np
 
+from stlm import cli_errors
 from stlm import export as export_lib
 from stlm import tokenizers
 from stlm.models import factory
@@ -36,7 +37,7 @@ SAFETENSORS_FILE = 'model.safetensors'
 _SEP = '/'
 
 
-class ExportError(ValueError):
+class ExportError(cli_errors.BadInput, ValueError):
   """The model has no exact equivalent in the requested format; the message names the key."""
 
 
