@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from stlm import config as config_lib
+from stlm import export
 from stlm.data.featurize import TokenFeaturizer
 from stlm.eval import zero_shot
 from stlm.eval import loaders
@@ -129,16 +130,16 @@ def test_missing_data_and_unknown_names(tmp_path):
 
 
 def test_wrong_checkpoint_kinds(tmp_path):
-  with pytest.raises(loaders.DataError, match='is not an stlm export'):
+  with pytest.raises(export.BadExportError, match='is not an stlm export'):
     zero_shot.open_checkpoint(str(tmp_path))
   (tmp_path / 'export' / 'params').mkdir(parents=True)
   (tmp_path / 'export' / 'config.json').write_text(json.dumps(dict(model=dict(kind='rnn'), tokenizer=dict(kind='bytes'))))
-  with pytest.raises(loaders.DataError, match='training workdir; pass --checkpoint=.*export'):
+  with pytest.raises(export.BadExportError, match='training workdir; pass --checkpoint=.*export'):
     zero_shot.open_checkpoint(str(tmp_path))
-  with pytest.raises(loaders.DataError, match="kind 'rnn'"):
+  with pytest.raises(export.BadExportError, match="kind 'rnn'"):
     zero_shot.open_checkpoint(str(tmp_path / 'export'))
   (tmp_path / 'ckpt' / '300').mkdir(parents=True)
-  with pytest.raises(loaders.DataError, match='training checkpoint directory'):
+  with pytest.raises(export.BadExportError, match='training checkpoint directory'):
     zero_shot.open_checkpoint(str(tmp_path / 'ckpt'))
 
 

@@ -183,29 +183,27 @@ def run_benchmarks(exported, names, data_dir, limit: int | None = None, *,
 
 # ---------------------------------------------------------------- checkpoints and tables
 
-def open_checkpoint(path: str):
-  """`load_export(path)`, after checking that `path` is an export and not another kind."""
+def open_checkpoint(path: str, flag: str = '--checkpoint'):
+  """`load_export(path)`, after checking that `path` is a whole export of a causal language
+  model (stlm.export.BadExportError names what is wrong otherwise)."""
   # Imported here: orbax (via export) is only needed when reading a checkpoint from disk.
   from stlm import export  # pylint: disable=g-import-not-at-top
+  check_causal_export(path, flag)
+  return export.load_export(path, flag)
+
+
+def check_causal_export(path: str, flag: str = '--checkpoint'):
+  """The export's config; BadExportError unless it is a whole export of a model that scores
+  text left to right (a masked-LM encoder's likelihoods would see the answer)."""
+  from stlm import export  # pylint: disable=g-import-not-at-top
   from stlm.models import kinds  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise loaders.DataError(f'--checkpoint {path} does not exist (expected <workdir>/export)')
-  if not export.is_export(path):
-    if export.is_export(os.path.join(path, 'export')):
-      hint = f'it is a training workdir; pass --checkpoint={os.path.join(path, "export")}'
-    elif any(n.isdigit() for n in os.listdir(path)) or os.path.isdir(
-        os.path.join(path, 'checkpoints')):
-      hint = ('it looks like a training checkpoint directory (Orbax steps with optimizer '
-              'state); evaluation reads the export that training writes to <workdir>/export')
-    else:
-      hint = f'an export holds {export.CONFIG_FILE} and {export.PARAMS_DIR}/'
-    raise loaders.DataError(f'--checkpoint {path} is not an stlm export: {hint}.')
-  kind = export.load_config(path).model.kind
-  if kind not in kinds.kind_names():
-    raise loaders.DataError(f'--checkpoint {path} holds a model of kind {kind!r}; this '
-                            f'evaluator knows {", ".join(kinds.kind_names())}.')
-  return export.load_export(path)
+  config = export.check_export(path, flag)
+  if not kinds.get_kind(config.model.kind).causal:
+    raise export.BadExportError(
+        f'{flag}={path} holds a bidirectional model (model.kind={config.model.kind!r}, a '
+        'masked-LM encoder): the evaluator scores causal language models; fine-tune it with '
+        'python -m stlm.classify instead')
+  return config
 
 
 def write_results(path: str, exported, checkpoint: str, results: dict,

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
+from stlm import export as export_lib
 from stlm.config import legacy
 from stlm.models import kinds
 from stlm.train import disk
@@ -123,30 +124,6 @@ def verify_files(step: int, step_dir: str) -> None:
     actual = os.path.getsize(full)
     if actual != size:
       raise DamagedCheckpointError(step, full, f'{actual} bytes, {size} were written')
-
-
-def _first_line(e: BaseException) -> str:
-  """The most specific line of a (chained) restore error: tensorstore's names the array."""
-  while e.__cause__ is not None:
-    e = e.__cause__
-  text = str(e).strip().splitlines()
-  return (text[0] if text else type(e).__name__)[:300]
-
-
-# Status words of tensorstore / file errors that mean "this file's content is bad".
-_DAMAGE_MARKERS = ('DATA_LOSS', 'OUT_OF_RANGE', 'FAILED_PRECONDITION', 'NOT_FOUND',
-                   'Error reading', 'Truncated', 'corrupt', 'checksum')
-
-
-def _looks_like_damage(e: BaseException) -> bool:
-  seen = 0
-  while e is not None and seen < 10:
-    if isinstance(e, (OSError, json.JSONDecodeError, UnicodeDecodeError)):
-      return True
-    if any(m in str(e) for m in _DAMAGE_MARKERS):
-      return True
-    e, seen = e.__cause__ or e.__context__, seen + 1
-  return False
 
 
 def _all_processes_ok(ok: bool) -> bool:
@@ -295,10 +272,10 @@ class RunCheckpoints:
               data=grain.checkpoint.CheckpointRestore(data_iter)))
           ok = True
         except Exception as e:  # pylint: disable=broad-exception-caught
-          if not _looks_like_damage(e):
+          if not export_lib.looks_like_damage(e):
             raise  # a bug, not a bad file: moving checkpoints aside would not help
           error = DamagedCheckpointError(step, os.path.join(self.step_dir(step), 'state'),
-                                         f'restore failed: {_first_line(e)}')
+                                         f'restore failed: {export_lib.first_error_line(e)}')
           ok = False
         if _all_processes_ok(ok):
           return restored['state'], step
