@@ -175,6 +175,12 @@ def check_output_dir(flag: str, path: str) -> None:
   _probe_write(flag, path, probe)
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = 'w', encoding: str | None = 'utf-8'):
   """An open file that appears at `path` only once it is complete (temporary name, rename);
@@ -185,6 +191,7 @@ def atomic_file(path: str, mode: str = 'w', encoding: str | None = 'utf-8'):
   try:
     with os.fdopen(fd, mode, encoding=None if 'b' in mode else encoding) as f:
       yield f
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 would hide the file from other readers
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

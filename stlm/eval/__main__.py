@@ -4,13 +4,12 @@ Writes results.json next to the checkpoint and prints the paper's Table 2 as Mar
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from stlm.data import corpus
+from stlm import cli_errors
 from stlm.eval import zero_shot
 from stlm.eval import loaders
 from stlm.eval import perplexity
@@ -37,41 +36,72 @@ _FRACTION = flags.DEFINE_float('score_fraction', None, 'Scorer K(T) / T: share o
 _OUT = flags.DEFINE_string('output', None, 'results.json path (default: beside --checkpoint).')
 
 
+def _documents(paths) -> list[str]:
+  """The --text documents; a file that is missing or holds no text stops the run here."""
+  docs = []
+  for path in paths:
+    if not os.path.isfile(path):
+      raise cli_errors.FlagError(f'--text={path} does not exist' if not os.path.exists(path)
+                                 else f'--text={path} is not a file')
+    file_docs = [d for d in perplexity.read_documents([path]) if d.strip()]
+    if not file_docs:
+      raise cli_errors.FlagError(f'--text={path} holds no text to score')
+    docs.extend(file_docs)
+  return docs
+
+
+def _check_numbers() -> None:
+  if _BATCH.value < 1:
+    raise cli_errors.FlagError(f'--batch_size={_BATCH.value} must be >= 1')
+  if _LIMIT.value is not None and _LIMIT.value < 1:
+    raise cli_errors.FlagError(f'--limit={_LIMIT.value} must be >= 1 (omit it for all items)')
+  if _SHOTS.value < 0:
+    raise cli_errors.FlagError(f'--mmlu_shots={_SHOTS.value} must be >= 0')
+  if _FRACTION.value is not None and not 0 < _FRACTION.value <= 1:
+    raise cli_errors.FlagError(f'--score_fraction={_FRACTION.value} must be in (0, 1]')
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # keep Orbax's restore chatter off the table
+  # Every input is checked before the model is loaded, so a mistake costs no waiting.
+  _check_numbers()
   try:
     specs = zero_shot.parse_specs(_BENCH.value)
-    if specs and not _DATA.value:
-      raise loaders.DataError('--data_dir is required to run benchmarks')
-    for n, split in specs:  # fail before loading the model if a benchmark's files are missing
-      try:
-        loaders.check_available(n, _DATA.value, None if _FALLBACK.value else split)
-      except loaders.DataError as e:
-        if split is None:
-          raise
-        raise loaders.DataError(f'{e}\n(split {split!r} was requested by --benchmarks={n}:'
-                                f'{split}; --allow_split_fallback takes the first split '
-                                'present instead)') from None
-    docs = perplexity.read_documents(_TEXT.value) if _TEXT.value else None
-    exported = zero_shot.open_checkpoint(_CKPT.value)
-    window = exported.config.model.max_len
-    if _STRIDE.value is not None and not 1 <= _STRIDE.value <= window:
-      raise loaders.DataError(f'--stride={_STRIDE.value} must be in 1..{window} (the window)')
-    scorer = zero_shot.make_scorer(exported, _BATCH.value, progress=True, verbose=True,
-                                    always_prefix_eot=_PREFIX.value,
-                                    score_fraction=_FRACTION.value)
-    results = zero_shot.run_benchmarks(exported, _BENCH.value, _DATA.value, _LIMIT.value,
-                                        seed=_SEED.value, mmlu_shots=_SHOTS.value,
-                                        scorer=scorer, allow_split_fallback=_FALLBACK.value)
-    ppl = None
-    if docs is not None:
-      ppl = perplexity.perplexity(scorer, docs, _STRIDE.value)
-      ppl['files'] = list(_TEXT.value)
-  except (loaders.DataError, corpus.CorpusError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  except loaders.DataError as e:   # an unknown name: the message lists the known ones
+    raise cli_errors.FlagError(f'--benchmarks={_BENCH.value}: {e}') from None
+  if specs and not _DATA.value:
+    raise cli_errors.FlagError('--data_dir is required to run benchmarks')
+  for n, split in specs:  # fail before loading the model if a benchmark's files are missing
+    try:
+      loaders.check_available(n, _DATA.value, None if _FALLBACK.value else split)
+    except loaders.DataError as e:
+      if split is None:
+        raise
+      raise loaders.DataError(f'{e}\n(split {split!r} was requested by --benchmarks={n}:'
+                              f'{split}; --allow_split_fallback takes the first split '
+                              'present instead)') from None
+  docs = _documents(_TEXT.value) if _TEXT.value else None
+  zero_shot.check_causal_export(_CKPT.value)
   path = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_CKPT.value)),
                                     'results.json')
+  cli_errors.check_output_file('--output' if _OUT.value else '--output (default: beside '
+                               '--checkpoint)', path)
+  exported = zero_shot.open_checkpoint(_CKPT.value)
+  window = exported.config.model.max_len
+  if _STRIDE.value is not None and not 1 <= _STRIDE.value <= window:
+    raise cli_errors.FlagError(f'--stride={_STRIDE.value} must be in 1..{window} (the window)')
+  scorer = zero_shot.make_scorer(exported, _BATCH.value, progress=True, verbose=True,
+                                  always_prefix_eot=_PREFIX.value,
+                                  score_fraction=_FRACTION.value)
+  results = zero_shot.run_benchmarks(exported, _BENCH.value, _DATA.value, _LIMIT.value,
+                                      seed=_SEED.value, mmlu_shots=_SHOTS.value,
+                                      scorer=scorer, allow_split_fallback=_FALLBACK.value)
+  ppl = None
+  if docs is not None:
+    ppl = perplexity.perplexity(scorer, docs, _STRIDE.value)
+    ppl['files'] = list(_TEXT.value)
   out = zero_shot.write_results(
       path, exported, _CKPT.value, results, ppl,
       scoring=dict(always_prefix_eot=_PREFIX.value, allow_split_fallback=_FALLBACK.value))
@@ -82,4 +112,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('checkpoint')
-  app.run(main)
+  cli_errors.run(main)

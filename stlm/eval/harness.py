@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from stlm import cli_errors
+
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'harness_tasks')
+TASK_PREFIX = 'stlm_'
+_CHECKPOINT_ARG = '--model_args checkpoint'   # how messages name the export
 
 
 def _bool(v) -> bool:
@@ -43,8 +48,8 @@ class StlmLM(LM):
     from stlm.eval import zero_shot
     if exported is None:
       if not checkpoint:
-        raise ValueError('model_args must name checkpoint=<workdir>/export')
-      exported = zero_shot.open_checkpoint(checkpoint)
+        raise cli_errors.FlagError('--model_args must name checkpoint=<workdir>/export')
+      exported = zero_shot.open_checkpoint(checkpoint, _CHECKPOINT_ARG)
     self.exported = exported
     bs = 32 if batch_size in (None, 'auto') else int(str(batch_size).split(':')[0])
     fraction = None if score_fraction in (None, '') else float(score_fraction)
@@ -120,10 +125,112 @@ def cli_argv(argv: list[str]) -> list[str]:
   return args
 
 
+def _value(argv: list[str], *names: str) -> str | None:
+  """The value of the last `--name V` / `--name=V` in argv."""
+  found = None
+  for i, a in enumerate(argv):
+    for name in names:
+      if a == name and i + 1 < len(argv):
+        found = argv[i + 1]
+      elif a.startswith(name + '='):
+        found = a.split('=', 1)[1]
+  return found
+
+
+def _model_args(text: str) -> dict:
+  """lm_eval's `key=value,key=value` (or a JSON object) as a dict of strings."""
+  text = text.strip()
+  if text.startswith('{'):
+    try:
+      return {k: str(v) for k, v in json.loads(text).items()}
+    except (ValueError, AttributeError):
+      raise cli_errors.FlagError(f'--model_args={text}: not a JSON object') from None
+  return dict(kv.split('=', 1) for kv in text.split(',') if '=' in kv)
+
+
+def task_benchmark(task: str) -> tuple[str, str | None] | None:
+  """(benchmark, split) that one of our task files reads, or None for another task."""
+  path = os.path.join(TASKS_DIR, f'{task}.yaml')
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  name = re.search(r'harness_data\.(\w+)', text).group(1)
+  split = re.search(r'^dataset_kwargs:\n\s+split:\s*(\S+)', text, re.MULTILINE)
+  return name, split.group(1) if split else None
+
+
+def check_args(argv: list[str]) -> None:
+  """Refuses, before lm_eval builds anything, what our side of the run cannot use: no or a
+  bad checkpoint, one of our task names that does not exist, a missing benchmark directory
+  or benchmark files, an output path that cannot be written."""
+  # pylint: disable=g-import-not-at-top  (jax and the model only when a model is built)
+  from stlm.eval import harness_data
+  from stlm.eval import loaders
+  from stlm.eval import zero_shot
+  if (_value(argv, '--model') or 'stlm') == 'stlm':
+    checkpoint = _model_args(_value(argv, '--model_args') or '').get('checkpoint')
+    if not checkpoint:
+      raise cli_errors.FlagError('--model_args must name checkpoint=<workdir>/export')
+    zero_shot.check_causal_export(checkpoint, _CHECKPOINT_ARG)
+  data_dir = _value(argv, '--data_dir')
+  if data_dir is not None and not os.path.isdir(data_dir):
+    raise cli_errors.FlagError(f'--data_dir={data_dir} does not exist' if not os.path.exists(
+        data_dir) else f'--data_dir={data_dir} is not a directory')
+  metadata = _value(argv, '--metadata')
+  try:
+    metadata = json.loads(metadata) if metadata else {}
+  except ValueError:
+    raise cli_errors.FlagError(f'--metadata={metadata}: not JSON') from None
+  if data_dir is not None:
+    metadata['data_dir'] = data_dir
+  tasks = [t for t in (_value(argv, '--tasks', '-t') or '').split(',') if t]
+  ours = sorted(n[:-len('.yaml')] for n in os.listdir(TASKS_DIR) if n.endswith('.yaml'))
+  for task in tasks:
+    if task.startswith(TASK_PREFIX) and task not in ours:
+      raise cli_errors.FlagError(f'--tasks: no task {task!r}; the stlm tasks are '
+                                 f'{", ".join(ours)}')
+    benchmark = task_benchmark(task)
+    if benchmark:   # the files our task will read, where it will read them
+      name, split = benchmark
+      loaders.check_available(name, harness_data.data_dir_of(metadata), split)
+  output = _value(argv, '--output_path', '-o')
+  if output:
+    if output.endswith('.json'):
+      cli_errors.check_output_file('--output_path', output)
+    else:
+      cli_errors.check_output_dir('--output_path', output)
+
+
+def _without_our_verbosity(argv: list[str]) -> list[str]:
+  """argv less a numeric --verbosity (ours: tracebacks); lm_eval's takes a log level."""
+  out, skip = [], False
+  for i, a in enumerate(argv):
+    if skip:
+      skip = False
+      continue
+    if re.fullmatch(r'--?(verbosity|v)=-?\d+', a):
+      continue
+    if a in ('--verbosity', '-v') and i + 1 < len(argv) and re.fullmatch(r'-?\d+', argv[i + 1]):
+      skip = True
+      continue
+    out.append(a)
+  return out
+
+
 def main() -> None:
-  from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
-  sys.argv = [sys.argv[0]] + cli_argv(sys.argv[1:])
-  cli_evaluate()
+  with cli_errors.one_line_errors():
+    argv = sys.argv[1:]
+    check_args(argv)
+    from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
+    sys.argv = [sys.argv[0]] + cli_argv(_without_our_verbosity(argv))
+    try:
+      cli_evaluate()
+    except ValueError as e:
+      # lm_eval's own check of task names (it knows the tasks of other projects too).
+      if str(e).startswith('Tasks not found'):
+        raise cli_errors.FlagError(f'--tasks: {e}') from e
+      raise
 
 
 if __name__ == '__main__':

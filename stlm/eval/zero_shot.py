@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from stlm import cli_errors
 from stlm.eval import loaders
 from stlm.eval import metrics
 from stlm.eval import prompts
@@ -217,7 +218,7 @@ def write_results(path: str, exported, checkpoint: str, results: dict,
              parameters=factory.count_params(exported.params),
              scoring=scoring or dict(always_prefix_eot=False, allow_split_fallback=False),
              benchmarks=results, perplexity=perplexity)
-  with open(path, 'w', encoding='utf-8') as f:
+  with cli_errors.atomic_file(path) as f:   # a reader (stlm.report) never sees half of it
     json.dump(out, f, indent=2)
   return out
 

@@ -119,13 +119,17 @@ def _params_files(params_dir: str) -> dict[str, int]:
 
 
 def _where(directory: str, flag: str | None) -> str:
-  return f'{flag}={directory}' if flag else directory
+  """How messages name the directory: as given to `flag` ('--checkpoint', or a prefix such as
+  '--checkpoint=scratch:' that already ends the flag), else by itself."""
+  if not flag:
+    return directory
+  return f'{flag}{directory}' if flag.endswith((':', '=')) else f'{flag}={directory}'
 
 
 def _not_an_export_hint(directory: str, flag: str | None) -> str:
   if is_export(os.path.join(directory, 'export')):
     inner = os.path.join(directory, 'export')
-    return f'it is a training workdir; pass {flag}={inner}' if flag else (
+    return f'it is a training workdir; pass {_where(inner, flag)}' if flag else (
         f'it is a training workdir; its export is {inner}')
   if any(n.isdigit() for n in os.listdir(directory)) or os.path.isdir(
       os.path.join(directory, 'checkpoints')):
