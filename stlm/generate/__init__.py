@@ -13,6 +13,7 @@ import sys
 from absl import app
 import jax
 
+from stlm import cli_errors
 from stlm import export
 from stlm.models import decoding
 from stlm.models import kinds
@@ -57,11 +58,19 @@ def run(checkpoint, prompt='', max_bytes=256, temperature=0.8, top_k=0, top_p=1.
   """Loads the export, prints prompt + continuation, returns the continuation."""
   if not checkpoint:
     raise app.UsageError('--checkpoint=<workdir>/export is required')
+  if not prompt:
+    # Most often an unset shell variable; a sample from nothing is rarely what was meant.
+    raise cli_errors.FlagError('--prompt is empty: give the text to continue')
   if max_bytes < 1:
-    raise app.UsageError(f'--max_bytes must be >= 1, got {max_bytes}')
+    raise cli_errors.FlagError(f'--max_bytes={max_bytes} must be >= 1')
   if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
-    raise app.UsageError('need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1')
-  exported = export.load_export(checkpoint)
+    raise cli_errors.FlagError(f'need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1 '
+                               f'(got {temperature}, {top_k}, {top_p})')
+  config = export.check_export(checkpoint, '--checkpoint')
+  if kinds.get_kind(config.model.kind).generation is None:
+    raise export.BadExportError(f'--checkpoint={checkpoint} holds a model.kind='
+                                f'{config.model.kind!r} model, which does not generate text')
+  exported = export.load_export(checkpoint, '--checkpoint')
   stats = {}
   text = generate_text(exported, prompt, max_bytes=max_bytes, temperature=temperature,
                        top_k=top_k, top_p=top_p, seed=seed, stats=stats)
