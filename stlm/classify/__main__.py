@@ -11,12 +11,13 @@ Examples:
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from stlm import cli_errors
 
 config_flags.DEFINE_config_file('config', None, 'Config[:preset] of the model for '
                                 '--checkpoint=scratch.', lock_config=False)
@@ -58,15 +59,48 @@ flags.DEFINE_integer('queries', 5, 'FewRel queries per relation per episode.')
 FLAGS = flags.FLAGS
 
 
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:   # a bad --config or --config.<key> reads as main.py's do
+    cli_errors.exit_for_config_flag(e)
+
+
+def _flag_of(spec: str) -> str:
+  if spec == FLAGS.reference:
+    return '--reference'
+  return '--committee' if FLAGS.committee else '--checkpoint'
+
+
+def _check_backbone(spec: str) -> None:
+  """Refuses a backbone that cannot load or classify, without reading any params."""
+  from stlm import export as export_lib  # pylint: disable=g-import-not-at-top
+  from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
+  if spec.startswith('scratch:'):
+    export_lib.check_export(spec[len('scratch:'):], f'{_flag_of(spec)}=scratch:')
+  elif spec == 'scratch':
+    if FLAGS.config is None:
+      raise app.UsageError('--checkpoint=scratch needs --config=<file>[:preset]')
+  else:
+    backbone.check_backbone_export(spec, _flag_of(spec))
+
+
 def _backbone(spec: str):
   from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
   if spec.startswith('scratch:'):
     return backbone.scratch_like(spec[len('scratch:'):])
   if spec == 'scratch':
-    if FLAGS.config is None:
-      raise app.UsageError('--checkpoint=scratch needs --config=<file>[:preset]')
     return backbone.scratch_backbone(FLAGS.config)
-  return backbone.load_backbone(spec)
+  return backbone.load_backbone(spec, _flag_of(spec))
+
+
+def _check_numbers() -> None:
+  for name in ('max_steps', 'batch_size', 'val_size', 'eval_every', 'episodes', 'queries'):
+    if FLAGS[name].value < 1:
+      raise cli_errors.FlagError(f'--{name}={FLAGS[name].value} must be >= 1')
+  for name in ('max_train', 'max_test', 'carve_test', 'patience'):
+    if FLAGS[name].value < 0:
+      raise cli_errors.FlagError(f'--{name}={FLAGS[name].value} must be >= 0')
 
 
 def main(argv):
@@ -77,31 +111,38 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from stlm.classify import finetune
   from stlm.classify import run
-  from stlm.data import classification as cls_data
   specs = FLAGS.committee or ([FLAGS.checkpoint] if FLAGS.checkpoint else [])
   if not specs:
     raise app.UsageError('give --checkpoint=<export>|scratch or --committee=<e1>,<e2>,...')
-  try:
-    if FLAGS.task == 'fewrel':
-      if len(specs) > 1:
-        raise app.UsageError('FewRel episodes use one backbone (no committees)')
-      record = run.fewrel_task(_backbone(specs[0]), FLAGS.data_dir, FLAGS.test_file,
-                               FLAGS.fewrel_settings, FLAGS.episodes, FLAGS.queries, FLAGS.seed)
-    else:
-      split = run.SplitSettings(train_file=FLAGS.train_file, test_file=FLAGS.test_file,
-                                val_size=FLAGS.val_size, max_train=FLAGS.max_train,
-                                max_test=FLAGS.max_test, carve_test=FLAGS.carve_test,
-                                seed=FLAGS.seed)
-      train = finetune.TrainSettings(mode=FLAGS.mode, pool=FLAGS.pool, lr=FLAGS.lr,
-                                     probe_lr=FLAGS.probe_lr, batch_size=FLAGS.batch_size,
-                                     max_steps=FLAGS.max_steps, eval_every=FLAGS.eval_every,
-                                     patience=FLAGS.patience, seed=FLAGS.seed)
-      grid = run.candidates(train, FLAGS.lr_grid, FLAGS.pool_grid)
-      reference = _backbone(FLAGS.reference) if FLAGS.reference else None
-      record = run.text_task([_backbone(s) for s in specs], FLAGS.task, FLAGS.data_dir, split,
-                             grid, reference=reference)
-  except (cls_data.DataFormatError, FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
+  if FLAGS.task == 'fewrel' and len(specs) > 1:
+    raise app.UsageError('FewRel episodes use one backbone (no committees)')
+  # Every input is checked before a model is loaded or trained, so a mistake costs no wait.
+  _check_numbers()
+  if FLAGS.output:
+    cli_errors.check_output_file('--output', FLAGS.output)
+  split = run.SplitSettings(train_file=FLAGS.train_file, test_file=FLAGS.test_file,
+                            val_size=FLAGS.val_size, max_train=FLAGS.max_train,
+                            max_test=FLAGS.max_test, carve_test=FLAGS.carve_test,
+                            seed=FLAGS.seed)
+  if FLAGS.task == 'fewrel':
+    run.fewrel_file(FLAGS.data_dir, FLAGS.test_file)
+    run.fewrel_settings(FLAGS.fewrel_settings)
+  else:
+    run.task_files(FLAGS.task, FLAGS.data_dir, split)
+  for spec in specs + ([FLAGS.reference] if FLAGS.reference else []):
+    _check_backbone(spec)
+  if FLAGS.task == 'fewrel':
+    record = run.fewrel_task(_backbone(specs[0]), FLAGS.data_dir, FLAGS.test_file,
+                             FLAGS.fewrel_settings, FLAGS.episodes, FLAGS.queries, FLAGS.seed)
+  else:
+    train = finetune.TrainSettings(mode=FLAGS.mode, pool=FLAGS.pool, lr=FLAGS.lr,
+                                   probe_lr=FLAGS.probe_lr, batch_size=FLAGS.batch_size,
+                                   max_steps=FLAGS.max_steps, eval_every=FLAGS.eval_every,
+                                   patience=FLAGS.patience, seed=FLAGS.seed)
+    grid = run.candidates(train, FLAGS.lr_grid, FLAGS.pool_grid)
+    reference = _backbone(FLAGS.reference) if FLAGS.reference else None
+    record = run.text_task([_backbone(s) for s in specs], FLAGS.task, FLAGS.data_dir, split,
+                           grid, reference=reference)
   chosen = record.get('members', [{}])[0]
   if 'selection' in chosen:
     print(f'chosen on validation: pool={chosen["pool"]} lr={chosen["lr"]:g} '
@@ -115,10 +156,10 @@ def main(argv):
              f'{ref["latency_s_per_example"] * 1e3:.3f} ms/example')
   print(line)
   if FLAGS.output:
-    with open(FLAGS.output, 'w', encoding='utf-8') as f:
+    with cli_errors.atomic_file(FLAGS.output) as f:
       json.dump(record, f, indent=2)
 
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('task')
-  app.run(main)
+  cli_errors.run(main, flags_parser=_parse_flags)

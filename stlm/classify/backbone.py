@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from stlm import cli_errors
 from stlm import export as export_lib
 from stlm import tokenizers
+from stlm.config import errors as config_errors
+from stlm.models import factory
 from stlm.models import kinds
 
 POOLINGS = ('first', 'mean', 'last')
@@ -47,26 +50,41 @@ class Backbone:
 
   def pooling(self, requested: str) -> str:
     if requested not in POOLINGS:
-      raise ValueError(f'--pool={requested!r}; choose one of {", ".join(POOLINGS)}')
+      raise cli_errors.FlagError(f'--pool={requested!r}; choose one of {", ".join(POOLINGS)}')
     return 'last' if self.kind.causal else requested
 
 
+def _has_features(model) -> bool:
+  return hasattr(model, 'features')   # B x T x D hidden states, what a head is trained on
+
+
 def _check_features(model, kind_name):
-  if not hasattr(model, 'features'):
-    raise ValueError(f'model.kind {kind_name!r} has no features() method (B x T x D hidden '
-                     'states), so it cannot be used as a classification backbone')
+  if not _has_features(model):
+    config_errors.fail('model.kind', kind_name, 'has no features() method (B x T x D hidden '
+                       'states), so it cannot be used as a classification backbone')
 
 
-def load_backbone(export_dir: str) -> Backbone:
-  ex = export_lib.load_export(export_dir)
-  _check_features(ex.model, ex.config.model.kind)
+def check_backbone_export(export_dir: str, flag: str = '--checkpoint'):
+  """The export's config, after checking (without reading params) that it is a whole export
+  of a kind with hidden states to classify from; BadExportError otherwise."""
+  config = export_lib.check_export(export_dir, flag)
+  if not _has_features(factory.build_model(config.model)):
+    raise export_lib.BadExportError(
+        f'{flag}={export_dir} holds a model.kind={config.model.kind!r} model, which has no '
+        'features() (B x T x D hidden states), so it cannot be a classification backbone')
+  return config
+
+
+def load_backbone(export_dir: str, flag: str = '--checkpoint') -> Backbone:
+  check_backbone_export(export_dir, flag)
+  ex = export_lib.load_export(export_dir, flag)
   return Backbone(ex.model, ex.params, ex.config, ex.tokenizer, export_dir)
 
 
 def scratch_like(export_dir: str, seed: int | None = None) -> Backbone:
   """The export's own model (shape, tokenizer, init seed), untrained: the scratch arm that
   differs from the pretrained one only in its weights."""
-  bb = scratch_backbone(export_lib.load_config(export_dir), seed)
+  bb = scratch_backbone(export_lib.check_export(export_dir, '--checkpoint=scratch:'), seed)
   return dataclasses.replace(bb, source=f'scratch:{export_dir}')
 
 
@@ -74,7 +92,7 @@ def scratch_backbone(config, seed: int | None = None) -> Backbone:
   """The config's model, untrained (same init as training step 0 with `seed`)."""
   tok_cfg = config.tokenizer
   if tok_cfg.kind == 'sentencepiece' and not tok_cfg.get('sp_model_path'):
-    raise ValueError(
+    raise config_errors.ConfigError(
         'a scratch model with tokenizer.kind=sentencepiece needs '
         '--config.tokenizer.sp_model_path (use the pretrained export\'s tokenizer.model so '
         'both models see the same tokens)')

@@ -17,6 +17,7 @@ import math
 import jax
 import numpy as np
 
+from stlm import cli_errors
 from stlm.classify import backbone as backbone_lib
 from stlm.data import classification as cls_data
 
@@ -33,11 +34,13 @@ def sample_episodes(relations: dict[str, list], n_way: int, k_shot: int, n_query
   """Deterministic for (relations' names and sizes, arguments, seed)."""
   names = sorted(relations)
   if n_way > len(names):
-    raise ValueError(f'{n_way}-way episodes need {n_way} relations; the file has {len(names)}')
+    raise cli_errors.FlagError(f'--fewrel_settings: {n_way}-way episodes need {n_way} '
+                               f'relations; the file has {len(names)}')
   for r in names:
     if len(relations[r]) < k_shot + n_query:
-      raise ValueError(f'relation {r} has {len(relations[r])} instances; '
-                       f'{k_shot}-shot with {n_query} queries needs {k_shot + n_query}')
+      raise cli_errors.FlagError(f'--fewrel_settings / --queries: relation {r} has '
+                                 f'{len(relations[r])} instances; {k_shot}-shot with '
+                                 f'{n_query} queries needs {k_shot + n_query}')
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n_episodes):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from stlm import cli_errors
 from stlm.classify import backbone as backbone_lib
 
 MODES = ('finetune', 'probe')
@@ -95,7 +96,7 @@ def train_classifier(bb: backbone_lib.Backbone, train: dict, train_y, val: dict,
                      num_classes: int, s: TrainSettings, log=print) -> Classifier:
   """Fine-tunes (or probes) `bb` + a linear head on tokenized `train`, early-stopped on `val`."""
   if s.mode not in MODES:
-    raise ValueError(f'--mode={s.mode!r}; choose one of {", ".join(MODES)}')
+    raise cli_errors.FlagError(f'--mode={s.mode!r}; choose one of {", ".join(MODES)}')
   pool = bb.pooling(s.pool)
   train_y, val_y = np.asarray(train_y, np.int32), np.asarray(val_y, np.int32)
   rng = jax.random.key(s.seed)

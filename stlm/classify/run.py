@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 
+from stlm import cli_errors
 from stlm.classify import backbone as backbone_lib
 from stlm.classify import committee as committee_lib
 from stlm.classify import compare as compare_lib
@@ -43,17 +44,34 @@ def _norm(text: str) -> str:
   return re.sub(r'[^a-z0-9]+', '', text.lower())
 
 
-def task_splits(task: str, data_dir: str, s: SplitSettings) -> Splits:
-  """Train / validation (carved from train) / test of a text task, deterministic by seed."""
+def task_files(task: str, data_dir: str, s: SplitSettings):
+  """(train file, test file or None) of a text task; FileNotFoundError naming the flag when a
+  file is missing or empty. Reads nothing else, so a command can check before loading models."""
+  if task not in cls_data.TRAIN_FILES:
+    raise cli_errors.FlagError(f'--task={task!r} has no text-classification files; choose '
+                               f'one of {", ".join(cls_data.TRAIN_FILES)}')
+  if not s.train_file and data_dir and not pathlib.Path(data_dir).is_dir():
+    raise FileNotFoundError(f'--data_dir={data_dir} does not exist')
   train_path = pathlib.Path(s.train_file) if s.train_file else cls_data.find_file(
       task, data_dir, cls_data.TRAIN_FILES[task])
   if train_path is None or not train_path.is_file():
-    raise FileNotFoundError(f'no {task} train file: give --train_file, or --data_dir holding '
+    raise FileNotFoundError(f'--train_file {train_path} does not exist' if s.train_file else
+                            f'no {task} train file: give --train_file, or --data_dir holding '
                             f'one of {cls_data.TRAIN_FILES[task]} (got {data_dir!r})')
   test_path = pathlib.Path(s.test_file) if s.test_file else cls_data.find_file(
       task, data_dir, cls_data.TEST_FILES[task])
   if test_path is not None and not test_path.is_file():
     raise FileNotFoundError(f'--test_file {test_path} does not exist')
+  for flag, given, path in (('--train_file', s.train_file, train_path),
+                            ('--test_file', s.test_file, test_path)):
+    if path is not None and path.stat().st_size == 0:
+      raise cls_data.DataFormatError(f'{flag if given else "--data_dir"}: {path} is empty')
+  return train_path, test_path
+
+
+def task_splits(task: str, data_dir: str, s: SplitSettings) -> Splits:
+  """Train / validation (carved from train) / test of a text task, deterministic by seed."""
+  train_path, test_path = task_files(task, data_dir, s)
   full = cls_data.load_task_file(task, train_path)
   rng = np.random.default_rng(s.seed)
   order = rng.permutation(len(full))
@@ -77,7 +95,8 @@ def task_splits(task: str, data_dir: str, s: SplitSettings) -> Splits:
   rest = order[s.val_size:]
   train = full.subset(rest[:s.max_train] if s.max_train else rest)
   if len(train) == 0 or len(val) == 0:
-    raise ValueError(f'{train_path} has {len(full)} rows: too few for val_size={s.val_size}')
+    raise cli_errors.FlagError(f'--val_size={s.val_size}: {train_path} has {len(full)} rows, '
+                               'too few to carve validation and train from')
   info.update(n_train=len(train), n_val=len(val), n_test=len(test),
               val='carved from train', seed=s.seed)
   return Splits(train, val, test, info)
@@ -100,8 +119,15 @@ def candidates(train: finetune.TrainSettings, lrs=(), pools=()) -> list:
   lists keep `train`'s own value, so one candidate means no selection.
   """
   field = _lr_field(train)
-  lrs = [float(x) for x in lrs] or [getattr(train, field)]
+  try:
+    lrs = [float(x) for x in lrs] or [getattr(train, field)]
+  except ValueError:
+    raise cli_errors.FlagError(f'--lr_grid={",".join(map(str, lrs))}: not all numbers') from None
   pools = list(pools) or [train.pool]
+  bad = [p for p in pools if p not in backbone_lib.POOLINGS]
+  if bad:
+    raise cli_errors.FlagError(f'--pool_grid: {", ".join(bad)}; choose among '
+                               f'{", ".join(backbone_lib.POOLINGS)}')
   return [dataclasses.replace(train, pool=p, **{field: lr}) for p in pools for lr in lrs]
 
 
@@ -206,21 +232,37 @@ def text_task(backbones, task: str, data_dir: str, split: SplitSettings,
   return out
 
 
-def fewrel_task(bb, data_dir: str, test_file: str = '', settings=('5w1s', '10w5s'),
-                n_episodes: int = 100, n_query: int = 5, seed: int = 0, log=print) -> dict:
+def fewrel_file(data_dir: str, test_file: str = '') -> pathlib.Path:
+  """The FewRel relations file; FileNotFoundError naming the flag when it is missing."""
   path = pathlib.Path(test_file) if test_file else cls_data.find_file(
       'fewrel', data_dir, cls_data.TEST_FILES['fewrel'])
   if path is None or not path.is_file():
-    raise FileNotFoundError(f'no FewRel file: give --test_file, or --data_dir holding '
+    raise FileNotFoundError(f'--test_file {path} does not exist' if test_file else
+                            f'no FewRel file: give --test_file, or --data_dir holding '
                             f'{cls_data.TEST_FILES["fewrel"]} (got {data_dir!r})')
-  relations = cls_data.load_fewrel(path)
-  results = []
+  return path
+
+
+def fewrel_settings(settings) -> list[tuple[str, int, int]]:
+  """(name, N, K) of each N-way K-shot setting ('5w1s')."""
+  out = []
   for name in settings:
     m = re.fullmatch(r'(\d+)w(\d+)s', name)
     if not m:
-      raise ValueError(f'FewRel setting {name!r}: write N-way K-shot as e.g. 5w1s')
-    r = fewrel_lib.evaluate(bb, relations, int(m.group(1)), int(m.group(2)), n_query,
-                            n_episodes, seed)
+      raise cli_errors.FlagError(f'--fewrel_settings: {name!r}; write N-way K-shot as e.g. '
+                                 '5w1s')
+    out.append((name, int(m.group(1)), int(m.group(2))))
+  return out
+
+
+def fewrel_task(bb, data_dir: str, test_file: str = '', settings=('5w1s', '10w5s'),
+                n_episodes: int = 100, n_query: int = 5, seed: int = 0, log=print) -> dict:
+  path = fewrel_file(data_dir, test_file)
+  parsed = fewrel_settings(settings)
+  relations = cls_data.load_fewrel(path)
+  results = []
+  for name, n_way, k_shot in parsed:
+    r = fewrel_lib.evaluate(bb, relations, n_way, k_shot, n_query, n_episodes, seed)
     log(f'fewrel {name}: {bb.source}: accuracy {r["accuracy"]:.4f} ± {r["stderr"]:.4f} '
         f'({r["n_episodes"]} episodes)')
     results.append(r)
