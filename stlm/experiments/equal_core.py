@@ -40,6 +40,7 @@ from absl import flags
 from absl import logging as absl_logging
 import jax
 
+from stlm import cli_errors
 from stlm import export as export_lib
 from stlm import tokenizers
 from stlm.config import files
@@ -91,7 +92,11 @@ _PLOT = flags.DEFINE_bool('plot', True, 'write <workdir>/flops.png (bits/byte vs
 
 
 def shared_core() -> rows.Core:
-  return rows.Core.parse(_CORE.value, _HEADS.value, _CONTEXT.value, _FFN.value)
+  try:
+    return rows.Core.parse(_CORE.value, _HEADS.value, _CONTEXT.value, _FFN.value)
+  except ValueError:
+    raise cli_errors.FlagError(f'--core={_CORE.value} / --heads={_HEADS.value}: write layers x '
+                               'hidden as 4x128 and heads / kv heads as 4/2') from None
 
 
 def bytes_per_token() -> float:
@@ -152,13 +157,42 @@ def _flops_per_step(c) -> float:
   return metrics_lib.flops_per_unit(c, _counts(c)) * c.train.batch_size * c.model.max_len
 
 
+def check_names(names, comparisons) -> None:
+  """UsageError for a row or comparison name that does not exist."""
+  for name in names:
+    if name not in ROWS:
+      raise app.UsageError(f'--rows: unknown {name!r}; choose from {", ".join(ROWS)}')
+  for comparison in comparisons:
+    if comparison not in COMPARISONS:
+      raise app.UsageError(f'--compare: unknown {comparison!r}; choose from '
+                           f'{", ".join(COMPARISONS)}')
+
+
+def check_inputs() -> None:
+  """Every flag that can be checked without training, so a mistake costs no wait (the corpus
+  is read, and the workdir written, only after this)."""
+  check_names(_ROWS.value, _COMPARE.value)
+  bad_seeds = [s for s in _SEEDS.value if not s.lstrip('-').isdigit()]
+  if bad_seeds:
+    raise cli_errors.FlagError(f'--seeds: {", ".join(bad_seeds)} not an integer')
+  shared_core()
+  for flag, value in (('--steps', _STEPS.value), ('--batch', _BATCH.value),
+                      ('--context', _CONTEXT.value), ('--eval_docs', _EVAL_DOCS.value)):
+    if value < 1:
+      raise cli_errors.FlagError(f'{flag}={value} must be >= 1')
+  if not os.path.exists(_DATA.value):
+    raise cli_errors.FlagError(f'--data={_DATA.value} does not exist (a directory of '
+                               '.txt/.jsonl documents)')
+  if _OOD_DATA.value and not os.path.exists(_OOD_DATA.value):
+    raise cli_errors.FlagError(f'--ood_data={_OOD_DATA.value} does not exist')
+  if not os.path.isdir(_CONFIGS_DIR.value):
+    raise cli_errors.FlagError(f'--configs_dir={_CONFIGS_DIR.value} does not exist')
+  cli_errors.check_output_dir('--workdir', _WORKDIR.value)
+
+
 def row_experiment_config(name: str, seed: int = 0, comparison: str = 'core'):
   """The config of one run: its row around the shared core, then the comparison's change."""
-  if name not in ROWS:
-    raise app.UsageError(f'--rows: unknown {name!r}; choose from {", ".join(ROWS)}')
-  if comparison not in COMPARISONS:
-    raise app.UsageError(f'--compare: unknown {comparison!r}; choose from '
-                         f'{", ".join(COMPARISONS)}')
+  check_names([name], [comparison])
   core = shared_core()
   c = rows.shared_core_config(name, core, bytes_per_token=bytes_per_token(),
                               configs_dir=_CONFIGS_DIR.value)
@@ -287,6 +321,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)
+  check_inputs()
   os.makedirs(_WORKDIR.value, exist_ok=True)
   runs = [(c, int(s), name) for c in _COMPARE.value for s in _SEEDS.value for name in _ROWS.value]
   for comparison, seed, name in runs:
@@ -307,4 +342,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli_errors.run(main)

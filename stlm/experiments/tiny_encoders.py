@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from stlm import cli_errors
 from stlm.config import files
 
 flags.DEFINE_string('data_root', '../shared/data', 'The shared data directory.')
@@ -235,10 +236,37 @@ def write_outputs(out: pathlib.Path, rows: list[dict], comm: dict | None) -> Non
     plt.close(fig)
 
 
+def check_inputs() -> None:
+  """Every flag that can be checked before pretraining starts, so a mistake costs no wait."""
+  for task in FLAGS.tasks + ([FLAGS.committee_task] if FLAGS.committee_size > 0 else []):
+    if task not in TASK_DIRS:
+      flag = '--tasks' if task in FLAGS.tasks else '--committee_task'
+      raise cli_errors.FlagError(f'{flag}: unknown task {task!r}; choose from '
+                                 f'{", ".join(TASK_DIRS)}')
+  bad = [n for n in FLAGS.subset_docs if not n.isdigit() or int(n) < 1]
+  if bad or not FLAGS.subset_docs:
+    raise cli_errors.FlagError(f'--subset_docs: {", ".join(bad) or "empty"}; give page counts '
+                               '>= 1')
+  root = pathlib.Path(FLAGS.data_root)
+  if not root.is_dir():
+    raise cli_errors.FlagError(f'--data_root={root} does not exist')
+  needed = [root / 'corpus' / 'wikipedia_en'] + [
+      root / TASK_DIRS[t] for t in dict.fromkeys(
+          FLAGS.tasks + ([FLAGS.committee_task] if FLAGS.committee_size > 0 else []))]
+  for path in needed:
+    if not path.is_dir():
+      raise cli_errors.FlagError(f'--data_root={root} lacks {path.relative_to(root)}/')
+  if not (pathlib.Path(FLAGS.configs_dir) / 'encoder.py').is_file():
+    raise cli_errors.FlagError(f'--configs_dir={FLAGS.configs_dir} has no encoder.py')
+  cli_errors.check_output_dir('--out', FLAGS.out)
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  check_inputs()
   out = pathlib.Path(FLAGS.out)
   os.makedirs(out, exist_ok=True)
   rows = gap_study(out)
@@ -248,4 +276,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli_errors.run(main)
