@@ -240,6 +240,9 @@ def fewrel_file(data_dir: str, test_file: str = '') -> pathlib.Path:
     raise FileNotFoundError(f'--test_file {path} does not exist' if test_file else
                             f'no FewRel file: give --test_file, or --data_dir holding '
                             f'{cls_data.TEST_FILES["fewrel"]} (got {data_dir!r})')
+  if path.stat().st_size == 0:
+    raise cls_data.DataFormatError(f'{"--test_file" if test_file else "--data_dir"}: {path} '
+                                   'is empty')
   return path
 
 
