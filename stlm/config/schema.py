@@ -165,6 +165,12 @@ def base_config() -> ml_collections.ConfigDict:
   tr.lease_stale_s = 300.0
   # Persistent XLA compilation cache: 'auto' (per-user cache dir), '' (off) or a path.
   tr.compile_cache_dir = 'auto'
+  # Weights & Biases beside metrics.jsonl and TensorBoard (stlm/train/wandb_writer.py): the
+  # project to log to ('' = off; then wandb is not even imported). offline writes the run
+  # under <workdir>/wandb/ with no network (`wandb sync` uploads it later) | online.
+  tr.wandb_project = ''
+  tr.wandb_mode = 'offline'
+  tr.wandb_entity = ''           # W&B user or team ('' = the account's default entity)
 
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.shape = (-1, 1, 1)        # (data, fsdp, tensor); -1 takes the remaining devices

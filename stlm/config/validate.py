@@ -32,7 +32,10 @@ _CHOICES = {
     'train.wsd_decay_shape': optimizer.WSD_DECAY_SHAPES,
     'train.weight_decay_params': optimizer.DECAY_PARAMS,
     'train.dropout_schedule': optimizer.DROPOUT_SCHEDULES,
+    'train.wandb_mode': ('offline', 'online'),
 }
+
+_WANDB_PROJECT_FORBIDDEN = '/\\#?%:'
 
 _POSITIVE_INTS = (
     'model.num_layers', 'model.hidden_dim', 'model.num_heads', 'model.num_kv_heads',
@@ -124,6 +127,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _fail('train.muon_weight_decay', t.muon_weight_decay, 'must be >= 0')
   if t.grad_clip < 0:
     _fail('train.grad_clip', t.grad_clip, 'must be >= 0 (0 disables clipping)')
+  for key in ('wandb_project', 'wandb_entity'):
+    if not isinstance(t[key], str):
+      _fail(f'train.{key}', t[key], "must be a string ('' = off / the default)")
+  # W&B's own rule for project names, checked here so a bad one stops the run before any work.
+  if len(t.wandb_project) > 128 or set(t.wandb_project) & set(_WANDB_PROJECT_FORBIDDEN):
+    _fail('train.wandb_project', t.wandb_project,
+          f'must be at most 128 characters, none of {_WANDB_PROJECT_FORBIDDEN}')
 
   d = c.data
   if not 0.0 < d.val_fraction < 1.0:

@@ -1,5 +1,6 @@
 """The training run: config -> tokenizer -> data -> sharded state -> steps -> checkpoints -> export."""
 
+import contextlib
 import functools
 import math
 import os
@@ -31,6 +32,7 @@ from stlm.train import run_info
 from stlm.train import sharding
 from stlm.train import setup as setup_lib
 from stlm.train import step as step_lib
+from stlm.train import wandb_writer
 
 
 def build_run_tokenizer(config, workdir: str):
@@ -181,6 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked private copy
   config_validate.validate(config)
+  wandb_writer.import_wandb(config)   # a missing optional package stops the run before any work
   # Before anything is compiled: JAX reads the cache setting at the first compilation.
   compile_cache.enable(config.train.get('compile_cache_dir', ''))
   # Data first: a bad corpus must stop the run before anything is created in workdir, and a
@@ -205,7 +208,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   train_step = setup_lib.build_train_step(config, model, mesh)
   train_fn, state = train_step.step, None
   # The mesh plus the logical axis rules: the models' activation constraints resolve to it.
-  with sharding.mesh_context(mesh):
+  # The ExitStack closes the metrics writer on every way out; an exception marks its W&B run
+  # failed (the normal and preempted endings close it themselves, as before).
+  with sharding.mesh_context(mesh), contextlib.ExitStack() as closing:
     start_step, fallback_notes = 0, []
     if ckpts.latest_step() is not None:
       # Restored onto the abstract state: a resumed run never runs (or compiles) the init.
@@ -220,13 +225,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
 
     breakdown = factory.param_breakdown(state.params, config.model)
     kind = kinds.get_kind(config.model.kind)
-    writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step)
+    writer = closing.enter_context(metrics_lib.MetricsWriter(
+        workdir, config.train.steps, start_step, config=config, identity=recorder.identity()))
     for note in fallback_notes:
       writer.message(f'warning: {note}')
     recorder.start(config, breakdown, start_step)
     writer.message(_describe(config, state.params, breakdown, mesh, workdir, start_step))
     writer.message(f'metrics: {os.path.join(workdir, "metrics.jsonl")}; TensorBoard: '
                    f'tensorboard --logdir {os.path.join(workdir, "tensorboard")}')
+    if writer.wandb_run_id:
+      writer.message(f'W&B: run {writer.wandb_run_id} ({config.train.wandb_mode}) in '
+                     f'{os.path.join(workdir, wandb_writer.WANDB_DIR)}')
     peak, peak_source = metrics_lib.peak_flops_per_device()
     flops_per_unit = kind.flops_per_target(config.model, breakdown)
     rate_label = {'tokens': 'tok/s'}.get(kind.target_unit, f'{kind.target_unit}/s')
