@@ -100,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.sp_vocab_size = 8000
 
   d = c.data = ml_collections.ConfigDict()
-  d.source = 'builtin'           # builtin | local | tfds name (openwebtext, wikipedia_en, ...) | mix
+  # builtin | local | tfds name (openwebtext, wikipedia_en, ...) | hf | hf:<preset> | mix
+  d.source = 'builtin'
   d.path = ''                    # local: directory of .txt/.jsonl files
   d.split_by = 'auto'            # auto | file | blank_line | eot | line (how a file becomes documents)
   d.eot_marker = '<|endoftext|>'
@@ -110,6 +111,15 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_train_docs = 0           # > 0: train on only the first N train documents (subset studies)
   d.data_dir = ''                # where tfds writes ArrayRecord ('' = ~/.cache/stlm/tfds)
   d.mix = ml_collections.ConfigDict()   # source name -> weight, for source == 'mix'
+  # source 'hf' (stlm/data/hf_datasets.py): a Hugging Face dataset read through `datasets`.
+  d.hf_name = ''                 # Hub id, or json | parquet | csv | text over hf_data_files
+  d.hf_config = ''               # the dataset's configuration ('' = its default)
+  d.hf_data_files = ''           # local files/globs, comma separated; split=glob for other splits
+  d.hf_split = 'train'
+  d.hf_val_split = ''            # the dataset's held-out split ('' = val_fraction by hash)
+  d.hf_field = 'text'            # text column, or columns joined by a blank line ('title,text')
+  d.hf_revision = ''             # Hub branch, tag or commit ('' = the default branch)
+  d.hf_streaming = False         # iterate the dataset without writing it to the HF cache first
   d.shuffle_buffer = 1024
   d.num_workers = 0              # grain worker processes; 0 = in-process
   d.num_threads = 2              # grain reader threads that tokenize documents

@@ -7,6 +7,7 @@ from stlm import tokenizers
 from stlm.config.errors import ConfigError  # pylint: disable=unused-import (re-exported)
 from stlm.config.errors import fail as _fail
 from stlm.data import corpus
+from stlm.data import hf_datasets
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
@@ -142,6 +143,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('data.path', d.path, "data.source='local' needs a directory of .txt/.jsonl files")
   if d.source == 'mix' and not d.mix:
     _fail('data.mix', dict(d.mix), "data.source='mix' needs {source name: weight}")
+  for name in (dict(d.mix) if d.source == 'mix' else [d.source]):
+    if hf_datasets.is_hf(name):
+      try:
+        hf_datasets.resolve(name, d)
+      except hf_datasets.HfDataError as e:
+        raise ConfigError(f'config.{e}') from None
   if c.tokenizer.kind == 'sentencepiece' and c.tokenizer.sp_vocab_size < 260:
     _fail('tokenizer.sp_vocab_size', c.tokenizer.sp_vocab_size,
           'must be >= 260 (256 byte-fallback pieces plus specials)')
