@@ -73,6 +73,14 @@ def test_documents_are_the_field_split_by_hash_like_a_local_corpus(pages, tmp_pa
   assert len(texts) == PAGES - 1   # the blank page is left out, nothing else
 
 
+def test_the_same_documents_as_the_local_source_on_the_same_file(pages, tmp_path):
+  root, _ = pages
+  hf = _config(root, tmp_path)
+  local = _config(root, tmp_path, source='local', path=str(root / 'pages.jsonl'))
+  for split in ('train', 'validation'):
+    assert sorted(_texts(hf, split)) == sorted(_texts(local, split))
+
+
 def test_several_fields_join_with_a_blank_line_and_parquet_streams_the_same(pages, tmp_path):
   root, records = pages
   c = _config(root, tmp_path, hf_field='title,text')
