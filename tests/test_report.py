@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from stlm.report import collect
+from stlm.report import plots
 from stlm.report import render
 from stlm.report import table
 from tests.conftest import REPO_ROOT
@@ -82,6 +83,23 @@ def test_table_diff_and_reference(runs_dir):
     table.pick_reference(runs, 'nope')
 
 
+def test_learning_curves_are_in_training_benchmarks_against_tokens_seen(runs_dir):
+  run = collect.scan(runs_dir)[1]
+  with open(run.path / 'metrics.jsonl', 'a', encoding='utf-8') as f:
+    f.write('\n' + ''.join(json.dumps(r) + '\n' for r in (
+        {'step': 0, 'split': 'benchmarks', 'blimp/acc': 0.5, 'blimp/acc_stderr': 0.05,
+         'blimp/paradigm/adjunct_island/acc': 0.4, 'arc_easy/acc': 0.25, 'seconds': 3.0},
+        {'step': 100, 'split': 'benchmarks', 'blimp/acc': 0.6, 'blimp/acc_stderr': 0.04,
+         'arc_easy/acc': 0.3, 'arc_easy/acc_stderr': 0.02})))
+  run = collect.scan(runs_dir)[1]
+  curves = plots.learning_curves(run)
+  assert sorted(curves) == ['arc_easy', 'blimp']   # paradigms are not curves of their own
+  assert curves['blimp'] == [(0, 0.5, 0.05), (102400, 0.6, 0.04)]
+  assert curves['arc_easy'][1] == (102400, 0.3, 0.02)
+  assert curves['arc_easy'][0][:2] == (0, 0.25)
+  assert plots.learning_curves(collect.scan(runs_dir)[0]) == {}
+
+
 @pytest.mark.slow
 def test_report_writes_html_markdown_and_pngs(runs_dir, tmp_path):
   out = tmp_path / 'report'
@@ -92,7 +110,7 @@ def test_report_writes_html_markdown_and_pngs(runs_dir, tmp_path):
   assert 'Why learned_pe exists.' in html and 'model.position: &#x27;rope&#x27; -&gt; ' in html
   md = (out / 'README.md').read_text()
   assert '| c_learned | crashed |' in md and "model.position: 'rope' -> 'learned'" in md
-  assert len(paths['plots']) == 4
+  assert len(paths['plots']) == len(plots.PLOTS)
   for p in paths['plots']:
     data = pathlib.Path(p).read_bytes()
     assert data[:8] == PNG_SIGNATURE and data[12:16] == b'IHDR'

@@ -169,7 +169,14 @@ def base_config() -> ml_collections.ConfigDict:
   tr.nonfinite_policy = 'stop'   # stop | skip (drop a step whose loss/grad norm is NaN or inf)
   tr.max_consecutive_skips = 10  # skip policy: stop after this many non-finite steps in a row
   tr.final_eval_benchmarks = ''  # comma list run by stlm.eval after training ('' = none)
-  tr.final_eval_data_dir = ''    # benchmark release files for final_eval_benchmarks
+  tr.final_eval_data_dir = ''    # benchmark release files (final and in-training benchmarks)
+  # Benchmarks during training (stlm/train/benchmarks.py): a comma list scored in the run on
+  # a fixed sample of eval_benchmarks_limit items each, every eval_benchmarks_every steps
+  # (0 = at every validation), at step 0 and at the end ('' = none).
+  tr.eval_benchmarks = ''
+  tr.eval_benchmarks_every = 0
+  tr.eval_benchmarks_limit = 100
+  tr.eval_benchmarks_batch = 32  # scorer rows per batch
   # A workdir lease (stlm/train/lease.py) whose heartbeat is older than this is stale (the
   # holder's host is another machine, so its pid cannot be checked); taken over with a warning.
   tr.lease_stale_s = 300.0

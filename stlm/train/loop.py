@@ -21,6 +21,7 @@ from stlm.data import pipeline
 from stlm.data import tfds_builders
 from stlm.models import factory
 from stlm.models import kinds
+from stlm.train import benchmarks
 from stlm.train import checkpoint
 from stlm.train import compile_cache
 from stlm.train import disk
@@ -184,6 +185,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked private copy
   config_validate.validate(config)
   wandb_writer.import_wandb(config)   # a missing optional package stops the run before any work
+  benchmarks.check(config)            # and so do missing benchmark files
   # Before anything is compiled: JAX reads the cache setting at the first compilation.
   compile_cache.enable(config.train.get('compile_cache_dir', ''))
   # Data first: a bad corpus must stop the run before anything is created in workdir, and a
@@ -242,6 +244,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
 
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
     bpb = kind.reports_bits_per_byte
+    bench = (benchmarks.InTrainingBenchmarks(config, model, featurizer, state.params)
+             if benchmarks.every(config) else None)
+    cost_told = False
+
+    def run_benchmarks(step):
+      row = bench.evaluate(state.params)
+      writer.write(step, benchmarks.SPLIT, row)
+      writer.message(f'step {step}: benchmarks {benchmarks.row_summary(row)}')
 
     guard = divergence.DivergenceGuard(config.train.nonfinite_policy,
                                        config.train.max_consecutive_skips, start_step)
@@ -257,6 +267,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
                       config.train.eval_batches or None, bpb)
         writer.write(0, 'validation', ev)
         writer.message(_eval_line(0, ev))
+        if bench:
+          run_benchmarks(0)
       last_time, last_step = time.perf_counter(), start_step
       try:
         for step in range(start_step + 1, config.train.steps + 1):
@@ -274,6 +286,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
               m = {k: v for k, v in m.items() if k != 'bits_per_byte'}
             now = time.perf_counter()
             rate = float(m['targets']) * (step - last_step) / (now - last_time)
+            if bench and bench.last_seconds is not None and not cost_told:
+              writer.message(bench.cost_line((now - last_time) / (step - last_step)))
+              cost_told = True
             mfu = rate * flops_per_unit / (peak * jax.device_count())
             m = {k: v for k, v in m.items() if k != 'nonfinite'}
             writer.write(step, 'train', {**m, 'skipped': guard.interval_skips(),
@@ -284,6 +299,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
                                    rate_label: rate, 'mfu': mfu})
             guard.check(state.params)
             last_time, last_step = time.perf_counter(), step
+          evaluated = False
           if step % config.train.eval_every == 0 or step == config.train.steps:
             ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
                           config.train.eval_batches or None, bpb)
@@ -291,6 +307,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
             writer.message(_eval_line(step, ev))
             final_eval = ev
             recorder.evaluated(step, ev, rate)
+            evaluated = True
+          if bench and bench.due(step):
+            run_benchmarks(step)
+            evaluated = True
+          if evaluated:
             last_time = time.perf_counter()  # evaluation time is not training throughput
           preempted = watcher.stop_requested(step)
           if preempted or step % config.train.ckpt_every == 0 or step == config.train.steps:
