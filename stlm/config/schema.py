@@ -177,6 +177,14 @@ def base_config() -> ml_collections.ConfigDict:
   tr.eval_benchmarks_every = 0
   tr.eval_benchmarks_limit = 100
   tr.eval_benchmarks_batch = 32  # scorer rows per batch
+  # Populations (stlm/train/population.py): N members in one vmapped step, each its own run
+  # under <workdir>/members/. population = N takes seeds seed..seed+N-1, population_seeds a
+  # comma list; population_overrides 'train.lr=1e-3,3e-3;model.dropout=0,0.1' (one value per
+  # member, or one for all); population_data own (each member its seed's data order) | shared.
+  tr.population = 0
+  tr.population_seeds = ''
+  tr.population_overrides = ''
+  tr.population_data = 'own'
   # A workdir lease (stlm/train/lease.py) whose heartbeat is older than this is stale (the
   # holder's host is another machine, so its pid cannot be checked); taken over with a warning.
   tr.lease_stale_s = 300.0
