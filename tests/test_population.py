@@ -72,6 +72,7 @@ def test_members_take_seeds_and_overrides_and_become_single_run_configs():
     (dict(population_seeds='1,1'), r'repeats a seed'),
     (dict(population=3, population_seeds='1,2'), r'population=3: disagrees with the 2 seeds'),
     (dict(population=2, population_data='mixed'), r'population_data=.*own, shared'),
+    (dict(population=2, eval_benchmarks='blimp'), r'eval_benchmarks=.*not run inside a population'),
     (dict(population=2, optimizer='muon', population_overrides='train.weight_decay=0,0.1'), r"only with train\.optimizer='adamw'"),
 ])
 def test_bad_population_settings_name_the_key(train, match):

@@ -119,6 +119,9 @@ def members(config) -> list[Member]:
   t = config.train
   if t.population_data not in DATA_MODES:
     errors.fail('train.population_data', t.population_data, f'must be one of {", ".join(DATA_MODES)}')
+  if str(t.get('eval_benchmarks', '')).strip():
+    errors.fail('train.eval_benchmarks', t.eval_benchmarks,
+                'is not run inside a population; score the members\' exports with stlm.eval')
   seeds = _seeds(config)
   overrides = _overrides(config, len(seeds))
   if 'train.weight_decay' in overrides and t.optimizer != 'adamw':
