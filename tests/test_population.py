@@ -57,7 +57,10 @@ def test_members_take_seeds_and_overrides_and_become_single_run_configs():
   assert [m.config.model.dropout for m in ms] == [0.1] * 3
   assert [m.name for m in ms] == ['m0_seed7_lr0.001_dropout0.1', 'm1_seed8_lr0.002_dropout0.1',
                                   'm2_seed9_lr0.004_dropout0.1']
-  assert ms[2].config.train.muon_lr == pytest.approx(c.train.muon_lr * 4e-3 / c.train.lr)
+  assert ms[2].config.train.muon_lr == c.train.muon_lr   # read by Muon only
+  c.train.optimizer = 'muon'
+  assert population.members(c)[2].config.train.muon_lr == pytest.approx(
+      c.train.muon_lr * 4e-3 / c.train.lr)
   for m in ms:   # a member's config is a single run's: no population keys left
     assert not population.enabled(m.config)
     assert m.config.train.population_data == 'own'
