@@ -44,6 +44,10 @@ SETTINGS = (
     ('prune50', compress.Settings(prune=0.5)),
     ('prune90', compress.Settings(prune=0.9)),
     ('low_rank', compress.Settings(low_rank=('*',), rank=32)),
+    # Where pruning's cost comes from: one threshold for all arrays, and the tables kept.
+    ('prune50_global', compress.Settings(prune=0.5, prune_scope='global')),
+    ('prune50_no_tables', compress.Settings(prune=0.5, embeddings=False, byte_tables=False)),
+    ('int8_prune50', compress.Settings(quantize='int8', prune=0.5)),
 )
 
 _CONFIGS = flags.DEFINE_list('configs', 'baseline,byte_pool', 'config files (configs/<name>.py) '
