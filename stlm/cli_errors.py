@@ -2,8 +2,8 @@
 
 Every command (`main.py`, `python -m stlm.eval`, `stlm.generate`, `stlm.export`,
 `stlm.classify`, `stlm.compress`, `stlm.report`, `stlm.eval.harness`, the experiment
-commands) runs its main through `run` (or `one_line_errors`), which turns bad input into `error: <message>` on stderr
-and exit code 1 (2 for a usage or flag-syntax error). `--verbosity=1` (`-v 1`) prints the
+commands) runs its main through `run` (or `one_line_errors`), which turns bad input into
+`error: <message>` on stderr and exit code 1 (2 for a usage or flag-syntax error). `--verbosity=1` (`-v 1`) prints the
 traceback above that line.
 
 What counts as bad input is declared by the exception's type, never guessed from a message:
