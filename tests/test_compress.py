@@ -251,6 +251,9 @@ def test_compressed_export_loads_and_scores_through_stlm_eval(exports, tmp_path)
                               ['bits_per_byte'], rel=1e-5)
   original = export.load_export(str(exports['lm']))
   assert bpb != perplexity.perplexity(zero_shot.make_scorer(original), text)['bits_per_byte']
+  from stlm import generate   # and it generates, greedily, as any export does
+  assert len(generate.generate_text(exported, 'A', max_bytes=8, temperature=0).encode(
+      'utf-8', 'surrogateescape')) >= 1
 
 
 def test_damaged_manifest_is_named(exports, tmp_path):
