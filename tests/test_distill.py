@@ -127,3 +127,28 @@ def test_a_teacher_with_another_vocabulary_or_kind_is_refused(tmp_path):
   c.model.kind = 'byte_pool'
   with pytest.raises(validate.ConfigError, match=r"the student \(model\.kind='byte_pool'\) has no token output layer"):
     distill.check(c)
+
+
+def _exported(tmp_path):
+  import types  # pylint: disable=g-import-not-at-top
+  from stlm.tokenizers import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  c = _config()
+  m = factory.build_model(c.model)
+  return types.SimpleNamespace(model=m, params=factory.init_params(m, c.model, jax.random.key(3)),
+                               config=c, tokenizer=ByteTokenizer())
+
+
+def test_sequence_level_corpus_is_reproducible_from_its_seed_and_stops_at_eot(tmp_path):
+  from stlm.generate import corpus  # pylint: disable=g-import-not-at-top
+  ex = _exported(tmp_path)
+  kw = dict(max_tokens=12, batch=3, temperature=1.0, top_k=50)
+  a = corpus.sample_documents(ex, 5, seed=0, **kw)
+  assert len(a) == 5 and a == corpus.sample_documents(ex, 5, seed=0, **kw)
+  assert a != corpus.sample_documents(ex, 5, seed=1, **kw)
+  # One byte a token here: at most max_tokens bytes, and none past an end-of-text.
+  assert all(len(t.encode('utf-8', errors='replace')) <= 3 * 12 for t in a)
+  assert len({len(t) for t in a}) > 1   # rows end at their own end-of-text or at the limit
+  record = corpus.write_corpus(str(tmp_path / 'c'), a + ['  '], dict(seed=0, **kw))
+  lines = (tmp_path / 'c' / corpus.SAMPLES_FILE).read_text(encoding='utf-8').splitlines()
+  assert [__import__('json').loads(l)['text'] for l in lines] == [t for t in a if t.strip()]
+  assert record['documents_sampled'] == 6 and record['seed'] == 0
