@@ -25,14 +25,9 @@ from absl import logging as absl_logging
 
 from stlm import cli_errors
 from stlm import compress
-from stlm import export as export_lib
 from stlm.compress import artifact
 from stlm.config import files
-from stlm.data import pipeline
-from stlm.data import tfds_builders
-from stlm.eval import perplexity
-from stlm.eval import scorer as scorer_lib
-from stlm.eval import zero_shot
+from stlm.experiments import heldout
 from stlm.train import loop
 
 # (name, settings): the measured settings, in table order.
@@ -92,38 +87,11 @@ def check_inputs() -> None:
   cli_errors.check_output_dir('--workdir', _WORKDIR.value)
 
 
-def _finished(run_dir: str) -> bool:
-  try:
-    with open(os.path.join(run_dir, 'run.json')) as f:
-      return json.load(f).get('status') == 'finished' and export_lib.is_export(
-          os.path.join(run_dir, 'export'))
-  except (OSError, ValueError):
-    return False
-
-
 def held_out(config) -> tuple[str, list[str]]:
   """The held-out documents (the first --eval_docs of the validation split), also written
   as <workdir>/heldout.jsonl for stlm.eval --text."""
-  docs = pipeline.document_dataset(config, 'validation')
-  texts = [tfds_builders.record_text(docs[i]) for i in range(min(_EVAL_DOCS.value, len(docs)))]
   path = os.path.join(os.path.abspath(_WORKDIR.value), 'heldout.jsonl')
-  with cli_errors.atomic_file(path) as f:
-    f.writelines(json.dumps({'text': t}) + '\n' for t in texts)
-  return path, texts
-
-
-def score(export_dir: str, texts: list[str], text_path: str) -> dict:
-  """Held-out bits per byte of an export, written to results.json beside it as stlm.eval
-  --text writes it."""
-  results_path = os.path.join(os.path.dirname(export_dir), 'results.json')
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      return json.load(f)
-  exported = export_lib.load_export(export_dir)
-  scorer = zero_shot.make_scorer(exported, 32)
-  ppl = perplexity.perplexity(scorer, texts)
-  ppl['files'] = [text_path]
-  return zero_shot.write_results(results_path, exported, export_dir, {}, ppl)
+  return path, heldout.write_documents(config, _EVAL_DOCS.value, path)
 
 
 def main(argv):
@@ -139,7 +107,7 @@ def main(argv):
   for name in _CONFIGS.value:
     config = run_config(name)
     run_dir = os.path.join(workdir, name)
-    if not _finished(run_dir):
+    if not heldout.finished(run_dir):
       start = time.perf_counter()
       loop.train(config, run_dir)
       print(f'{name}: trained in {time.perf_counter() - start:.0f} s', flush=True)
@@ -149,7 +117,7 @@ def main(argv):
       out = os.path.join(workdir, f'{name}_{setting}', 'export')
       if not os.path.isfile(os.path.join(out, artifact.SIZE_FILE)):
         compress.compress_export(os.path.join(run_dir, 'export'), out, settings[setting])
-      result = score(out, texts, text_path)
+      result = heldout.score(out, texts, text_path)
       size = artifact.sizes(out)
       rows.append(dict(model=name, setting=setting, label=settings[setting].label(),
                        bits_per_byte=result['perplexity']['bits_per_byte'],

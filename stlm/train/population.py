@@ -129,7 +129,7 @@ def members(config) -> list[Member]:
   overrides = _overrides(config, len(seeds))
   if 'train.weight_decay' in overrides and t.optimizer != 'adamw':
     errors.fail('train.population_overrides', t.population_overrides,
-                f"train.weight_decay differs per member only with train.optimizer='adamw'")
+                "train.weight_decay differs per member only with train.optimizer='adamw'")
   if 'train.lr' in overrides and (float(t.lr) <= 0 or min(overrides['train.lr']) <= 0):
     errors.fail('train.population_overrides', t.population_overrides,
                 'train.lr must be > 0 for every member and in the base config')
