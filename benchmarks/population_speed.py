@@ -2,8 +2,13 @@
 
   python benchmarks/population_speed.py --config=configs/byte_pool.py --members=8 --steps=300 \
       --data_path=../shared/data/corpus/wikipedia_en/shard_00.jsonl
+  python benchmarks/population_speed.py --config=configs/byte_pool.py --members=8 --mode=steps
 
-Both sides run `main.py` as a user would, whole processes timed from start to exit (start-up,
+--mode=steps times train steps in this process, interleaved: one population step of N members
+against N steps of the single run's step, on synthetic batches of the model's layout, --rounds
+rounds after a compiling one; the ratio of medians holds on a shared, noisy machine.
+
+--mode=runs (the default): both sides run `main.py` as a user would, whole processes timed from start to exit (start-up,
 data, compilation or the compile cache, training, checkpoints, export): N single runs with
 seeds 0..N-1, then one run with `train.population=N`. Prints both wall times, their ratio,
 and the largest difference between a member's training losses and its single run's (they
@@ -29,6 +34,9 @@ _STEPS = flags.DEFINE_integer('steps', 300, 'train steps of every run.')
 _DATA_PATH = flags.DEFINE_string('data_path', '', 'local corpus (data.source=local); empty: the '
                                  'built-in corpus.')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'where the runs go (default: a temporary folder).')
+_MODE = flags.DEFINE_enum('mode', 'runs', ['runs', 'steps'], 'whole processes, or train steps '
+                          'interleaved in this process.')
+_ROUNDS = flags.DEFINE_integer('rounds', 10, '--mode=steps: timed rounds.')
 _EXTRA = flags.DEFINE_list('overrides', [], 'more --config.* overrides for every run, e.g. '
                            'train.log_every=50.')
 
@@ -53,8 +61,74 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
   return {r['step']: r['loss'] for r in rows if r['split'] == 'train'}
 
 
+def _step_ratio() -> None:
+  """--mode=steps: one population step against N single steps, interleaved."""
+  # pylint: disable=g-import-not-at-top  (jax only for this mode: the runs mode forks main.py)
+  import statistics
+  import jax
+  import numpy as np
+  sys.path.insert(0, str(REPO))
+  from stlm.config import files
+  from stlm.models import factory
+  from stlm.models import kinds
+  from stlm.train import population
+  from stlm.train import setup as setup_lib
+  from stlm.train import sharding
+  path, _, preset = _CONFIG.value.partition(':')
+  config = files.load(str(REPO / path), preset or 'tiny')
+  for o in _EXTRA.value:
+    key, _, value = o.partition('=')
+    section, name = key.rsplit('.', 1)
+    node = config
+    for part in section.split('.'):
+      node = node[part]
+    node[name] = type(node[name])(value)
+  config.model.vocab_size = 50257 if config.tokenizer.kind == 'gpt2' else config.model.vocab_size
+  n = _MEMBERS.value
+  config.train.population = n
+  members = population.members(config)
+  mesh = sharding.make_mesh(config.mesh)
+  kind = kinds.get_kind(config.model.kind)
+  rng = np.random.default_rng(0)
+  batches = [kind.synthetic_batch(config.model, rng, (config.train.grad_accum,
+                                                      config.train.batch_size)) for _ in range(n)]
+  single_cfg = members[0].config
+  model = factory.build_model(single_cfg.model)
+  single = setup_lib.build_train_step(single_cfg, model, mesh)
+  pstep = population.build_population_step(config, members, factory.build_model(
+      population.shared_model_config(members)), mesh)
+  hp = population.hyperparameters(config, members)
+  with sharding.mesh_context(mesh):
+    single_state = single.init()
+    pop_state, active = pstep.init(), jax.numpy.ones(n, bool)
+    placed = [sharding.global_batch(b, mesh, True) for b in batches]
+    stacked = jax.device_put({k: np.stack([b[k] for b in batches]) for k in batches[0]},
+                             pstep.batch_sharding)
+    times = {'single': [], 'population': []}
+    for r in range(_ROUNDS.value + 1):
+      t0 = time.perf_counter()
+      for b in placed:
+        single_state, m = single.step(single_state, b)
+      jax.block_until_ready(m)
+      t1 = time.perf_counter()
+      pop_state, m, active = pstep.step(pop_state, stacked, hp, active)
+      jax.block_until_ready(m)
+      t2 = time.perf_counter()
+      if r:   # round 0 compiles
+        times['single'].append(t1 - t0)
+        times['population'].append(t2 - t1)
+  a, b = statistics.median(times['single']), statistics.median(times['population'])
+  print(f'config {_CONFIG.value} ({config.model.kind}), {n} members, {_ROUNDS.value} rounds, '
+        f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
+  print(f'{n} single steps: {a * 1e3:.1f} ms; one population step: {b * 1e3:.1f} ms; '
+        f'speed-up {a / b:.2f}x')
+
+
 def main(argv):
   del argv
+  if _MODE.value == 'steps':
+    _step_ratio()
+    return
   root = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix='population_speed_'))
   root.mkdir(parents=True, exist_ok=True)
   n = _MEMBERS.value

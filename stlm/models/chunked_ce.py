@@ -18,6 +18,8 @@ the cotangent really is -weights and otherwise recomputes the chunk logits for t
 cotangent it got (lax.cond), so the function is exact for any use of its outputs.
 """
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -122,6 +124,22 @@ def _scores_fwd(h_NxD, w_VxD, t_N, weights_N, chunk, compute_dtype, speculate):
   return (lp_N, greedy_N), res
 
 
+_TRUSTED = contextvars.ContextVar('stlm_chunked_ce_trusted_cotangent', default=False)
+
+
+@contextlib.contextmanager
+def trusted_training_cotangent():
+  """Within this block (at trace time), the backward takes the speculated gradients without
+  checking that the cotangent is -weights. For callers that differentiate exactly the
+  training loss -sum(logprobs * weights) under `vmap`: there the check's lax.cond has a
+  batched predicate, which runs both branches, the recomputation included."""
+  token = _TRUSTED.set(True)
+  try:
+    yield
+  finally:
+    _TRUSTED.reset(token)
+
+
 def _scores_bwd(chunk, compute_dtype, speculate, res, cotangents):
   h_NxD, w_VxD, t_N, weights_N, lse_N, dh_NxD, dw_VxD = res
   g_N = cotangents[0].astype(jnp.float32)
@@ -129,7 +147,9 @@ def _scores_bwd(chunk, compute_dtype, speculate, res, cotangents):
   def recompute():
     return _recompute_grads(h_NxD, w_VxD, t_N, lse_N, -g_N, chunk, compute_dtype)
 
-  if speculate:
+  if speculate and _TRUSTED.get():
+    pass   # the speculated dh, dW (see trusted_training_cotangent)
+  elif speculate:
     dh_NxD, dw_VxD = jax.lax.cond(jnp.all(g_N == -weights_N), lambda: (dh_NxD, dw_VxD),
                                   recompute)
   else:

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from stlm.config import errors
+from stlm.models import chunked_ce
 from stlm.train import optimizer as optimizer_lib
 from stlm.train import sharding
 from stlm.train import state as state_lib
@@ -206,7 +207,10 @@ def build_population_step(config, members_list: list[Member], model, mesh) -> Po
                               dropout_schedule=optimizer_lib.make_dropout_schedule(base_train))
 
   def member_step(state, batches, hp, active):
-    new, metrics = step_fn(state, batches, member=hp)
+    # The objective is exactly the training loss (a population never distils), so the output
+    # layer's speculated gradients hold without their run-time check.
+    with chunked_ce.trusted_training_cotangent():
+      new, metrics = step_fn(state, batches, member=hp)
     keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(active, a, b), n, o)
     new = new.replace(step=keep(new.step, state.step), params=keep(new.params, state.params),
                       opt_state=keep(new.opt_state, state.opt_state))
