@@ -7,6 +7,8 @@ from stlm import tokenizers
 from stlm.config.errors import ConfigError  # pylint: disable=unused-import (re-exported)
 from stlm.config.errors import fail as _fail
 from stlm.data import corpus
+from stlm.data import phases
+from stlm.data import tfds_builders
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
@@ -132,6 +134,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('data.path', d.path, "data.source='local' needs a directory of .txt/.jsonl files")
   if d.source == 'mix' and not d.mix:
     _fail('data.mix', dict(d.mix), "data.source='mix' needs {source name: weight}")
+  if not isinstance(d.mix_temperature, (int, float)) or not d.mix_temperature > 0:
+    _fail('data.mix_temperature', d.mix_temperature, 'must be a positive number (1 = the weights)')
+  try:
+    specs = phases.parse(d.phases)
+    phases.check_steps(specs, t.steps)
+  except phases.PhaseSpecError as e:
+    _fail('data.phases', d.phases, str(e))
+  for name in phases.source_names(specs):
+    tfds_builders.source_config(d, name)   # ConfigError naming the key of a bad source
   if c.tokenizer.kind == 'sentencepiece' and c.tokenizer.sp_vocab_size < 260:
     _fail('tokenizer.sp_vocab_size', c.tokenizer.sp_vocab_size,
           'must be >= 260 (256 byte-fallback pieces plus specials)')

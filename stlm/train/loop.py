@@ -16,6 +16,7 @@ import numpy as np
 from stlm.config import validate as config_validate
 from stlm import export as export_lib
 from stlm import tokenizers
+from stlm.data import phases
 from stlm.data import pipeline
 from stlm.data import tfds_builders
 from stlm.models import factory
@@ -67,9 +68,7 @@ def _sync_after_process_zero(fn, what: str) -> None:
 
 def _prepare_data(config) -> None:
   """tfds preparation (idempotent) of every source, by process 0 before the others."""
-  names = sorted(dict(config.data.mix)) if config.data.source == 'mix' else [config.data.source]
-  _sync_after_process_zero(lambda: [tfds_builders.prepare(n, config.data) for n in names],
-                           'data')
+  _sync_after_process_zero(lambda: tfds_builders.prepare_all(config.data), 'data')
 
 
 def _check_export_is_ours(workdir: str, config) -> None:
@@ -220,7 +219,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
 
     breakdown = factory.param_breakdown(state.params, config.model)
     kind = kinds.get_kind(config.model.kind)
-    writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step)
+    writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step,
+                                       phases=phases.parse(config.data.phases))
     for note in fallback_notes:
       writer.message(f'warning: {note}')
     recorder.start(config, breakdown, start_step)
