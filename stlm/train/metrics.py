@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from stlm.data import phases as phases_lib
 from stlm.models import kinds
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets; MFU is relative to these.
@@ -130,8 +131,12 @@ class MetricsWriter:
   writes a marker that makes TensorBoard hide the older events at steps >= purge_step.
   """
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True):
+  def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True,
+               phases: list[phases_lib.Phase] = ()):
+    """phases: the run's data phases; each row then carries its step's `phase` (index) and
+    `phase_name` (the phase's sources as written in data.phases)."""
     self.enabled = enabled and jax.process_index() == 0
+    self._phases = list(phases)
     self._jsonl = None
     self._tb = None
     self._bar = None
@@ -150,9 +155,13 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: _json_value(v) for k, v in metrics.items()}
+    tags = {}
+    if self._phases:
+      phase = phases_lib.phase_at(self._phases, step)
+      tags = {'phase': phase.index, 'phase_name': phase.label}
     # time: wall-clock seconds since the epoch, for curves against wall time (stlm.report).
     self._jsonl.write(json.dumps({'step': step, 'split': split, 'time': round(time.time(), 3),
-                                  **clean}, allow_nan=False) + '\n')
+                                  **tags, **clean}, allow_nan=False) + '\n')
     self._jsonl.flush()
     for k, v in clean.items():
       self._tb.add_scalar(f'{split}/{k}', float('nan') if v is None else v, step)
