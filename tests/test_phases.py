@@ -316,3 +316,20 @@ def test_killed_and_resumed_run_equals_uninterrupted(corpora, phased_reference, 
   assert not (workdir / 'export').exists(), 'killed after the end: nothing was resumed'
   loop.train(_train_config(corpora, rel.STEPS), str(workdir))
   _assert_equals_reference(workdir, phased_reference)
+
+
+# The experiment command.
+
+@pytest.mark.parametrize('flag,fragment', [
+    ('--arms=phases,nope', "--arms: unknown 'nope'"),
+    pytest.param('--data_dir=/nonexistent', '--data_dir=/nonexistent has no corpus/tinystories',
+                 marks=pytest.mark.slow),
+    pytest.param('--switch=400', '--switch=400 must be in [0, --steps)', marks=pytest.mark.slow),
+])
+def test_curriculum_experiment_bad_flags_are_one_line(tmp_path, flag, fragment):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'stlm.experiments.curriculum', f'--workdir={tmp_path / "w"}',
+       '--steps=400', flag], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+      env=rel.env())
+  rel.assert_one_line_error(proc, fragment)
+  assert not (tmp_path / 'w').exists()
