@@ -128,6 +128,10 @@ def _pack(examples: grain.IterDataset, config, bins: int, *, shuffle: bool,
   return packed.map(_ToBatchRow())
 
 
+# Phase i shuffles with seed + i * this prime (phase 0: exactly the unphased pipeline's seed).
+_PHASE_SEED_STRIDE = 104729
+
+
 def make_train_iter(config, featurizer, split: str = 'train', *, process_index: int = 0,
                     process_count: int = 1) -> grain.DatasetIterator:
   """Endless shuffled batches of packed rows for this process (epochs reshuffled by seed).
@@ -150,9 +154,6 @@ def make_train_iter(config, featurizer, split: str = 'train', *, process_index: 
   per_step = int(config.train.grad_accum)
   ends = [None if p.end is None else p.end * per_step for p in specs]
   return PhasedIterator(phase_iter, ends)
-
-
-_PHASE_SEED_STRIDE = 104729
 
 
 def _train_iter(config, featurizer, sources: list[tuple[grain.MapDataset, float]], seed: int,

@@ -219,8 +219,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
 
     breakdown = factory.param_breakdown(state.params, config.model)
     kind = kinds.get_kind(config.model.kind)
+    data_phases = phases.parse(config.data.phases)
+    boundaries = set(phases.boundaries(data_phases))
     writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step,
-                                       phases=phases.parse(config.data.phases))
+                                       phases=data_phases)
     for note in fallback_notes:
       writer.message(f'warning: {note}')
     recorder.start(config, breakdown, start_step)
@@ -283,6 +285,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
             final_eval = ev
             recorder.evaluated(step, ev, rate)
             last_time = time.perf_counter()  # evaluation time is not training throughput
+          if step in boundaries:
+            writer.message(f'step {step}: data phase {phases.phase_at(data_phases, step).label!r} '
+                           f'done; {phases.phase_at(data_phases, step + 1).label!r} next')
           preempted = watcher.stop_requested(step)
           if preempted or step % config.train.ckpt_every == 0 or step == config.train.steps:
             guard.check(state.params, f'saving checkpoint {step}')
