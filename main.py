@@ -54,7 +54,12 @@ def main(argv):
                                   checkpoint.DamagedCheckpointError, divergence.DivergenceError,
                                   lease.LeaseHeldError, disk.DiskSpaceError,
                                   checkpoint.CheckpointWriteError):
-    loop.train(config, workdir, config_flags.get_config_filename(FLAGS['config']))
+    from stlm.train import population
+    if population.enabled(config):
+      from stlm.train import population_loop
+      population_loop.train(config, workdir, config_flags.get_config_filename(FLAGS['config']))
+    else:
+      loop.train(config, workdir, config_flags.get_config_filename(FLAGS['config']))
 
 
 def _parse_flags(argv):

@@ -198,7 +198,7 @@ def test_builtin_builder_and_mix_sources(tmp_path):
 def test_every_builder_is_registered_and_configurable(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   _write(tmp_path / 'corpus' / 'c.txt', 'a\n\nb')
-  cfg = _data_cfg(tmp_path)
+  cfg = _data_cfg(tmp_path, hf_name='text', hf_data_files=str(tmp_path / 'corpus' / 'c.txt'))
   names = set()
   for source in tfds_builders.BUILDERS:
     builder = tfds_builders.make_builder(source, cfg)  # no download happens here

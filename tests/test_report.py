@@ -6,9 +6,12 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from stlm.report import collect
+from stlm.report import plots
+from stlm.report import populations
 from stlm.report import render
 from stlm.report import table
 from tests.conftest import REPO_ROOT
@@ -82,6 +85,23 @@ def test_table_diff_and_reference(runs_dir):
     table.pick_reference(runs, 'nope')
 
 
+def test_learning_curves_are_in_training_benchmarks_against_tokens_seen(runs_dir):
+  run = collect.scan(runs_dir)[1]
+  with open(run.path / 'metrics.jsonl', 'a', encoding='utf-8') as f:
+    f.write('\n' + ''.join(json.dumps(r) + '\n' for r in (
+        {'step': 0, 'split': 'benchmarks', 'blimp/acc': 0.5, 'blimp/acc_stderr': 0.05,
+         'blimp/paradigm/adjunct_island/acc': 0.4, 'arc_easy/acc': 0.25, 'seconds': 3.0},
+        {'step': 100, 'split': 'benchmarks', 'blimp/acc': 0.6, 'blimp/acc_stderr': 0.04,
+         'arc_easy/acc': 0.3, 'arc_easy/acc_stderr': 0.02})))
+  run = collect.scan(runs_dir)[1]
+  curves = plots.learning_curves(run)
+  assert sorted(curves) == ['arc_easy', 'blimp']   # paradigms are not curves of their own
+  assert curves['blimp'] == [(0, 0.5, 0.05), (102400, 0.6, 0.04)]
+  assert curves['arc_easy'][1] == (102400, 0.3, 0.02)
+  assert curves['arc_easy'][0][:2] == (0, 0.25)
+  assert plots.learning_curves(collect.scan(runs_dir)[0]) == {}
+
+
 @pytest.mark.slow
 def test_report_writes_html_markdown_and_pngs(runs_dir, tmp_path):
   out = tmp_path / 'report'
@@ -92,7 +112,7 @@ def test_report_writes_html_markdown_and_pngs(runs_dir, tmp_path):
   assert 'Why learned_pe exists.' in html and 'model.position: &#x27;rope&#x27; -&gt; ' in html
   md = (out / 'README.md').read_text()
   assert '| c_learned | crashed |' in md and "model.position: 'rope' -> 'learned'" in md
-  assert len(paths['plots']) == 4
+  assert len(paths['plots']) == len(plots.PLOTS)
   for p in paths['plots']:
     data = pathlib.Path(p).read_bytes()
     assert data[:8] == PNG_SIGNATURE and data[12:16] == b'IHDR'
@@ -110,3 +130,33 @@ def test_cli_on_runs_and_an_empty_directory(runs_dir, tmp_path):
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert (out / 'index.html').is_file() and 'wrote' in proc.stdout
+
+
+def _population(root, name, bpb_by_seed):
+  for seed, bpb in bpb_by_seed.items():
+    _write_run(root / name / 'members' / f'm{seed}_seed{seed}',
+               dict(_config('baseline'), seed=seed), 'finished', [0, 10], bpb + 10 / 300)
+  (root / name / 'population.json').write_text('{"members": []}')
+
+
+def test_populations_mean_spread_and_paired_by_seed(tmp_path):
+  root = tmp_path / 'runs'
+  _population(root, 'adamw', {0: 3.0, 1: 3.2, 2: 3.1})
+  _population(root, 'muon', {0: 2.9, 1: 3.15, 2: 2.95, 3: 3.5})
+  _write_run(root / 'single', _config('baseline'), 'finished', [0, 10], 4.0)
+  runs = collect.scan(root)
+  assert 'adamw/members/m0_seed0' in [r.name for r in runs] and 'single' in [r.name for r in runs]
+  pops = populations.find(runs)
+  assert [(p.name, len(p.members)) for p in pops] == [('adamw', 3), ('muon', 4)]
+  mean, sd, se = populations.spread(pops[0].values().values())
+  assert (mean, sd, se) == pytest.approx((3.1, 0.1, 0.1 / 3 ** 0.5))
+  c = populations.paired(pops[0], pops[1])
+  assert c['seeds'] == [0, 1, 2]   # seed 3 has no partner
+  d = [-0.1, -0.05, -0.15]
+  assert c['mean'] == pytest.approx(-0.1)
+  assert c['se'] == pytest.approx(np.std(d, ddof=1) / 3 ** 0.5)
+  assert c['se'] < c['unpaired_se']   # the seeds' shared variance is gone
+  md = populations.markdown(runs)
+  assert '| adamw | 3 | 3.1000 | 0.1000 | 0.0577 | 0: 3.0000, 1: 3.2000, 2: 3.1000 |' in md
+  assert '| adamw | muon | 3 | -0.1000 | 0.0289 |' in md
+  assert populations.markdown([r for r in runs if r.name == 'single']) == ''

@@ -100,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.sp_vocab_size = 8000
 
   d = c.data = ml_collections.ConfigDict()
-  d.source = 'builtin'           # builtin | local | tfds name (openwebtext, wikipedia_en, ...) | mix
+  # builtin | local | tfds name (openwebtext, wikipedia_en, ...) | hf | hf:<preset> | mix
+  d.source = 'builtin'
   d.path = ''                    # local: directory of .txt/.jsonl files
   d.split_by = 'auto'            # auto | file | blank_line | eot | line (how a file becomes documents)
   d.eot_marker = '<|endoftext|>'
@@ -119,6 +120,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Named sources the phases can read: name -> keys of this data section for that source
   # (source, default 'local'; path, split_by, jsonl_field, ...), e.g. {'wiki': {'path': ...}}.
   d.sources = ml_collections.ConfigDict()
+  # source 'hf' (stlm/data/hf_datasets.py): a Hugging Face dataset read through `datasets`.
+  d.hf_name = ''                 # Hub id, or json | parquet | csv | text over hf_data_files
+  d.hf_config = ''               # the dataset's configuration ('' = its default)
+  d.hf_data_files = ''           # local files/globs, comma separated; split=glob for other splits
+  d.hf_split = 'train'
+  d.hf_val_split = ''            # the dataset's held-out split ('' = val_fraction by hash)
+  d.hf_field = 'text'            # text column, or columns joined by a blank line ('title,text')
+  d.hf_revision = ''             # Hub branch, tag or commit ('' = the default branch)
+  d.hf_streaming = False         # iterate the dataset without writing it to the HF cache first
   d.shuffle_buffer = 1024
   d.num_workers = 0              # grain worker processes; 0 = in-process
   d.num_threads = 2              # grain reader threads that tokenize documents
@@ -168,12 +178,33 @@ def base_config() -> ml_collections.ConfigDict:
   tr.nonfinite_policy = 'stop'   # stop | skip (drop a step whose loss/grad norm is NaN or inf)
   tr.max_consecutive_skips = 10  # skip policy: stop after this many non-finite steps in a row
   tr.final_eval_benchmarks = ''  # comma list run by stlm.eval after training ('' = none)
-  tr.final_eval_data_dir = ''    # benchmark release files for final_eval_benchmarks
+  tr.final_eval_data_dir = ''    # benchmark release files (final and in-training benchmarks)
+  # Benchmarks during training (stlm/train/benchmarks.py): a comma list scored in the run on
+  # a fixed sample of eval_benchmarks_limit items each, every eval_benchmarks_every steps
+  # (0 = at every validation), at step 0 and at the end ('' = none).
+  tr.eval_benchmarks = ''
+  tr.eval_benchmarks_every = 0
+  tr.eval_benchmarks_limit = 100
+  tr.eval_benchmarks_batch = 32  # scorer rows per batch
+  # Populations (stlm/train/population.py): N members in one vmapped step, each its own run
+  # under <workdir>/members/. population = N takes seeds seed..seed+N-1, population_seeds a
+  # comma list; population_overrides 'train.lr=1e-3,3e-3;model.dropout=0,0.1' (one value per
+  # member, or one for all); population_data own (each member its seed's data order) | shared.
+  tr.population = 0
+  tr.population_seeds = ''
+  tr.population_overrides = ''
+  tr.population_data = 'own'
   # A workdir lease (stlm/train/lease.py) whose heartbeat is older than this is stale (the
   # holder's host is another machine, so its pid cannot be checked); taken over with a warning.
   tr.lease_stale_s = 300.0
   # Persistent XLA compilation cache: 'auto' (per-user cache dir), '' (off) or a path.
   tr.compile_cache_dir = 'auto'
+  # Weights & Biases beside metrics.jsonl and TensorBoard (stlm/train/wandb_writer.py): the
+  # project to log to ('' = off; then wandb is not even imported). offline writes the run
+  # under <workdir>/wandb/ with no network (`wandb sync` uploads it later) | online.
+  tr.wandb_project = ''
+  tr.wandb_mode = 'offline'
+  tr.wandb_entity = ''           # W&B user or team ('' = the account's default entity)
 
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.shape = (-1, 1, 1)        # (data, fsdp, tensor); -1 takes the remaining devices

@@ -7,6 +7,7 @@ from stlm import tokenizers
 from stlm.config.errors import ConfigError  # pylint: disable=unused-import (re-exported)
 from stlm.config.errors import fail as _fail
 from stlm.data import corpus
+from stlm.data import hf_datasets
 from stlm.data import phases
 from stlm.data import tfds_builders
 from stlm.models import depth
@@ -34,7 +35,10 @@ _CHOICES = {
     'train.wsd_decay_shape': optimizer.WSD_DECAY_SHAPES,
     'train.weight_decay_params': optimizer.DECAY_PARAMS,
     'train.dropout_schedule': optimizer.DROPOUT_SCHEDULES,
+    'train.wandb_mode': ('offline', 'online'),
 }
+
+_WANDB_PROJECT_FORBIDDEN = '/\\#?%:'
 
 _POSITIVE_INTS = (
     'model.num_layers', 'model.hidden_dim', 'model.num_heads', 'model.num_kv_heads',
@@ -126,6 +130,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _fail('train.muon_weight_decay', t.muon_weight_decay, 'must be >= 0')
   if t.grad_clip < 0:
     _fail('train.grad_clip', t.grad_clip, 'must be >= 0 (0 disables clipping)')
+  for key in ('wandb_project', 'wandb_entity'):
+    if not isinstance(t[key], str):
+      _fail(f'train.{key}', t[key], "must be a string ('' = off / the default)")
+  # W&B's own rule for project names, checked here so a bad one stops the run before any work.
+  if len(t.wandb_project) > 128 or set(t.wandb_project) & set(_WANDB_PROJECT_FORBIDDEN):
+    _fail('train.wandb_project', t.wandb_project,
+          f'must be at most 128 characters, none of {_WANDB_PROJECT_FORBIDDEN}')
 
   d = c.data
   if not 0.0 < d.val_fraction < 1.0:
@@ -141,8 +152,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     phases.check_steps(specs, t.steps)
   except phases.PhaseSpecError as e:
     _fail('data.phases', d.phases, str(e))
-  for name in phases.source_names(specs):
-    tfds_builders.source_config(d, name)   # ConfigError naming the key of a bad source
+  # Each source the run reads, with the data section it reads (a phase's own, for phases);
+  # a bad data.sources entry is a ConfigError naming its key from here.
+  for name, cfg in tfds_builders.named_sources(d).values():
+    if hf_datasets.is_hf(name):
+      try:
+        hf_datasets.resolve(name, cfg)
+      except hf_datasets.HfDataError as e:
+        raise ConfigError(f'config.{e}') from None
   if c.tokenizer.kind == 'sentencepiece' and c.tokenizer.sp_vocab_size < 260:
     _fail('tokenizer.sp_vocab_size', c.tokenizer.sp_vocab_size,
           'must be >= 260 (256 byte-fallback pieces plus specials)')

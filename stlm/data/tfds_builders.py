@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 
 from stlm.config import errors as config_errors
 from stlm.data import corpus
+from stlm.data import hf_datasets
 from stlm.data import phases
 
 _VERSION = tfds.core.Version('1.0.0')
@@ -92,9 +93,20 @@ class _DocBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # same text hash; small ones in memory, which also guarantees a non-empty validation set.
   STREAMING = False
 
+  @classmethod
+  def config_for(cls, argument: str, data_cfg):
+    """The config to build for data_cfg; `argument` is what follows ':' in the source name.
+    The paper corpora use one fixed release and held-out fraction."""
+    del data_cfg
+    _no_argument(cls, argument)
+    return cls.BUILDER_CONFIGS[0]
+
+  def _streaming(self) -> bool:
+    return self.STREAMING
+
   def _split_generators(self, dl_manager):
     frac = self.builder_config.val_fraction
-    if self.STREAMING:
+    if self._streaming():
       def part(val):
         return ((k, t) for k, t in self._documents(dl_manager)
                 if (corpus.doc_hash_fraction(t) < frac) == val)
@@ -113,6 +125,14 @@ class StlmLocalText(_DocBuilder):
 
   BUILDER_CONFIGS = []  # Made per directory: LocalTextConfig(path=...).
 
+  @classmethod
+  def config_for(cls, argument, data_cfg):
+    _no_argument(cls, argument)
+    return LocalTextConfig(path=data_cfg.path, split_by=data_cfg.split_by,
+                           eot_marker=data_cfg.eot_marker, jsonl_field=data_cfg.jsonl_field,
+                           val_fraction=data_cfg.val_fraction,
+                           decode_errors=data_cfg.get('decode_errors', 'strict'))
+
   def _documents(self, dl_manager):
     c = self.builder_config
     return corpus.local_documents(c.path, c.split_by, c.eot_marker, c.jsonl_field,
@@ -124,8 +144,57 @@ class StlmBuiltin(_DocBuilder):
 
   BUILDER_CONFIGS = [DocConfig(val_fraction=0.05)]
 
+  @classmethod
+  def config_for(cls, argument, data_cfg):
+    _no_argument(cls, argument)
+    config = DocConfig(val_fraction=data_cfg.val_fraction)
+    if any(c.name == config.name for c in cls.BUILDER_CONFIGS):
+      return config.name  # tfds refuses an equal-named custom config object.
+    return config
+
   def _documents(self, dl_manager):
     return corpus.builtin_documents()
+
+
+class HfConfig(DocConfig):
+  """A Hugging Face dataset (hf_datasets.Spec); the name hashes what decides its documents."""
+
+  def __init__(self, *, spec: hf_datasets.Spec, val_fraction: float):
+    val_fraction = 0.0 if spec.val_split else val_fraction
+    slug = re.sub(r'[^A-Za-z0-9]+', '_', f'{spec.name}_{spec.config}').strip('_')[:40]
+    super().__init__(name=f'{slug}_{hf_datasets.digest(spec, val_fraction)}',
+                     val_fraction=val_fraction,
+                     description=f'Hugging Face dataset {spec.name} {spec.config}'.strip())
+    self.spec = spec
+
+
+class StlmHfDataset(_DocBuilder):
+  """A Hugging Face dataset read through `datasets` (stlm/data/hf_datasets.py). A Hub dataset
+  needs network (or the HF cache) while it is prepared; local files do not."""
+
+  BUILDER_CONFIGS = []  # Made per dataset: HfConfig(spec=...).
+
+  @classmethod
+  def config_for(cls, argument, data_cfg):
+    name = f'{hf_datasets.SOURCE}:{argument}' if argument else hf_datasets.SOURCE
+    return HfConfig(spec=hf_datasets.resolve(name, data_cfg), val_fraction=data_cfg.val_fraction)
+
+  def _streaming(self) -> bool:
+    return self.builder_config.spec.streaming
+
+  def _cache_dir(self) -> str:
+    return os.path.join(os.fspath(self.data_dir_root), 'hf_cache')
+
+  def _split_generators(self, dl_manager):
+    spec = self.builder_config.spec
+    if not spec.val_split:
+      return super()._split_generators(dl_manager)
+    return {name: self._generate_examples(hf_datasets.documents(spec, split, self._cache_dir()))
+            for name, split in (('train', spec.split), ('validation', spec.val_split))}
+
+  def _documents(self, dl_manager):
+    spec = self.builder_config.spec
+    return hf_datasets.documents(spec, spec.split, self._cache_dir())
 
 
 class StlmTinyStories(_DocBuilder):
@@ -218,10 +287,12 @@ class StlmBabyLm(_DocBuilder):
         yield f'{f.name}/{i}', '\n'.join(lines[i:i + self.LINES_PER_DOC])
 
 
-# data.source (and data.mix keys) -> builder class; 'local' and 'builtin' work offline.
+# data.source (and data.mix keys) -> builder class; 'local' and 'builtin' work offline, and
+# 'hf' on local files. A name may carry an argument after ':' ('hf:tinystories').
 BUILDERS = {
     'builtin': StlmBuiltin,
     'local': StlmLocalText,
+    hf_datasets.SOURCE: StlmHfDataset,
     'tinystories': StlmTinyStories,
     'wikipedia_simple': StlmWikipediaSimple,
     'wikipedia_en': StlmWikipediaEn,
@@ -230,24 +301,21 @@ BUILDERS = {
 }
 
 
+def _no_argument(cls, argument: str) -> None:
+  if argument:
+    name = next(k for k, v in BUILDERS.items() if v is cls)
+    raise ValueError(f'Data source {name!r} takes no argument after ":" (got {argument!r}).')
+
+
 def make_builder(name: str, data_cfg) -> tfds.core.DatasetBuilder:
   """The builder for source `name` with `data_cfg`'s path, split rule and val fraction."""
-  if name not in BUILDERS:
+  base, _, argument = name.partition(':')
+  if base not in BUILDERS:
     raise ValueError(f'Unknown data source {name!r}; choose one of {", ".join(BUILDERS)} '
                      "or 'mix'.")
-  cls = BUILDERS[name]
-  if name == 'local':
-    config = LocalTextConfig(path=data_cfg.path, split_by=data_cfg.split_by,
-                             eot_marker=data_cfg.eot_marker, jsonl_field=data_cfg.jsonl_field,
-                             val_fraction=data_cfg.val_fraction,
-                             decode_errors=data_cfg.get('decode_errors', 'strict'))
-  elif name == 'builtin':
-    config = DocConfig(val_fraction=data_cfg.val_fraction)
-    if any(c.name == config.name for c in cls.BUILDER_CONFIGS):
-      config = config.name  # tfds refuses an equal-named custom config object.
-  else:
-    config = cls.BUILDER_CONFIGS[0]  # The paper corpora use fixed held-out fractions.
-  return cls(config=config, data_dir=default_data_dir(data_cfg), file_format='array_record')
+  cls = BUILDERS[base]
+  return cls(config=cls.config_for(argument, data_cfg), data_dir=default_data_dir(data_cfg),
+             file_format='array_record')
 
 
 def prepare(name: str, data_cfg) -> tfds.core.DatasetBuilder:
@@ -284,7 +352,7 @@ def source_config(data_cfg, name: str):
                            'not a key a source can set; use keys of the data section such as '
                            'source, path, split_by, jsonl_field')
     plain.update({'source': 'local', **entry})
-    if plain['source'] not in BUILDERS:
+    if plain['source'].partition(':')[0] not in BUILDERS:
       config_errors.fail(f'data.sources.{name}.source', plain['source'],
                          f'unknown builder; choose one of {", ".join(BUILDERS)}')
   elif name in BUILDERS:

@@ -98,7 +98,8 @@ def load_run(path: pathlib.Path, name: str) -> Run:
 
 
 def scan(root) -> list[Run]:
-  """Runs under `root` (root itself, or its subdirectories up to two levels), sorted by name."""
+  """Runs under `root` (root itself, or its subdirectories up to three levels: a population's
+  members are <population>/members/<name>), sorted by name."""
   root = pathlib.Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f'{root} is not a directory of runs')
@@ -107,7 +108,7 @@ def scan(root) -> list[Run]:
   found = []
   for d in sorted(p for p in root.rglob('*') if p.is_dir()):
     rel = d.relative_to(root)
-    if len(rel.parts) <= 2 and _is_run(d) and not any(
+    if len(rel.parts) <= 3 and _is_run(d) and not any(
         _is_run(root.joinpath(*rel.parts[:i])) for i in range(1, len(rel.parts))):
       found.append(load_run(d, rel.as_posix()))
   return found

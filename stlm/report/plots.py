@@ -128,8 +128,45 @@ def benchmark_bars(runs: list[Run], path: str) -> str:
   return _save(fig, path)
 
 
+def learning_curves(run: Run) -> dict[str, list[tuple[int, float, float]]]:
+  """{benchmark: [(tokens seen, accuracy, its standard error)]} of the run's in-training
+  benchmark rows (metrics.jsonl split 'benchmarks', stlm/train/benchmarks.py)."""
+  out: dict[str, list[tuple[int, float, float]]] = {}
+  per_step = run.tokens_per_step or 0
+  for r in run.metrics:
+    if r.get('split') != 'benchmarks':
+      continue
+    for key, value in r.items():
+      if key.count('/') == 1 and key.endswith('/acc') and value is not None:
+        se = r.get(f'{key}_stderr')
+        out.setdefault(key.split('/')[0], []).append(
+            (int(r['step']) * per_step, float(value), float('nan') if se is None else float(se)))
+  return out
+
+
+def benchmark_learning_curves(runs: list[Run], path: str) -> str:
+  """Accuracy ± 1 standard error against tokens seen, per run and benchmark."""
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  drawn = False
+  for r in runs:
+    for name, pts in learning_curves(r).items():
+      ax.errorbar([t for t, _, _ in pts], [100 * a for _, a, _ in pts],
+                  yerr=[0.0 if math.isnan(e) else 100 * e for _, _, e in pts], fmt='o-', ms=3,
+                  capsize=2, label=f'{r.name}: {name}')
+      drawn = True
+  ax.set(xlabel='tokens seen (chunks for byte_pool)', ylabel='accuracy (%)',
+         title='Benchmarks during training (± 1 standard error)')
+  ax.grid(alpha=0.3)
+  if drawn:
+    ax.legend(fontsize=8)
+  else:
+    _empty(ax, 'no in-training benchmark records (train.eval_benchmarks)')
+  return _save(fig, path)
+
+
 PLOTS = (('val_bpb_tokens.png', validation_vs_tokens), ('val_bpb_wall.png', validation_vs_wall),
-         ('train_loss.png', training_loss), ('benchmarks.png', benchmark_bars))
+         ('train_loss.png', training_loss), ('benchmarks.png', benchmark_bars),
+         ('benchmark_curves.png', benchmark_learning_curves))
 
 
 def write_all(runs: list[Run], out_dir: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 
+from stlm.report import populations
 from stlm.report import table
 from stlm.report.collect import Run
 
@@ -44,7 +45,11 @@ def write_html(runs: list[Run], reference: Run | None, plots: list[str], path: s
   for run, cells in zip(runs, table.rows(runs)):
     out.append(f'<tr class="{e(run.status)}">' + ''.join(f'<td>{e(c)}</td>' for c in cells)
                + '</tr>')
-  out.append('</table><h2>Plots</h2>')
+  out.append('</table>')
+  section = populations.markdown(runs)
+  if section:   # the same tables, as preformatted markdown
+    out.append(f'<h2>Populations</h2><pre>{e(section.split(chr(10), 2)[2])}</pre>')
+  out.append('<h2>Plots</h2>')
   out += [f'<img src="{e(p)}" alt="{e(p)}">' for p in plots]
   out.append('<h2>Runs</h2>')
   for run in runs:
@@ -65,7 +70,11 @@ def write_html(runs: list[Run], reference: Run | None, plots: list[str], path: s
 def write_markdown(runs: list[Run], reference: Run | None, plots: list[str], path: str) -> None:
   out = [f'# stlm runs ({len(runs)})', '',
          'Accuracy in % ± 1 standard error, with the split each number comes from.', '',
-         table.markdown(runs), '', '## Plots', '']
+         table.markdown(runs), '']
+  section = populations.markdown(runs)
+  if section:
+    out += [section, '']
+  out += ['## Plots', '']
   out += [f'![{p}]({p})' for p in plots]
   out += ['', '## Runs']
   for run in runs:

@@ -35,6 +35,11 @@ RESUMABLE_KEYS = frozenset({
     'train.final_eval_data_dir', 'data.num_workers', 'data.num_threads', 'data.data_dir', 'mesh.shape',
     'model.attention_impl', 'train.nonfinite_policy', 'train.max_consecutive_skips',
     'train.restore_fallback', 'train.lease_stale_s',
+    # What is measured along the way, not what is trained.
+    'train.eval_benchmarks', 'train.eval_benchmarks_every', 'train.eval_benchmarks_limit',
+    'train.eval_benchmarks_batch',
+    # Where metrics go, not what is trained: W&B can be switched on or off on resume.
+    'train.wandb_project', 'train.wandb_mode', 'train.wandb_entity',
 })
 
 # Files every complete checkpoint of this layout has (relative to <step>/), and the JSON ones.

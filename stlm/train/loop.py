@@ -1,5 +1,6 @@
 """The training run: config -> tokenizer -> data -> sharded state -> steps -> checkpoints -> export."""
 
+import contextlib
 import functools
 import math
 import os
@@ -21,6 +22,7 @@ from stlm.data import pipeline
 from stlm.data import tfds_builders
 from stlm.models import factory
 from stlm.models import kinds
+from stlm.train import benchmarks
 from stlm.train import checkpoint
 from stlm.train import compile_cache
 from stlm.train import disk
@@ -32,6 +34,7 @@ from stlm.train import run_info
 from stlm.train import sharding
 from stlm.train import setup as setup_lib
 from stlm.train import step as step_lib
+from stlm.train import wandb_writer
 
 
 def build_run_tokenizer(config, workdir: str):
@@ -180,6 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked private copy
   config_validate.validate(config)
+  wandb_writer.import_wandb(config)   # a missing optional package stops the run before any work
+  benchmarks.check(config)            # and so do missing benchmark files
   # Before anything is compiled: JAX reads the cache setting at the first compilation.
   compile_cache.enable(config.train.get('compile_cache_dir', ''))
   # Data first: a bad corpus must stop the run before anything is created in workdir, and a
@@ -204,7 +209,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   train_step = setup_lib.build_train_step(config, model, mesh)
   train_fn, state = train_step.step, None
   # The mesh plus the logical axis rules: the models' activation constraints resolve to it.
-  with sharding.mesh_context(mesh):
+  # The ExitStack closes the metrics writer on every way out; an exception marks its W&B run
+  # failed (the normal and preempted endings close it themselves, as before).
+  with sharding.mesh_context(mesh), contextlib.ExitStack() as closing:
     start_step, fallback_notes = 0, []
     if ckpts.latest_step() is not None:
       # Restored onto the abstract state: a resumed run never runs (or compiles) the init.
@@ -221,20 +228,31 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
     kind = kinds.get_kind(config.model.kind)
     data_phases = phases.parse(config.data.phases)
     boundaries = set(phases.boundaries(data_phases))
-    writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step,
-                                       phases=data_phases)
+    writer = closing.enter_context(metrics_lib.MetricsWriter(
+        workdir, config.train.steps, start_step, config=config, identity=recorder.identity()))
     for note in fallback_notes:
       writer.message(f'warning: {note}')
     recorder.start(config, breakdown, start_step)
     writer.message(_describe(config, state.params, breakdown, mesh, workdir, start_step))
     writer.message(f'metrics: {os.path.join(workdir, "metrics.jsonl")}; TensorBoard: '
                    f'tensorboard --logdir {os.path.join(workdir, "tensorboard")}')
+    if writer.wandb_run_id:
+      writer.message(f'W&B: run {writer.wandb_run_id} ({config.train.wandb_mode}) in '
+                     f'{os.path.join(workdir, wandb_writer.WANDB_DIR)}')
     peak, peak_source = metrics_lib.peak_flops_per_device()
     flops_per_unit = kind.flops_per_target(config.model, breakdown)
     rate_label = {'tokens': 'tok/s'}.get(kind.target_unit, f'{kind.target_unit}/s')
 
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))
     bpb = kind.reports_bits_per_byte
+    bench = (benchmarks.InTrainingBenchmarks(config, model, featurizer, state.params)
+             if benchmarks.every(config) else None)
+    cost_told = False
+
+    def run_benchmarks(step):
+      row = bench.evaluate(state.params)
+      writer.write(step, benchmarks.SPLIT, row)
+      writer.message(f'step {step}: benchmarks {benchmarks.row_summary(row)}')
 
     guard = divergence.DivergenceGuard(config.train.nonfinite_policy,
                                        config.train.max_consecutive_skips, start_step)
@@ -250,6 +268,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
                       config.train.eval_batches or None, bpb)
         writer.write(0, 'validation', ev)
         writer.message(_eval_line(0, ev))
+        if bench:
+          run_benchmarks(0)
       last_time, last_step = time.perf_counter(), start_step
       try:
         for step in range(start_step + 1, config.train.steps + 1):
@@ -267,6 +287,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
               m = {k: v for k, v in m.items() if k != 'bits_per_byte'}
             now = time.perf_counter()
             rate = float(m['targets']) * (step - last_step) / (now - last_time)
+            if bench and bench.last_seconds is not None and not cost_told:
+              writer.message(bench.cost_line((now - last_time) / (step - last_step)))
+              cost_told = True
             mfu = rate * flops_per_unit / (peak * jax.device_count())
             m = {k: v for k, v in m.items() if k != 'nonfinite'}
             writer.write(step, 'train', {**m, 'skipped': guard.interval_skips(),
@@ -277,6 +300,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
                                    rate_label: rate, 'mfu': mfu})
             guard.check(state.params)
             last_time, last_step = time.perf_counter(), step
+          evaluated = False
           if step % config.train.eval_every == 0 or step == config.train.steps:
             ev = evaluate(eval_fn, state.params, make_eval_iter(), mesh,
                           config.train.eval_batches or None, bpb)
@@ -284,6 +308,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
             writer.message(_eval_line(step, ev))
             final_eval = ev
             recorder.evaluated(step, ev, rate)
+            evaluated = True
+          if bench and bench.due(step):
+            run_benchmarks(step)
+            evaluated = True
+          if evaluated:
             last_time = time.perf_counter()  # evaluation time is not training throughput
           if step in boundaries:
             writer.message(f'step {step}: data phase {phases.phase_at(data_phases, step).label!r} '

@@ -1,4 +1,5 @@
-"""Metrics out of the train loop: metrics.jsonl, TensorBoard events, a progress bar, MFU."""
+"""Metrics out of the train loop: metrics.jsonl, TensorBoard events (and W&B when configured), a
+progress bar, MFU."""
 
 import json
 import math
@@ -13,6 +14,7 @@ import tqdm
 
 from stlm.data import phases as phases_lib
 from stlm.models import kinds
+from stlm.train import wandb_writer
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets; MFU is relative to these.
 _PEAK_FLOPS = {
@@ -129,20 +131,34 @@ class MetricsWriter:
   after s: rows of metrics.jsonl past s (the step-0 rows too when s is 0, since step 0 is
   evaluated again), and TensorBoard events at steps > s via tensorboardX's purge_step, which
   writes a marker that makes TensorBoard hide the older events at steps >= purge_step.
+
+  With `config.train.wandb_project` set, every scalar also goes to a W&B run
+  (stlm/train/wandb_writer.py, which explains its resume and step policy); `identity` (the
+  run's name, git state, host... from run.json) goes into that run's config. Used as a
+  context manager, an exception closes the writer too and marks the W&B run failed.
   """
 
   def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True,
+               config=None, identity: dict | None = None,
                phases: list[phases_lib.Phase] = ()):
-    """phases: the run's data phases; each row then carries its step's `phase` (index) and
-    `phase_name` (the phase's sources as written in data.phases)."""
+    """phases: the run's data phases (default: `config.data.phases`); each row then carries
+    its step's `phase` (index) and `phase_name` (the phase's sources as written)."""
     self.enabled = enabled and jax.process_index() == 0
+    if not phases and config is not None:
+      phases = phases_lib.parse(config.data.get('phases', '') or '')
     self._phases = list(phases)
     self._jsonl = None
     self._tb = None
     self._bar = None
+    self._wandb = None
+    self._closed = False
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    # First: a W&B run that cannot start leaves no other output open.
+    wandb = wandb_writer.import_wandb(config) if config is not None else None
+    if wandb is not None:
+      self._wandb = wandb_writer.WandbWriter(wandb, workdir, config, identity, log=self.message)
     self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
     self.tb_dir = os.path.join(workdir, 'tensorboard')
     truncate_jsonl(self.jsonl_path, initial_step if initial_step else -1)
@@ -163,8 +179,11 @@ class MetricsWriter:
     self._jsonl.write(json.dumps({'step': step, 'split': split, 'time': round(time.time(), 3),
                                   **tags, **clean}, allow_nan=False) + '\n')
     self._jsonl.flush()
-    for k, v in clean.items():
-      self._tb.add_scalar(f'{split}/{k}', float('nan') if v is None else v, step)
+    scalars = {k: float('nan') if v is None else v for k, v in clean.items()}
+    for k, v in scalars.items():
+      self._tb.add_scalar(f'{split}/{k}', v, step)
+    if self._wandb is not None:
+      self._wandb.write(step, split, scalars)
 
   def progress(self, step: int, postfix: dict) -> None:
     """Moves the bar to `step`, showing this interval's values (set before the redraw)."""
@@ -181,8 +200,22 @@ class MetricsWriter:
       self._bar.close()
       self._bar = None
 
-  def close(self) -> None:
-    if self.enabled:
+  @property
+  def wandb_run_id(self) -> str | None:
+    return self._wandb.run_id if self._wandb is not None else None
+
+  def close(self, failed: bool = False) -> None:
+    """Closes every output once (later calls do nothing); failed: the run ended by an error."""
+    if self.enabled and not self._closed:
+      self._closed = True
       self.end_progress()
       self._tb.close()
       self._jsonl.close()
+      if self._wandb is not None:
+        self._wandb.close(failed=failed)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    self.close(failed=exc_type is not None)

@@ -84,6 +84,11 @@ class RunRecorder:
         benchmarks_requested=config.train.get('final_eval_benchmarks', ''),
         results=None, error=None, starts=[], config=config.to_dict())
 
+  def identity(self) -> dict:
+    """What names this run and where it comes from (for other metric stores, e.g. W&B)."""
+    keys = ('name', 'preset', 'kind', 'config_file', 'command', 'git', 'host', 'start_time')
+    return {**{k: self.info[k] for k in keys}, 'workdir': self.workdir}
+
   def _write(self) -> None:
     if not (self.enabled and self.started):
       return

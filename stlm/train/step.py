@@ -44,8 +44,26 @@ def stats_metrics(sums) -> dict:
   return {k: v / targets for k, v in sums.get('stats', {}).items()}
 
 
+def member_updates(updates, params, member: dict, lr, decay_mask):
+  """A population member's update from the shared optimizer's (stlm/train/population.py).
+
+  member['lr_scale'] = its train.lr / the shared one: every schedule is proportional to its
+  peak rate, so scaling the update is training at the member's rate. member['decay_delta'] =
+  its train.weight_decay - the shared one: AdamW's decoupled decay adds -lr * wd * param on
+  the decayed params (decay_mask), so the difference is added the same way.
+  """
+  scale = member['lr_scale']
+  updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+  if 'decay_delta' not in member:
+    return updates
+  step_size = lr * scale * member['decay_delta']
+  return jax.tree.map(lambda u, p, m: u - (step_size * p).astype(u.dtype) if m else u,
+                      updates, params, decay_mask)
+
+
 def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule=None, skip_nonfinite: bool = False, dropout_schedule=None):
+               schedule=None, skip_nonfinite: bool = False, dropout_schedule=None,
+               member: dict | None = None, decay_mask=None):
   """One optimizer update over grad_accum micro-batches (leading axis of every batch leaf).
 
   Gradients of the summed nll (+ the model's extra_nll) are accumulated and divided by the
@@ -56,9 +74,13 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
   optimizer state kept).
   dropout_schedule: fn(step) -> factor on the model's dropout rates (traced: one compilation
   for every step), or None.
+  member: a population member's own hyper-parameters (`member_updates`; 'dropout_factor'
+  multiplies the model's dropout rates), traced, so one compiled step serves every member.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   factor = None if dropout_schedule is None else dropout_schedule(state.step)
+  if member is not None and 'dropout_factor' in member:
+    factor = member['dropout_factor'] * (1.0 if factor is None else factor)
 
   def micro(carry, xs):
     grads_acc, sums_acc = carry
@@ -86,6 +108,8 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
   denom = jnp.maximum(sums['units'], 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if member is not None:
+    updates = member_updates(updates, state.params, member, schedule(state.step), decay_mask)
   params = optax.apply_updates(state.params, updates)
   loss, grad_norm = sums['nll'] / denom, optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -104,7 +128,7 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
   if 'extra_nll' in sums:  # the training objective's extra terms, per unit
     metrics['extra_loss'] = sums['extra_nll'] / denom
   if schedule is not None:
-    metrics['lr'] = schedule(state.step)
+    metrics['lr'] = schedule(state.step) * (1.0 if member is None else member['lr_scale'])
   if factor is not None:
     metrics['dropout_factor'] = factor
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
