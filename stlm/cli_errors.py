@@ -1,9 +1,9 @@
 """Bad input at a command line gives one line; a real bug keeps its traceback.
 
 Every command (`main.py`, `python -m stlm.eval`, `stlm.generate`, `stlm.export`,
-`stlm.classify`, `stlm.report`, `stlm.eval.harness`, the experiment commands) runs its main
-through `run` (or `one_line_errors`), which turns bad input into `error: <message>` on stderr
-and exit code 1 (2 for a usage or flag-syntax error). `--verbosity=1` (`-v 1`) prints the
+`stlm.classify`, `stlm.compress`, `stlm.report`, `stlm.eval.harness`, the experiment
+commands) runs its main through `run` (or `one_line_errors`), which turns bad input into
+`error: <message>` on stderr and exit code 1 (2 for a usage or flag-syntax error). `--verbosity=1` (`-v 1`) prints the
 traceback above that line.
 
 What counts as bad input is declared by the exception's type, never guessed from a message:

@@ -160,3 +160,35 @@ def test_populations_mean_spread_and_paired_by_seed(tmp_path):
   assert '| adamw | 3 | 3.1000 | 0.1000 | 0.0577 | 0: 3.0000, 1: 3.2000, 2: 3.1000 |' in md
   assert '| adamw | muon | 3 | -0.1000 | 0.0289 |' in md
   assert populations.markdown([r for r in runs if r.name == 'single']) == ''
+
+
+def test_artifact_size_view_of_exports_and_compressed_exports(tmp_path):
+  """Every export under the folder, with its real sizes and the bits per byte of the
+  results.json that stlm.eval wrote for it, as a table and a plot."""
+  # pylint: disable=g-import-not-at-top
+  from configs import baseline
+  from stlm import compress
+  from stlm.compress import artifact
+  from stlm.report import artifacts
+  from tests.test_cli_errors import SMALL, _save_zero_export
+  root = tmp_path / 'runs'
+  _save_zero_export(baseline, root / 'b' / 'export', **SMALL)
+  compress.compress_export(str(root / 'b' / 'export'), str(root / 'b_int8' / 'export'),
+                           compress.Settings(quantize='int8'))
+  for run, bpb in (('b', 3.25), ('b_int8', 3.5)):
+    (root / run / 'results.json').write_text(json.dumps(dict(
+        checkpoint=f'/elsewhere/{run}/export', perplexity=dict(bits_per_byte=bpb))))
+  found = artifacts.scan(root)
+  assert [(a.name, a.label, a.bits_per_byte) for a in found] == [
+      ('b/export', 'as trained', 3.25), ('b_int8/export', 'int8', 3.5)]
+  for a in found:
+    assert a.bytes == sum(artifact.files(str(root / a.name)).values())
+    assert a.xz_bytes == len(artifact.tar_xz(str(root / a.name)))
+  out = tmp_path / 'report'
+  runs = collect.scan(root)
+  paths = render.write_report(runs, table.pick_reference(runs), str(out), found)
+  md = (out / 'README.md').read_text()
+  assert '## Artifact size' in md and '| b_int8/export | int8 | 3.500 |' in md
+  assert 'artifact_size.png' in [pathlib.Path(p).name for p in paths['plots']]
+  assert (out / 'artifact_size.png').read_bytes()[:8] == PNG_SIGNATURE
+  assert 'artifact_size.png' in (out / 'index.html').read_text()

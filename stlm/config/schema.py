@@ -186,6 +186,15 @@ def base_config() -> ml_collections.ConfigDict:
   tr.eval_benchmarks_every = 0
   tr.eval_benchmarks_limit = 100
   tr.eval_benchmarks_batch = 32  # scorer rows per batch
+  # Logit distillation (stlm/train/distill.py): a teacher export with the same tokenizer;
+  # objective (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T); top_k > 0 keeps the
+  # teacher's k most likely tokens per position ('' teacher = off).
+  tr.distill = ml_collections.ConfigDict()
+  tr.distill.teacher = ''
+  tr.distill.alpha = 0.5
+  tr.distill.temperature = 2.0
+  tr.distill.top_k = 0
+  tr.distill.required = False    # True: a config that only makes sense with a teacher
   # Populations (stlm/train/population.py): N members in one vmapped step, each its own run
   # under <workdir>/members/. population = N takes seeds seed..seed+N-1, population_seeds a
   # comma list; population_overrides 'train.lr=1e-3,3e-3;model.dropout=0,0.1' (one value per

@@ -4,6 +4,10 @@ Layout of <workdir>/export/: `config.json`, `params/` (Orbax), `params_files.jso
 of every file under params/, written once they are complete), and `tokenizer.model` when the
 run used a sentencepiece tokenizer, so the directory is self-contained.
 
+A directory written by `python -m stlm.compress` also holds `compression.json`: how each
+compressed array is stored (stlm/compress/codec.py). `load_export` decodes them, so a
+compressed export loads, dequantised, wherever an export does.
+
 `check_export` tells, without reading the params, whether a directory is a loadable export,
 and names what is wrong (a training workdir or checkpoint directory given instead, a config
 that is not JSON, a params file missing, truncated or of another model) as `BadExportError`,
@@ -92,6 +96,15 @@ def _write_export(directory: str, params, config) -> None:
     if os.path.abspath(config.tokenizer.sp_model_path) != target:
       shutil.copyfile(config.tokenizer.sp_model_path, target)
     config.tokenizer.sp_model_path = SP_MODEL_FILE  # relative: the export can be moved
+  write_params(directory, params)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, CONFIG_FILE), 'w', encoding='utf-8') as f:
+      f.write(config.to_json(indent=2))
+
+
+def write_params(directory: str, params) -> None:
+  """params/ (Orbax) and params_files.json of an export in `directory` (replaced if there).
+  `stlm.compress` writes its stored form of the params through here too."""
   params_dir = os.path.join(directory, PARAMS_DIR)
   if os.path.exists(params_dir):
     shutil.rmtree(params_dir)
@@ -101,8 +114,6 @@ def _write_export(directory: str, params, config) -> None:
     ckptr.save(params_dir, host_params)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, CONFIG_FILE), 'w', encoding='utf-8') as f:
-      f.write(config.to_json(indent=2))
     # Sizes of the finished params files: a missing or cut-short file is then named before
     # Orbax reads it (Orbax's own error for a missing data file comes with thread noise).
     with open(os.path.join(directory, FILES_MANIFEST), 'w', encoding='utf-8') as f:
@@ -180,7 +191,18 @@ def check_export(directory: str, flag: str | None = None) -> ml_collections.Conf
     if os.path.getsize(full) != size:
       raise BadExportError(f'{where} is damaged: {full} has {os.path.getsize(full)} bytes, '
                            f'{size} were written')
+  compression_manifest(directory, where)
   return config
+
+
+def compression_manifest(directory: str, where: str | None = None) -> dict | None:
+  """compression.json of an export written by `python -m stlm.compress` (None for any other
+  export); BadExportError if it cannot be read."""
+  from stlm.compress import codec  # pylint: disable=g-import-not-at-top
+  try:
+    return codec.read_manifest(directory)
+  except codec.ManifestError as e:
+    raise BadExportError(f'{where or directory} is damaged: {e}') from None
 
 
 def _read_config(directory: str, where: str) -> ml_collections.ConfigDict:
@@ -226,13 +248,31 @@ def load_export(directory: str, flag: str | None = None) -> Exported:
       saved = ckptr.metadata(params_dir).item_metadata.tree
     except (OSError, ValueError) as e:
       raise BadExportError(f'{where} is damaged: {params_dir}: {first_error_line(e)}') from e
-    _check_params_match(saved, abstract, where)
+    # A compressed export (stlm.compress) stores some arrays as parts (int8 values and
+    # scales, a sparse mask, two factors); they are restored as stored, then decoded here,
+    # so every command that loads an export reads it in this one place.
+    compression = compression_manifest(directory, where)
+    if compression and compression['params']:
+      from stlm.compress import codec  # pylint: disable=g-import-not-at-top
+      try:
+        decoded = codec.decoded_abstract(saved, compression)
+      except (codec.ManifestError, KeyError, TypeError) as e:
+        raise BadExportError(f'{where} is damaged: {codec.MANIFEST} does not describe its '
+                             f'params ({e})') from None
+      _check_params_match(decoded, abstract, where)
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
+    else:
+      _check_params_match(saved, abstract, where)
+      target = abstract
     try:
-      params = ckptr.restore(params_dir, abstract)
+      params = ckptr.restore(params_dir, target)
     except (OSError, ValueError) as e:
       if not looks_like_damage(e):
         raise
       raise BadExportError(f'{where} is damaged: {params_dir}: {first_error_line(e)}') from e
+  if compression and compression['params']:
+    params = jax.tree.map(lambda x, a: jax.numpy.asarray(x, a.dtype),
+                          codec.decode_params(params, compression), abstract)
   return Exported(model=model, params=params, config=config, tokenizer=tokenizer,
                   featurizer=factory.make_featurizer(config, tokenizer))
 

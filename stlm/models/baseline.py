@@ -117,6 +117,8 @@ class BaselineLM(nn.Module):
   def __call__(self, batch, *, deterministic=True):
     y_BxTxD, aux = self._core(batch['inputs'], batch['segment_ids'], batch['positions'],
                               deterministic=deterministic, decode=False)
+    # Kept only when the caller makes 'intermediates' mutable (distillation reads it).
+    self.sow('intermediates', 'final_hidden', y_BxTxD)
     targets_BxT = batch['targets']
     chunk = self.cfg.ce_chunk
     if 'score_idx' in batch:  # the scorer asks for K positions per row only (kinds.Scoring)

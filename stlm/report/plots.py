@@ -164,15 +164,50 @@ def benchmark_learning_curves(runs: list[Run], path: str) -> str:
   return _save(fig, path)
 
 
+def artifact_sizes(artifacts, path: str) -> str:
+  """Held-out bits per byte against megabytes: each export on disk (filled) and as .tar.xz
+  (hollow, joined to it by a line), one colour per model, each point named by its setting."""
+  fig, ax = plt.subplots(figsize=(8, 4.8))
+  scored = [a for a in artifacts if a.bits_per_byte is not None]
+  colours = {m: f'C{i}' for i, m in enumerate(sorted({a.model for a in scored}))}
+  for a in scored:
+    c = colours[a.model]
+    x_disk, x_xz = a.bytes / 1e6, a.xz_bytes / 1e6
+    ax.plot([x_disk, x_xz], [a.bits_per_byte] * 2, '-', color=c, lw=0.8, alpha=0.5)
+    ax.plot(x_disk, a.bits_per_byte, 'o', color=c, ms=5)
+    ax.plot(x_xz, a.bits_per_byte, 'o', mfc='none', color=c, ms=6)
+    ax.annotate(a.label, (x_disk, a.bits_per_byte), fontsize=6, xytext=(3, 3),
+                textcoords='offset points')
+  for m, c in colours.items():
+    ax.plot([], [], 'o', color=c, label=m)
+  if scored:
+    ax.plot([], [], 'o', color='gray', label='on disk')
+    ax.plot([], [], 'o', mfc='none', color='gray', label='.tar.xz (lzma)')
+    ax.set_xscale('log')
+    ax.legend(fontsize=7)
+  else:
+    _empty(ax, 'no export scored on held-out text (python -m stlm.eval --text=...)')
+  ax.set(xlabel='size (MB, log scale)', ylabel='held-out bits per byte',
+         title='Bits per byte vs size of the export')
+  ax.grid(alpha=0.3, which='both')
+  return _save(fig, path)
+
+
+ARTIFACT_PLOT = 'artifact_size.png'
+
 PLOTS = (('val_bpb_tokens.png', validation_vs_tokens), ('val_bpb_wall.png', validation_vs_wall),
          ('train_loss.png', training_loss), ('benchmarks.png', benchmark_bars),
          ('benchmark_curves.png', benchmark_learning_curves))
 
 
-def write_all(runs: list[Run], out_dir: str) -> list[str]:
-  """Every plot as a PNG in out_dir; returns the file names."""
+def write_all(runs: list[Run], out_dir: str, artifacts=None) -> list[str]:
+  """Every plot as a PNG in out_dir (the artifact-size plot when `artifacts` is given);
+  returns the file names."""
   names = []
   for name, fn in PLOTS:
     fn(runs, os.path.join(out_dir, name))
     names.append(name)
+  if artifacts:
+    artifact_sizes(artifacts, os.path.join(out_dir, ARTIFACT_PLOT))
+    names.append(ARTIFACT_PLOT)
   return names

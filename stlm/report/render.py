@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 
+from stlm.report import artifacts as artifacts_lib
 from stlm.report import populations
 from stlm.report import table
 from stlm.report.collect import Run
@@ -35,7 +36,12 @@ def _describe(run: Run) -> tuple[str, str]:
   return '; '.join(facts), info.get('config_docstring') or '(no docstring recorded)'
 
 
-def write_html(runs: list[Run], reference: Run | None, plots: list[str], path: str) -> None:
+_ARTIFACT_NOTE = ('Every export: held-out bits per byte (results.json of stlm.eval --text '
+                  'beside it) against its size on disk and as a .tar.xz (lzma).')
+
+
+def write_html(runs: list[Run], reference: Run | None, plots: list[str], path: str,
+               artifacts=None) -> None:
   e = html.escape
   out = ['<!doctype html><html><head><meta charset="utf-8"><title>stlm runs</title>',
          f'<style>{_CSS}</style></head><body>', f'<h1>stlm runs ({len(runs)})</h1>',
@@ -49,6 +55,12 @@ def write_html(runs: list[Run], reference: Run | None, plots: list[str], path: s
   section = populations.markdown(runs)
   if section:   # the same tables, as preformatted markdown
     out.append(f'<h2>Populations</h2><pre>{e(section.split(chr(10), 2)[2])}</pre>')
+  if artifacts:
+    out += ['<h2>Artifact size</h2>', f'<p>{e(_ARTIFACT_NOTE)}</p>',
+            '<table><tr>' + ''.join(f'<th>{e(h)}</th>' for h in artifacts_lib.HEADER) + '</tr>']
+    out += ['<tr>' + ''.join(f'<td>{e(c)}</td>' for c in cells) + '</tr>'
+            for cells in artifacts_lib.rows(artifacts)]
+    out.append('</table>')
   out.append('<h2>Plots</h2>')
   out += [f'<img src="{e(p)}" alt="{e(p)}">' for p in plots]
   out.append('<h2>Runs</h2>')
@@ -67,13 +79,16 @@ def write_html(runs: list[Run], reference: Run | None, plots: list[str], path: s
     f.write('\n'.join(out))
 
 
-def write_markdown(runs: list[Run], reference: Run | None, plots: list[str], path: str) -> None:
+def write_markdown(runs: list[Run], reference: Run | None, plots: list[str], path: str,
+                   artifacts=None) -> None:
   out = [f'# stlm runs ({len(runs)})', '',
          'Accuracy in % ± 1 standard error, with the split each number comes from.', '',
          table.markdown(runs), '']
   section = populations.markdown(runs)
   if section:
     out += [section, '']
+  if artifacts:
+    out += ['## Artifact size', '', _ARTIFACT_NOTE, '', artifacts_lib.markdown(artifacts), '']
   out += ['## Plots', '']
   out += [f'![{p}]({p})' for p in plots]
   out += ['', '## Runs']
@@ -90,13 +105,15 @@ def write_markdown(runs: list[Run], reference: Run | None, plots: list[str], pat
     f.write('\n'.join(out) + '\n')
 
 
-def write_report(runs: list[Run], reference: Run | None, out_dir: str) -> dict:
+def write_report(runs: list[Run], reference: Run | None, out_dir: str,
+                 artifacts=None) -> dict:
+  """The report; with `artifacts` (stlm.report.artifacts.scan) also the artifact-size view."""
   from stlm.report import plots as plots_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
-  names = plots_lib.write_all(runs, out_dir)
+  names = plots_lib.write_all(runs, out_dir, artifacts)
   paths = dict(html=os.path.join(out_dir, 'index.html'),
                markdown=os.path.join(out_dir, 'README.md'))
-  write_html(runs, reference, names, paths['html'])
-  write_markdown(runs, reference, names, paths['markdown'])
+  write_html(runs, reference, names, paths['html'], artifacts)
+  write_markdown(runs, reference, names, paths['markdown'], artifacts)
   paths['plots'] = [os.path.join(out_dir, n) for n in names]
   return paths

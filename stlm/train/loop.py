@@ -26,6 +26,7 @@ from stlm.train import benchmarks
 from stlm.train import checkpoint
 from stlm.train import compile_cache
 from stlm.train import disk
+from stlm.train import distill
 from stlm.train import divergence
 from stlm.train import lease as lease_lib
 from stlm.train import metrics as metrics_lib
@@ -185,6 +186,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   config_validate.validate(config)
   wandb_writer.import_wandb(config)   # a missing optional package stops the run before any work
   benchmarks.check(config)            # and so do missing benchmark files
+  distill.check(config, vocabulary=False)   # and a missing or unsuitable teacher
   # Before anything is compiled: JAX reads the cache setting at the first compilation.
   compile_cache.enable(config.train.get('compile_cache_dir', ''))
   # Data first: a bad corpus must stop the run before anything is created in workdir, and a
@@ -193,6 +195,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   tokenizer = build_run_tokenizer(config, workdir)
   config.model.vocab_size = tokenizer.vocab_size
   config_validate.validate(config)
+  distill.check(config)               # the teacher's export, tokenizer and vocabulary
 
   mesh = _make_mesh_checked(config)
   model = factory.build_model(config.model)
@@ -241,6 +244,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
                      f'{os.path.join(workdir, wandb_writer.WANDB_DIR)}')
     peak, peak_source = metrics_lib.peak_flops_per_device()
     flops_per_unit = kind.flops_per_target(config.model, breakdown)
+    if train_step.teacher is not None:   # its forward: a third of its training FLOPs
+      t = train_step.teacher
+      t_breakdown = factory.param_breakdown(t.params, t.config.model)
+      t_flops = kinds.get_kind(t.config.model.kind).flops_per_target(t.config.model,
+                                                                       t_breakdown) / 3
+      flops_per_unit += t_flops
+      writer.message(f'distilling from {config.train.distill.teacher} '
+                     f'({t.config.name}:{t.config.preset}, {t_breakdown["total"]:,} parameters, '
+                     f'{t_flops:.3g} forward FLOPs per target; alpha '
+                     f'{config.train.distill.alpha}, temperature '
+                     f'{config.train.distill.temperature}, top_k {config.train.distill.top_k})')
     rate_label = {'tokens': 'tok/s'}.get(kind.target_unit, f'{kind.target_unit}/s')
 
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model))

@@ -119,6 +119,9 @@ def members(config) -> list[Member]:
   t = config.train
   if t.population_data not in DATA_MODES:
     errors.fail('train.population_data', t.population_data, f'must be one of {", ".join(DATA_MODES)}')
+  if t.distill.get('teacher', ''):
+    errors.fail('train.distill.teacher', t.distill.teacher,
+                'is not used inside a population; distil single runs')
   if str(t.get('eval_benchmarks', '')).strip():
     errors.fail('train.eval_benchmarks', t.eval_benchmarks,
                 'is not run inside a population; score the members\' exports with stlm.eval')

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from stlm.models import factory
+from stlm.train import distill
 from stlm.train import optimizer as optimizer_lib
 from stlm.train import sharding
 from stlm.train import state as state_lib
@@ -29,6 +30,7 @@ class TrainStep:
   step: Callable                            # (state, stacked micro-batches) -> (state, metrics)
   state_shardings: state_lib.TrainState
   abstract_state: state_lib.TrainState       # shapes + shardings: what a checkpoint restores onto
+  teacher: object = None                     # distill.Teacher when train.distill has one
 
 
 def build_train_step(config, model, mesh) -> TrainStep:
@@ -57,16 +59,27 @@ def build_train_step(config, model, mesh) -> TrainStep:
       return jitted_init()
 
   batch_sharding = sharding.batch_sharding(mesh, leading_microbatch_axis=True)
+  teacher = distill.Teacher.load(config) if distill.enabled(config) else None
   step_fn = functools.partial(
       step_lib.train_step, model=model, tx=tx, schedule=schedule,
       skip_nonfinite=config.train.get('nonfinite_policy', 'stop') == 'skip',
-      dropout_schedule=optimizer_lib.make_dropout_schedule(config.train))
-  train_fn = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+      dropout_schedule=optimizer_lib.make_dropout_schedule(config.train),
+      teacher=None if teacher is None else (teacher.model, config.train.distill, config.model))
+  if teacher is None:
+    train_fn = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+  else:
+    # The teacher's parameters: a jit argument (not constants of the program), placed once,
+    # sharded by their logical axes like the student's.
+    teacher_sh = sharding.param_shardings(teacher.boxed_abstract, mesh)
+    teacher_params = jax.device_put(teacher.params, teacher_sh)
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, teacher_sh),
                      out_shardings=(state_shardings, None), donate_argnums=0)
+    train_fn = lambda state, batches: jitted(state, batches, teacher_params)
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           abstract_init, state_shardings)
   return TrainStep(init=init, step=train_fn, state_shardings=state_shardings,
-                   abstract_state=abstract)
+                   abstract_state=abstract, teacher=teacher)
 
 
 def _state_shardings(boxed, mesh, abstract):

@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import optax
 
 from stlm.models import dropout as dropout_lib
+from stlm.train import distill
 from stlm.train.state import TrainState
 
 LN2 = math.log(2.0)
 
 
-def loss_sums(model: nn.Module, params, batch, *, rng=None, train: bool = False):
+def loss_sums(model: nn.Module, params, batch, *, rng=None, train: bool = False,
+              teacher=None):
   """Summed statistics of one micro-batch: the same formula for every model and tokenizer.
 
   nll: nats over all real targets; units: predictions (tokens, or bytes + end-of-chunk);
@@ -21,9 +23,16 @@ def loss_sums(model: nn.Module, params, batch, *, rng=None, train: bool = False)
   Optional model outputs (docs/architecture.md): `extra_nll` (summed nats added to the
   training objective only, e.g. early-exit losses) is returned as 'extra_nll'; `stats`
   (name -> summed scalar) as 'stats', each later divided by the number of targets.
+  teacher: (teacher module, its params, train.distill config, model config) adds
+  'distill_kl', the summed KL(teacher_T || student_T) (stlm/train/distill.py).
   """
   rngs = {'dropout': rng} if train else None
-  out = model.apply({'params': params}, batch, deterministic=not train, rngs=rngs)
+  if teacher is None:
+    out = model.apply({'params': params}, batch, deterministic=not train, rngs=rngs)
+  else:
+    out, kept = model.apply({'params': params}, batch, deterministic=not train, rngs=rngs,
+                            mutable=['intermediates'])
+    hidden_BxTxD = kept['intermediates'][distill.HIDDEN][0]
   mask = batch['loss_mask'].astype(jnp.float32)
   sums = {
       'nll': -jnp.sum(out['logprobs'] * mask),
@@ -35,6 +44,10 @@ def loss_sums(model: nn.Module, params, batch, *, rng=None, train: bool = False)
     sums['extra_nll'] = jnp.asarray(out['extra_nll'], jnp.float32)
   if out.get('stats'):
     sums['stats'] = {k: jnp.asarray(v, jnp.float32) for k, v in out['stats'].items()}
+  if teacher is not None:
+    teacher_model, teacher_params, distill_cfg, model_cfg = teacher
+    sums['distill_kl'] = distill.kl_sum(model, params, hidden_BxTxD, batch, teacher_model,
+                                        teacher_params, distill_cfg, model_cfg)
   return sums
 
 
@@ -61,9 +74,10 @@ def member_updates(updates, params, member: dict, lr, decay_mask):
                       updates, params, decay_mask)
 
 
-def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule=None, skip_nonfinite: bool = False, dropout_schedule=None,
-               member: dict | None = None, decay_mask=None):
+def train_step(state: TrainState, batches, teacher_params=None, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule=None, skip_nonfinite: bool = False,
+               dropout_schedule=None, member: dict | None = None, decay_mask=None,
+               teacher=None):
   """One optimizer update over grad_accum micro-batches (leading axis of every batch leaf).
 
   Gradients of the summed nll (+ the model's extra_nll) are accumulated and divided by the
@@ -76,7 +90,14 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
   for every step), or None.
   member: a population member's own hyper-parameters (`member_updates`; 'dropout_factor'
   multiplies the model's dropout rates), traced, so one compiled step serves every member.
+  teacher: (teacher module, train.distill config, model config) with `teacher_params`: the
+  objective becomes distill.objective's mix of the nll and the KL to the teacher.
   """
+  distilling = teacher is not None and teacher_params is not None
+  teacher_args = None
+  if distilling:
+    teacher_model, distill_cfg, model_cfg = teacher
+    teacher_args = (teacher_model, teacher_params, distill_cfg, model_cfg)
   step_rng = jax.random.fold_in(state.rng, state.step)
   factor = None if dropout_schedule is None else dropout_schedule(state.step)
   if member is not None and 'dropout_factor' in member:
@@ -89,8 +110,11 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
 
     def nll_fn(params):
       with dropout_lib.rate_factor(factor):
-        sums = loss_sums(model, params, batch, rng=rng, train=True)
-      return sums['nll'] + sums.get('extra_nll', 0.0), sums
+        sums = loss_sums(model, params, batch, rng=rng, train=True, teacher=teacher_args)
+      nll = sums['nll']
+      if distilling and float(distill_cfg.alpha) > 0:   # alpha 0: the KL is only logged
+        nll = distill.objective(nll, sums['distill_kl'], distill_cfg)
+      return nll + sums.get('extra_nll', 0.0), sums
 
     grads, sums = jax.grad(nll_fn, has_aux=True)(state.params)
     return (jax.tree.map(jnp.add, grads_acc, grads),
@@ -102,7 +126,8 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
   first = jax.tree.map(lambda x: x[0], batches)
   zero_sums = jax.tree.map(
       lambda s: jnp.zeros(s.shape, s.dtype),
-      jax.eval_shape(lambda p, b: loss_sums(model, p, b, rng=step_rng, train=True),
+      jax.eval_shape(lambda p, b: loss_sums(model, p, b, rng=step_rng, train=True,
+                                            teacher=teacher_args),
                      state.params, first))
   (grads, sums), _ = jax.lax.scan(micro, (zeros, zero_sums), (jnp.arange(n_micro), batches))
   denom = jnp.maximum(sums['units'], 1.0)
@@ -125,6 +150,8 @@ def train_step(state: TrainState, batches, *, model: nn.Module, tx: optax.Gradie
       'targets': sums['targets'],
       **stats_metrics(sums),
   }
+  if distilling:
+    metrics['distill_kl'] = sums['distill_kl'] / denom
   if 'extra_nll' in sums:  # the training objective's extra terms, per unit
     metrics['extra_loss'] = sums['extra_nll'] / denom
   if schedule is not None:
