@@ -111,6 +111,15 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_train_docs = 0           # > 0: train on only the first N train documents (subset studies)
   d.data_dir = ''                # where tfds writes ArrayRecord ('' = ~/.cache/stlm/tfds)
   d.mix = ml_collections.ConfigDict()   # source name -> weight, for source == 'mix'
+  # Mix weights w become shares proportional to w ** (1 / mix_temperature): data.mix's and
+  # every mixed phase's (1 keeps them; > 1 flattens towards uniform).
+  d.mix_temperature = 1.0
+  # Phases (a curriculum, stlm/data/phases.py): '<sources>:<end step>,...' in training order,
+  # e.g. 'tinystories:150,wiki:300' or 'tinystories*1+wiki*3:300' ('' = data.source throughout).
+  d.phases = ''
+  # Named sources the phases can read: name -> keys of this data section for that source
+  # (source, default 'local'; path, split_by, jsonl_field, ...), e.g. {'wiki': {'path': ...}}.
+  d.sources = ml_collections.ConfigDict()
   # source 'hf' (stlm/data/hf_datasets.py): a Hugging Face dataset read through `datasets`.
   d.hf_name = ''                 # Hub id, or json | parquet | csv | text over hf_data_files
   d.hf_config = ''               # the dataset's configuration ('' = its default)

@@ -8,6 +8,8 @@ from stlm.config.errors import ConfigError  # pylint: disable=unused-import (re-
 from stlm.config.errors import fail as _fail
 from stlm.data import corpus
 from stlm.data import hf_datasets
+from stlm.data import phases
+from stlm.data import tfds_builders
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
@@ -143,10 +145,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('data.path', d.path, "data.source='local' needs a directory of .txt/.jsonl files")
   if d.source == 'mix' and not d.mix:
     _fail('data.mix', dict(d.mix), "data.source='mix' needs {source name: weight}")
-  for name in (dict(d.mix) if d.source == 'mix' else [d.source]):
+  if not isinstance(d.mix_temperature, (int, float)) or not d.mix_temperature > 0:
+    _fail('data.mix_temperature', d.mix_temperature, 'must be a positive number (1 = the weights)')
+  try:
+    specs = phases.parse(d.phases)
+    phases.check_steps(specs, t.steps)
+  except phases.PhaseSpecError as e:
+    _fail('data.phases', d.phases, str(e))
+  # Each source the run reads, with the data section it reads (a phase's own, for phases);
+  # a bad data.sources entry is a ConfigError naming its key from here.
+  for name, cfg in tfds_builders.named_sources(d).values():
     if hf_datasets.is_hf(name):
       try:
-        hf_datasets.resolve(name, d)
+        hf_datasets.resolve(name, cfg)
       except hf_datasets.HfDataError as e:
         raise ConfigError(f'config.{e}') from None
   if c.tokenizer.kind == 'sentencepiece' and c.tokenizer.sp_vocab_size < 260:

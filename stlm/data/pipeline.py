@@ -2,7 +2,9 @@
 
 per source: documents (tfds ArrayRecord) -> MapDataset -> shard by process -> shuffle ->
 repeat -> featurize (threads) -> flatten to examples; then [weighted mix of examples] ->
-window shuffle -> first-fit pack -> batch. Eval reads each source once, in order.
+window shuffle -> first-fit pack -> batch. Eval reads each source once, in order. With
+`data.phases` (stlm/data/phases.py) each phase is such a pipeline over its own sources, read
+in turn by `PhasedIterator`.
 
 Iterators are grain `DatasetIterator`s: `it.get_state()` is a JSON-serializable dict and
 `it.set_state(state)` resumes exactly where it was (grain re-reads from the last document
@@ -17,6 +19,7 @@ from typing import Any, Iterable
 import grain
 import numpy as np
 
+from stlm.data import phases
 from stlm.data import tfds_builders
 
 EXAMPLE_KEYS = ('inputs', 'targets', 'loss_mask', 'target_bytes')
@@ -60,14 +63,19 @@ def per_process_batch(config, process_count: int) -> int:
   return batch // process_count
 
 
-def _source_datasets(config, split: str, process_index: int, process_count: int
-                     ) -> list[tuple[grain.MapDataset, float]]:
-  """(documents of this process, weight) per source: disjoint strided parts."""
+def _source_datasets(config, split: str, process_index: int, process_count: int,
+                     sources: dict | None = None) -> list[tuple[grain.MapDataset, float]]:
+  """(documents of this process, weight) per source: disjoint strided parts.
+
+  `sources`: {name: (random-access source, weight)}; default every source the run reads.
+  """
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} outside [0, {process_count})')
+  if sources is None:
+    sources = tfds_builders.document_sources(config.data, split)
   out = []
   limit = int(config.data.get('max_train_docs', 0) or 0) if split == 'train' else 0
-  for name, (source, weight) in tfds_builders.document_sources(config.data, split).items():
+  for name, (source, weight) in sources.items():
     ds = grain.MapDataset.source(source)
     if limit > 0:  # a pretraining subset: the first N documents, before sharding
       ds = ds[:limit]
@@ -104,30 +112,57 @@ class _FeaturizerRow(grain.transforms.Map):
 
 
 def _pack(examples: grain.IterDataset, config, bins: int, *, shuffle: bool,
-          featurizer=None) -> grain.IterDataset:
+          featurizer=None, seed: int | None = None) -> grain.IterDataset:
   # A featurizer with its own layout (byte-pool v2: chunk keys of max_len, byte-stream keys
   # of stream_len) names each key's row length; one example always goes whole into one row.
   if hasattr(featurizer, 'length_struct'):
     packed = grain.experimental.FirstFitPackIterDataset(
         examples, length_struct=featurizer.length_struct(), num_packing_bins=bins,
-        seed=int(config.seed), shuffle_bins=shuffle)
+        seed=int(config.seed) if seed is None else seed, shuffle_bins=shuffle)
     return packed.map(_FeaturizerRow(featurizer))
   max_len = int(config.model.max_len)
   packed = grain.experimental.FirstFitPackIterDataset(
       examples, length_struct={k: max_len for k in EXAMPLE_KEYS},
-      num_packing_bins=bins, seed=int(config.seed), shuffle_bins=shuffle)
+      num_packing_bins=bins, seed=int(config.seed) if seed is None else seed,
+      shuffle_bins=shuffle)
   return packed.map(_ToBatchRow())
+
+
+# Phase i shuffles with seed + i * this prime (phase 0: exactly the unphased pipeline's seed).
+_PHASE_SEED_STRIDE = 104729
 
 
 def make_train_iter(config, featurizer, split: str = 'train', *, process_index: int = 0,
                     process_count: int = 1) -> grain.DatasetIterator:
-  """Endless shuffled batches of packed rows for this process (epochs reshuffled by seed)."""
+  """Endless shuffled batches of packed rows for this process (epochs reshuffled by seed).
+
+  With `data.phases`, each phase's sources in turn: `grad_accum` batches per step.
+  """
+  specs = phases.parse(config.data.get('phases', '') or '')
+  if not specs:
+    return _train_iter(config, featurizer, _source_datasets(
+        config, split, process_index, process_count), int(config.seed), process_count)
+
+  def phase_iter(i: int) -> grain.DatasetIterator:
+    sources = tfds_builders.phase_document_sources(config.data, specs[i], split)
+    # Each phase its own shuffle: a source read again in a later phase is not replayed
+    # in the order it was read before.
+    seed = (int(config.seed) + _PHASE_SEED_STRIDE * i) % 2**31
+    return _train_iter(config, featurizer, _source_datasets(
+        config, split, process_index, process_count, sources), seed, process_count)
+
+  per_step = int(config.train.grad_accum)
+  ends = [None if p.end is None else p.end * per_step for p in specs]
+  return PhasedIterator(phase_iter, ends)
+
+
+def _train_iter(config, featurizer, sources: list[tuple[grain.MapDataset, float]], seed: int,
+                process_count: int) -> grain.DatasetIterator:
   batch = per_process_batch(config, process_count)
   parts, weights = [], []
-  for i, (docs, weight) in enumerate(
-      _source_datasets(config, split, process_index, process_count)):
+  for i, (docs, weight) in enumerate(sources):
     # Each source reshuffles every epoch on its own, so a small source never caps a big one.
-    docs = docs.shuffle(seed=(int(config.seed) + 7919 * i) % 2**32).repeat()
+    docs = docs.shuffle(seed=(seed + 7919 * i) % 2**32).repeat()
     parts.append(_examples(docs, featurizer, config))
     weights.append(weight)
   # Mixed per example (a window of <= max_len tokens), so weights are close to token shares.
@@ -135,11 +170,72 @@ def make_train_iter(config, featurizer, split: str = 'train', *, process_index: 
   if int(config.data.shuffle_buffer) > 1:
     # Windows of one long document arrive together; mix them with other documents'.
     ds = grain.experimental.WindowShuffleIterDataset(
-        ds, window_size=int(config.data.shuffle_buffer), seed=int(config.seed) + 1)
-  ds = _pack(ds, config, bins=batch, shuffle=True, featurizer=featurizer).batch(batch, drop_remainder=True)
+        ds, window_size=int(config.data.shuffle_buffer), seed=seed + 1)
+  ds = _pack(ds, config, bins=batch, shuffle=True, featurizer=featurizer, seed=seed)
+  ds = ds.batch(batch, drop_remainder=True)
   if int(config.data.num_workers) > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)))
   return iter(ds)
+
+
+class PhasedIterator(grain.DatasetIterator):
+  """The batches of each phase in turn: phase i's own iterator until `ends[i]` batches have
+  been drawn in all, then phase i + 1's from its start (`ends[-1]` None: the last runs on).
+
+  Its state is the phase, the batches drawn so far and the phase iterator's own position,
+  so a restore lands inside a phase or right at a boundary exactly where it was.
+  """
+
+  def __init__(self, make_phase_iter, ends: list[int | None]):
+    super().__init__()
+    self._make, self._ends = make_phase_iter, list(ends)
+    self._phase, self._drawn, self._it = 0, 0, None
+
+  @property
+  def phase(self) -> int:
+    """The phase of the next batch."""
+    self._advance()
+    return self._phase
+
+  def _advance(self) -> None:
+    while self._ends[self._phase] is not None and self._drawn >= self._ends[self._phase]:
+      self._phase += 1
+      self._replace(None)
+
+  def _replace(self, it) -> None:
+    if self._it is not None:
+      self._it.close()
+    self._it = it
+
+  def _current(self) -> grain.DatasetIterator:
+    self._advance()
+    if self._it is None:
+      self._it = self._make(self._phase)
+    return self._it
+
+  def __next__(self):
+    batch = next(self._current())
+    self._drawn += 1
+    return batch
+
+  def get_state(self):
+    position = self._current().get_state()
+    return {'phase': self._phase, 'drawn': self._drawn, 'position': position}
+
+  def set_state(self, state):
+    if not 0 <= state['phase'] < len(self._ends):
+      raise ValueError(f'iterator state of phase {state["phase"]}, but the run has '
+                       f'{len(self._ends)} phases')
+    self._phase, self._drawn = int(state['phase']), int(state['drawn'])
+    self._replace(self._make(self._phase))
+    self._it.set_state(state['position'])
+
+  def start_prefetch(self) -> None:
+    self._current().start_prefetch()
+
+  def close(self) -> None:
+    self._replace(None)
+    super().close()
 
 
 def _pad_batch(batch_size: int):

@@ -19,11 +19,14 @@ import pathlib
 import re
 
 from etils import epath
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from stlm.config import errors as config_errors
 from stlm.data import corpus
 from stlm.data import hf_datasets
+from stlm.data import phases
 
 _VERSION = tfds.core.Version('1.0.0')
 
@@ -324,30 +327,109 @@ def prepare(name: str, data_cfg) -> tfds.core.DatasetBuilder:
   return builder
 
 
+# Keys of the data section that say which documents a phase reads, not how they are read.
+_RUN_WIDE_KEYS = ('phases', 'sources', 'mix')
+
+
+def source_config(data_cfg, name: str):
+  """The single-source data section that source `name` of `data.phases` reads.
+
+  A name of `data.sources` takes that entry's keys over the data section (its `source`
+  defaulting to 'local'); any other builder name reads the data section as
+  `data.source=name` would. ConfigError names the key for an unknown name or a bad entry.
+  """
+  sources = data_cfg.get('sources') or {}
+  plain = data_cfg.to_dict() if hasattr(data_cfg, 'to_dict') else dict(data_cfg)
+  if name in sources:
+    entry = sources[name]
+    entry = entry.to_dict() if hasattr(entry, 'to_dict') else entry
+    if not isinstance(entry, dict):
+      config_errors.fail(f'data.sources.{name}', entry,
+                         "must be a dict of data keys, such as {'path': ...}")
+    for key, value in entry.items():
+      if key not in plain or key in _RUN_WIDE_KEYS:
+        config_errors.fail(f'data.sources.{name}.{key}', value,
+                           'not a key a source can set; use keys of the data section such as '
+                           'source, path, split_by, jsonl_field')
+    plain.update({'source': 'local', **entry})
+    if plain['source'].partition(':')[0] not in BUILDERS:
+      config_errors.fail(f'data.sources.{name}.source', plain['source'],
+                         f'unknown builder; choose one of {", ".join(BUILDERS)}')
+  elif name in BUILDERS:
+    plain['source'] = name
+  else:
+    known = sorted(sources) + list(BUILDERS)
+    config_errors.fail('data.phases', data_cfg.get('phases', ''),
+                       f'unknown source {name!r}; choose one of {", ".join(known)} '
+                       '(a name of data.sources or a builder)')
+  if plain['source'] == 'local' and not plain.get('path'):
+    key = f'data.sources.{name}.path' if name in sources else 'data.path'
+    config_errors.fail(key, plain.get('path', ''),
+                       'a local source needs a directory or file of .txt/.jsonl documents')
+  plain.update(phases='', sources={}, mix={})
+  return ml_collections.ConfigDict(plain)
+
+
+def named_sources(data_cfg) -> dict[str, tuple[str, object]]:
+  """{name: (builder name, its data section)} of every source the run reads, sorted by name:
+  the phases' sources, else data.mix's, else data.source."""
+  specs = phases.parse(data_cfg.get('phases', '') or '')
+  if specs:
+    configs = {n: source_config(data_cfg, n) for n in phases.source_names(specs)}
+    return {n: (c.source, c) for n, c in configs.items()}
+  names = sorted(dict(data_cfg.mix)) if data_cfg.source == 'mix' else [data_cfg.source]
+  return {n: (n, data_cfg) for n in names}
+
+
+def prepare_all(data_cfg) -> None:
+  """Prepares every source the run reads (idempotent)."""
+  for builder_name, cfg in named_sources(data_cfg).values():
+    prepare(builder_name, cfg)
+
+
 def fingerprint(data_cfg) -> dict[str, dict]:
   """{source: its prepared dataset's name (for a local corpus it hashes the file list, sizes
   and times) and documents per split}: what a resumed run must find unchanged, or its data
   order would silently differ."""
-  names = sorted(dict(data_cfg.mix)) if data_cfg.source == 'mix' else [data_cfg.source]
   out = {}
-  for name in names:
-    info = prepare(name, data_cfg).info
+  for name, (builder_name, cfg) in named_sources(data_cfg).items():
+    info = prepare(builder_name, cfg).info
     out[name] = dict(dataset=info.full_name,
                      documents={s: int(v.num_examples) for s, v in sorted(info.splits.items())})
   return out
 
 
 def document_sources(data_cfg, split: str) -> dict[str, tuple[object, float]]:
-  """{source name: (random-access source of {'id','text'} bytes records, weight)}."""
+  """{source name: (random-access source of {'id','text'} bytes records, weight)}.
+
+  With phases: every source any phase reads, weight 1 (what evaluation and a tokenizer read);
+  `phase_document_sources` gives one phase's mix.
+  """
+  specs = phases.parse(data_cfg.get('phases', '') or '')
+  if specs:
+    return {name: (prepare(builder_name, cfg).as_data_source(split=split), 1.0)
+            for name, (builder_name, cfg) in named_sources(data_cfg).items()}
   if data_cfg.source == 'mix':
     weights = dict(data_cfg.mix)
     if not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
       raise ValueError(f'data.mix={weights} must map source names to weights >= 0 '
                        'with a positive sum.')
+    weights = phases.tempered(weights, float(data_cfg.get('mix_temperature', 1.0)))
   else:
     weights = {data_cfg.source: 1.0}
   return {name: (prepare(name, data_cfg).as_data_source(split=split), float(w))
           for name, w in sorted(weights.items()) if w > 0}
+
+
+def phase_document_sources(data_cfg, phase: phases.Phase, split: str
+                           ) -> dict[str, tuple[object, float]]:
+  """{source name: (random-access source, tempered weight)} of one phase, sorted by name."""
+  weights = phases.tempered(dict(phase.parts), float(data_cfg.get('mix_temperature', 1.0)))
+  out = {}
+  for name in sorted(weights):
+    cfg = source_config(data_cfg, name)
+    out[name] = (prepare(cfg.source, cfg).as_data_source(split=split), weights[name])
+  return out
 
 
 def record_text(record) -> str:

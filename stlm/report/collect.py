@@ -11,6 +11,8 @@ import json
 import os
 import pathlib
 
+from stlm.data import phases
+
 RUN_FILE = 'run.json'            # written by stlm.train.run_info
 RESULTS_FILE = 'results.json'    # written by the trainer's final benchmarks and stlm.eval
 METRICS_FILE = 'metrics.jsonl'
@@ -43,6 +45,14 @@ class Run:
       return self.info['final_validation']
     val = [r for r in self.metrics if r.get('split') == 'validation']
     return val[-1] if val else None
+
+  @property
+  def phase_boundaries(self) -> list[int]:
+    """Steps after which the run's next data phase starts ([] for a run without phases)."""
+    try:
+      return phases.boundaries(phases.parse(self.config.get('data', {}).get('phases', '')))
+    except phases.PhaseSpecError:
+      return []
 
   @property
   def tokens_per_step(self) -> int | None:

@@ -1,4 +1,8 @@
-"""PNG plots of a set of runs (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of a set of runs (matplotlib, Agg backend: no display needed).
+
+Runs with data phases get dotted vertical lines at their phase boundaries on the loss and
+validation-vs-tokens plots.
+"""
 
 from __future__ import annotations
 
@@ -24,14 +28,22 @@ def _empty(ax, text: str) -> None:
   ax.text(0.5, 0.5, text, ha='center', va='center', transform=ax.transAxes, color='gray')
 
 
+def _mark_phases(ax, run: Run, line, scale: float = 1.0) -> None:
+  """Dotted vertical lines in the run's colour where its next data phase starts."""
+  for k, step in enumerate(run.phase_boundaries):
+    ax.axvline(step * scale, color=line.get_color(), ls=':', lw=1.0, alpha=0.8,
+               label=f'{run.name}: phase boundaries' if k == 0 else None)
+
+
 def validation_vs_tokens(runs: list[Run], path: str) -> str:
   fig, ax = plt.subplots(figsize=(7, 4.2))
   drawn = False
   for r in runs:
     pts = r.series('validation', 'bits_per_byte')
     if pts and r.tokens_per_step:
-      ax.plot([s * r.tokens_per_step for s, _, _ in pts], [v for _, v, _ in pts], 'o-',
-              label=f'{r.name} ({r.status})', ms=3)
+      line, = ax.plot([s * r.tokens_per_step for s, _, _ in pts], [v for _, v, _ in pts], 'o-',
+                      label=f'{r.name} ({r.status})', ms=3)
+      _mark_phases(ax, r, line, r.tokens_per_step)
       drawn = True
   ax.set(xlabel='tokens seen (chunks for byte_pool)', ylabel='validation bits per byte',
          title='Validation bits per byte vs tokens seen')
@@ -67,7 +79,8 @@ def training_loss(runs: list[Run], path: str) -> str:
   for r in runs:
     pts = r.series('train', 'loss')
     if pts:
-      ax.plot([s for s, _, _ in pts], [v for _, v, _ in pts], label=r.name, lw=1.2)
+      line, = ax.plot([s for s, _, _ in pts], [v for _, v, _ in pts], label=r.name, lw=1.2)
+      _mark_phases(ax, r, line)
       drawn = True
   ax.set(xlabel='step', ylabel='training loss (nats per predicted unit)',
          title='Training loss')

@@ -17,6 +17,7 @@ import numpy as np
 from stlm.config import validate as config_validate
 from stlm import export as export_lib
 from stlm import tokenizers
+from stlm.data import phases
 from stlm.data import pipeline
 from stlm.data import tfds_builders
 from stlm.models import factory
@@ -71,9 +72,7 @@ def _sync_after_process_zero(fn, what: str) -> None:
 
 def _prepare_data(config) -> None:
   """tfds preparation (idempotent) of every source, by process 0 before the others."""
-  names = sorted(dict(config.data.mix)) if config.data.source == 'mix' else [config.data.source]
-  _sync_after_process_zero(lambda: [tfds_builders.prepare(n, config.data) for n in names],
-                           'data')
+  _sync_after_process_zero(lambda: tfds_builders.prepare_all(config.data), 'data')
 
 
 def _check_export_is_ours(workdir: str, config) -> None:
@@ -230,6 +229,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
 
     breakdown = factory.param_breakdown(state.params, config.model)
     kind = kinds.get_kind(config.model.kind)
+    data_phases = phases.parse(config.data.phases)
+    boundaries = set(phases.boundaries(data_phases))
     writer = closing.enter_context(metrics_lib.MetricsWriter(
         workdir, config.train.steps, start_step, config=config, identity=recorder.identity()))
     for note in fallback_notes:
@@ -327,6 +328,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
             evaluated = True
           if evaluated:
             last_time = time.perf_counter()  # evaluation time is not training throughput
+          if step in boundaries:
+            writer.message(f'step {step}: data phase {phases.phase_at(data_phases, step).label!r} '
+                           f'done; {phases.phase_at(data_phases, step + 1).label!r} next')
           preempted = watcher.stop_requested(step)
           if preempted or step % config.train.ckpt_every == 0 or step == config.train.steps:
             guard.check(state.params, f'saving checkpoint {step}')

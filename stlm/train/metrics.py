@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from stlm.data import phases as phases_lib
 from stlm.models import kinds
 from stlm.train import wandb_writer
 
@@ -138,8 +139,14 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True,
-               config=None, identity: dict | None = None):
+               config=None, identity: dict | None = None,
+               phases: list[phases_lib.Phase] = ()):
+    """phases: the run's data phases (default: `config.data.phases`); each row then carries
+    its step's `phase` (index) and `phase_name` (the phase's sources as written)."""
     self.enabled = enabled and jax.process_index() == 0
+    if not phases and config is not None:
+      phases = phases_lib.parse(config.data.get('phases', '') or '')
+    self._phases = list(phases)
     self._jsonl = None
     self._tb = None
     self._bar = None
@@ -164,9 +171,13 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: _json_value(v) for k, v in metrics.items()}
+    tags = {}
+    if self._phases:
+      phase = phases_lib.phase_at(self._phases, step)
+      tags = {'phase': phase.index, 'phase_name': phase.label}
     # time: wall-clock seconds since the epoch, for curves against wall time (stlm.report).
     self._jsonl.write(json.dumps({'step': step, 'split': split, 'time': round(time.time(), 3),
-                                  **clean}, allow_nan=False) + '\n')
+                                  **tags, **clean}, allow_nan=False) + '\n')
     self._jsonl.flush()
     scalars = {k: float('nan') if v is None else v for k, v in clean.items()}
     for k, v in scalars.items():
