@@ -26,6 +26,8 @@ flags.DEFINE_integer('num_processes', None, 'Multi-process runs: number of proce
                      '$JAX_NUM_PROCESSES or auto-detected); 1 forces a single-process run.')
 flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process, 0..num_processes-1 '
                      '(else $JAX_PROCESS_ID or auto-detected).')
+flags.DEFINE_integer('heartbeat_timeout', 100, 'Multi-process runs: seconds without a heartbeat '
+                     'after which the others count a process as dead and stop (jax\'s default).')
 FLAGS = flags.FLAGS
 
 
@@ -36,7 +38,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every file at INFO
   # pylint: disable=g-import-not-at-top  (fast --help; distributed must start before devices)
   from stlm.train import distributed
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         heartbeat_timeout=FLAGS.heartbeat_timeout)
   from stlm.train import checkpoint
   from stlm.train import disk
   from stlm.train import divergence

@@ -87,6 +87,7 @@ def _cluster_detected(environ: Mapping[str, str] = os.environ) -> bool:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, initialization_timeout: int = 300,
+               heartbeat_timeout: int = 100,
                environ: Mapping[str, str] = os.environ) -> bool:
   """Starts jax.distributed if this is a multi-process run; True if it did."""
   s = resolve(coordinator_address, num_processes, process_id, environ)
@@ -100,7 +101,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
     jax.distributed.initialize(s.coordinator_address, s.num_processes, s.process_id,
-                               initialization_timeout=initialization_timeout)
+                               initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout)
   except RuntimeError as e:
     raise RuntimeError(f'jax.distributed.initialize({s}) failed; it must run before anything '
                        f'touches devices: {e}') from e
