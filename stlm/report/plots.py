@@ -28,6 +28,15 @@ def _empty(ax, text: str) -> None:
   ax.text(0.5, 0.5, text, ha='center', va='center', transform=ax.transAxes, color='gray')
 
 
+def _finish(fig, ax, path: str, drawn: bool, empty_text: str) -> str:
+  """A legend when something was drawn, else `empty_text` across the axes; then saved."""
+  if drawn:
+    ax.legend(fontsize=8)
+  else:
+    _empty(ax, empty_text)
+  return _save(fig, path)
+
+
 def _mark_phases(ax, run: Run, line, scale: float = 1.0) -> None:
   """Dotted vertical lines in the run's colour where its next data phase starts."""
   for k, step in enumerate(run.phase_boundaries):
@@ -48,11 +57,7 @@ def validation_vs_tokens(runs: list[Run], path: str) -> str:
   ax.set(xlabel='tokens seen (chunks for byte_pool)', ylabel='validation bits per byte',
          title='Validation bits per byte vs tokens seen')
   ax.grid(alpha=0.3)
-  if drawn:
-    ax.legend(fontsize=8)
-  else:
-    _empty(ax, 'no validation records yet')
-  return _save(fig, path)
+  return _finish(fig, ax, path, drawn, 'no validation records yet')
 
 
 def validation_vs_wall(runs: list[Run], path: str) -> str:
@@ -66,11 +71,7 @@ def validation_vs_wall(runs: list[Run], path: str) -> str:
   ax.set(xlabel='wall time since the first record (minutes)', ylabel='validation bits per byte',
          title='Validation bits per byte vs wall time')
   ax.grid(alpha=0.3)
-  if drawn:
-    ax.legend(fontsize=8)
-  else:
-    _empty(ax, 'no timed validation records (metrics.jsonl without "time")')
-  return _save(fig, path)
+  return _finish(fig, ax, path, drawn, 'no timed validation records (metrics.jsonl without "time")')
 
 
 def training_loss(runs: list[Run], path: str) -> str:
@@ -85,11 +86,7 @@ def training_loss(runs: list[Run], path: str) -> str:
   ax.set(xlabel='step', ylabel='training loss (nats per predicted unit)',
          title='Training loss')
   ax.grid(alpha=0.3)
-  if drawn:
-    ax.legend(fontsize=8)
-  else:
-    _empty(ax, 'no training records yet')
-  return _save(fig, path)
+  return _finish(fig, ax, path, drawn, 'no training records yet')
 
 
 def benchmark_bars(runs: list[Run], path: str) -> str:
@@ -157,11 +154,7 @@ def benchmark_learning_curves(runs: list[Run], path: str) -> str:
   ax.set(xlabel='tokens seen (chunks for byte_pool)', ylabel='accuracy (%)',
          title='Benchmarks during training (± 1 standard error)')
   ax.grid(alpha=0.3)
-  if drawn:
-    ax.legend(fontsize=8)
-  else:
-    _empty(ax, 'no in-training benchmark records (train.eval_benchmarks)')
-  return _save(fig, path)
+  return _finish(fig, ax, path, drawn, 'no in-training benchmark records (train.eval_benchmarks)')
 
 
 def artifact_sizes(artifacts, path: str) -> str:
