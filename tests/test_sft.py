@@ -309,3 +309,59 @@ def test_chat_needs_an_instruction_tuned_export_or_a_template():
   with pytest.raises(cli_errors.FlagError, match='--template'):
     generate.chat_template(config)
   assert generate.chat_template(config, 'chat').name == 'chat'
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _sft_run_config(tmp_path, init_from, kind_config=None):
+  items = [dict(instruction=f'Repeat the word {w}.', input='' if i % 2 else 'twice',
+                output=f'{w} {w}.') for i, w in enumerate(
+                    'apple river stone cloud maple ember violet harbor tundra quartz'.split()
+                    * 3)]
+  c = _instruct_config(_write_items(tmp_path, items), tmp_path, kind_config,
+                       steps=3, warmup_steps=1, batch_size=2, eval_every=3, log_every=1,
+                       ckpt_every=3, init_from=init_from, compile_cache_dir='')
+  return c
+
+
+@pytest.mark.slow
+def test_finetuned_export_reloads_and_scores_identically(tiny_export, tmp_path):
+  from stlm.eval import instruct   # pylint: disable=g-import-not-at-top
+  c = _sft_run_config(tmp_path, tiny_export)
+  final = loop.train(c, str(tmp_path / 'run'))
+  exported = export_lib.load_export(str(tmp_path / 'run' / 'export'))
+  assert chat.template_of(exported.config) == chat.get_template('alpaca')
+  assert exported.config.train.init_from == tiny_export
+  scored = instruct.response_bits_per_byte(exported, c.data.path, batch_size=2)
+  assert scored['bits_per_byte'] == pytest.approx(final['bits_per_byte'], rel=1e-6)
+  assert scored['bytes'] == final['bytes']
+  # The base export scores the same held-out targets through the same template.
+  base = instruct.response_bits_per_byte(export_lib.load_export(tiny_export), c.data.path,
+                                         template='alpaca', val_fraction=0.25, batch_size=2)
+  assert base['bytes'] == final['bytes'] and base['items'] == scored['items']
+
+
+@pytest.mark.slow
+def test_byte_pool_finetunes_and_chats(tmp_path, tiny_export):
+  from stlm.models import factory  # pylint: disable=g-import-not-at-top
+  c = sft_config.get_config('byte_pool')
+  c.model.vocab_size = tokenizers.GPT2Tokenizer().vocab_size
+  model = factory.build_model(c.model)
+  params = tbp.fast_init(model, factory.dummy_batch(c.model, 1, 8))
+  base = str(tmp_path / 'base_export')
+  export_lib.save_export(base, params, c)
+  run = _sft_run_config(tmp_path, base, c)
+  final = loop.train(run, str(tmp_path / 'run'))
+  assert np.isfinite(final['bits_per_byte'])
+  exported = export_lib.load_export(str(tmp_path / 'run' / 'export'))
+  streamed = []
+  reply = generate.chat_reply(exported, [{'role': 'user', 'content': 'Repeat the word sun.'}],
+                              chat.template_of(exported.config), on_text=streamed.append,
+                              max_bytes=24, temperature=0.0)
+  assert ''.join(streamed) == reply and len(reply) <= 24   # <= 24 bytes, each at most one char
+  # A byte-pool run cannot start from the baseline's export.
+  other = _sft_run_config(tmp_path, tiny_export, sft_config.get_config('byte_pool'))
+  other.model.vocab_size = c.model.vocab_size
+  with pytest.raises(checkpoint.CheckpointMismatchError, match='model.kind'):
+    loop._check_init_from(other)
