@@ -181,8 +181,6 @@ def _validate_sft(c) -> None:
     if not template:
       _fail('sft.template', template, "data.source='instruct' needs a prompt template "
             f'({", ".join(chat.TEMPLATES)})')
-    if not d.path:
-      _fail('data.path', d.path, "data.source='instruct' needs an instruction file")
   if not template:
     return
   if d.source != 'instruct':

@@ -21,11 +21,13 @@ import dataclasses
 import json
 import re
 
+from stlm import cli_errors
+
 RESPONSE_ROLE = 'assistant'
 LAYOUTS = ('auto', 'alpaca', 'chat')
 
 
-class ChatDataError(ValueError):
+class ChatDataError(cli_errors.BadInput, ValueError):
   """An instruction item or a conversation that cannot be read or rendered."""
 
 

@@ -142,8 +142,8 @@ class InstructConfig(DocConfig):
   def __init__(self, *, path: str, layout: str = 'auto', val_fraction: float = 0.05):
     f = pathlib.Path(path).expanduser().resolve()
     if not f.is_file():
-      raise ValueError(f"data.path={path}: data.source='instruct' needs an instruction file "
-                       '(.json list or .jsonl)')
+      raise corpus.CorpusError(f"config.data.path={path!r}: data.source='instruct' needs an "
+                               'instruction file (.json list or .jsonl)')
     stamp = (str(f), f.stat().st_size, f.stat().st_mtime_ns)
     key = repr((stamp, layout, val_fraction))
     slug = re.sub(r'[^A-Za-z0-9]+', '_', f.stem).strip('_')[:40] or 'instruct'

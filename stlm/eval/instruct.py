@@ -2,9 +2,10 @@
 
 The instruction file is read by the trainer's own source (`data.source='instruct'`): the
 same items are held out (a hash of each conversation, `val_fraction`), rendered by the same
-template and featurized by the export's kind with the response mask, then scored by the
-trainer's eval step. So an SFT export scores here exactly what its run's validation said,
-and a pretrained export (given a template) scores the same targets.
+template, featurized by the export's kind with the response mask, and scored by the
+trainer's loss formula (stlm/models/objective.py). So an SFT export scores here exactly what
+its run's validation said, and a pretrained export (given a template) scores the same
+targets.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from stlm.config import schema
 from stlm.data import chat
 from stlm.data import pipeline
 from stlm.data import sft
-from stlm.train import step as step_lib
+from stlm.models import objective
 
 
 def response_config(config, path: str, template: str = '', layout: str = 'auto',
@@ -48,8 +49,7 @@ def response_bits_per_byte(exported, path: str, **kwargs) -> dict:
   """{bits_per_byte, loss, targets, bytes, items} over the held-out items' responses."""
   config = response_config(exported.config, path, **kwargs)
   featurizer = sft.maybe_wrap(config, exported.featurizer, loss_on='response')
-  eval_fn = jax.jit(lambda params, batch: step_lib.eval_step(params, batch,
-                                                             model=exported.model))
+  eval_fn = jax.jit(lambda params, batch: objective.loss_sums(exported.model, params, batch))
   totals = None
   for batch in pipeline.make_eval_iter(config, featurizer, 'validation'):
     sums = jax.device_get(eval_fn(exported.params, batch))
