@@ -235,7 +235,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
                                     corpus=tfds_builders.fingerprint(config.data))
   ckpts.check_config()          # before anything in workdir is written
   _check_export_is_ours(workdir, config)
-  init_from = _check_init_from(config)
+  # Only a run that starts at step 0 reads it: a resumed run has its own params.
+  init_from = _check_init_from(config) if ckpts.latest_step() is None else None
   make_eval_iter = functools.partial(pipeline.make_eval_iter, config, eval_featurizer,
                                      'validation',
                                      process_index=proc, process_count=nproc)
