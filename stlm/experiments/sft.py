@@ -5,14 +5,16 @@
       --data_dir=../shared/data/benchmarks --workdir=runs/sft_study
 
 Three runs, each `loop.train` of a config file as main.py runs it:
-  base     configs/baseline.py:tiny on --corpus (data.source=local), --pretrain_steps;
-  sft      configs/sft.py:tiny from base's export on --instruct, loss on responses only;
+  base     configs/<--model>.py:tiny on --corpus (data.source=local), --pretrain_steps;
+  sft      configs/sft.py (:tiny, or :byte_pool) from base's export on --instruct, loss on
+           responses only;
   sft_all  the same with sft.loss_on=all (the loss on every token).
 Each export then gets results.json beside it (as `python -m stlm.eval` writes it): held-out
 response bits per byte of --instruct (the same held-out items for all three; the base model
 through the same template), the --mc_benchmarks on --mc_limit items, and GSM8K and LAMBADA
 generation on --gen_limit items. --samples held-out instructions (drawn with --seed) are
-answered greedily by each model (samples.json). The tables go to <workdir>/table.md. A
+answered greedily by each model (samples.json), and --stop_items more are checked for the
+end-of-response marker (end_marker.json). The tables go to <workdir>/table.md. A
 finished step is not redone, so an interrupted run resumes.
 """
 
@@ -46,6 +48,8 @@ _INSTRUCT = flags.DEFINE_string('instruct', '../shared/data/instruct/alpaca_4500
 _DATA_DIR = flags.DEFINE_string('data_dir', '../shared/data/benchmarks',
                                 'benchmark releases (stlm.eval --data_dir).')
 _CONFIGS_DIR = flags.DEFINE_string('configs_dir', files.DEFAULT_DIR, 'folder of the configs.')
+_MODEL = flags.DEFINE_enum('model', 'baseline', ['baseline', 'byte_pool'], 'configs/<model>.py '
+                           'for the base run; SFT takes the same model (configs/sft.py:byte_pool).')
 _PRE_STEPS = flags.DEFINE_integer('pretrain_steps', 600, 'steps of the base run.')
 _SFT_STEPS = flags.DEFINE_integer('sft_steps', 300, 'steps of each fine-tuning run.')
 _SEED = flags.DEFINE_integer('seed', 0, 'seed of init, data order and the sampled instructions.')
@@ -56,11 +60,13 @@ _GEN_LIMIT = flags.DEFINE_integer('gen_limit', 200, 'items per generative task.'
 _GSM_SPLIT = flags.DEFINE_string('gsm8k_split', 'test', 'GSM8K split scored (train: shots '
                                  'from the other train items).')
 _SAMPLES = flags.DEFINE_integer('samples', 4, 'held-out instructions answered by each model.')
+_STOP_ITEMS = flags.DEFINE_integer('stop_items', 50, 'held-out instructions on which each model\'s '
+                                  'greedy reply is checked for the end-of-response marker.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/sft_study', 'runs, results and table.md.')
 
 
 def base_config():
-  c = files.load(os.path.join(_CONFIGS_DIR.value, 'baseline.py'), 'tiny')
+  c = files.load(os.path.join(_CONFIGS_DIR.value, f'{_MODEL.value}.py'), 'tiny')
   c.seed = _SEED.value
   c.data.update(source='local', path=os.path.abspath(_CORPUS.value), decode_errors='replace',
                 val_fraction=0.02)
@@ -70,7 +76,8 @@ def base_config():
 
 
 def sft_config(loss_on: str):
-  c = files.load(os.path.join(_CONFIGS_DIR.value, 'sft.py'), 'tiny')
+  c = files.load(os.path.join(_CONFIGS_DIR.value, 'sft.py'),
+                 'byte_pool' if _MODEL.value == 'byte_pool' else 'tiny')
   c.seed = _SEED.value
   c.data.path = os.path.abspath(_INSTRUCT.value)
   c.sft.loss_on = loss_on
@@ -148,6 +155,32 @@ def answer_samples(workdir: str) -> list[dict]:
   return out
 
 
+def end_marker_rates(workdir: str) -> dict:
+  """Per run: the share of --stop_items held-out instructions whose greedy reply (300 bytes at
+  most) writes the end-of-response marker, and the mean reply length before it."""
+  path = os.path.join(workdir, 'end_marker.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  template = chat.get_template('alpaca')
+  items = held_out_turns(_STOP_ITEMS.value)
+  out = {}
+  for run in RUNS:
+    exported = export_lib.load_export(os.path.join(workdir, run, 'export'))
+    ended, lengths = [], []
+    for turns in items:
+      text = generate.generate(exported.model, exported.params, exported.config,
+                               exported.tokenizer, template.prompt(turns[:-1]), max_bytes=300,
+                               temperature=0.0).decode('utf-8', errors='replace')
+      ended.append(float(template.end in text))
+      lengths.append(len(text.split(template.end)[0]))
+    out[run] = dict(items=len(items), end_marker=sum(ended) / len(ended),
+                    mean_reply_chars=sum(lengths) / len(lengths))
+  with cli_errors.atomic_file(path) as f:
+    json.dump(out, f, indent=2)
+  return out
+
+
 def table(results: dict[str, dict]) -> str:
   def pm(entry, key, scale=100.0):
     return f'{scale * entry[key]:.1f} ± {scale * entry[key + "_stderr"]:.1f}'
@@ -180,6 +213,7 @@ def main(argv):
       print(f'{run}: trained in {time.perf_counter() - start:.0f} s', flush=True)
     results[run] = evaluate(os.path.join(run_dir, 'export'))
   samples = answer_samples(workdir)
+  print(json.dumps(end_marker_rates(workdir)), flush=True)
   text = table(results)
   with cli_errors.atomic_file(os.path.join(workdir, 'table.md')) as f:
     f.write(f'base {_PRE_STEPS.value} steps on {_CORPUS.value}; SFT {_SFT_STEPS.value} steps on '
