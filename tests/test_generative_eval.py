@@ -60,3 +60,11 @@ def test_prompt_and_shots():
                                            (' sign', 0.0), (' signsx', 0.0), ('', 0.0)])
 def test_lambada_first_word(generated, ok):
   assert generative.lambada_correct(generated, 'signs') == ok
+
+
+def test_missing_gsm8k_split_is_named_before_any_model_loads(tmp_path):
+  (tmp_path / 'gsm8k').mkdir()
+  (tmp_path / 'gsm8k' / 'train.jsonl').write_text('{"question": "q", "answer": "#### 1"}\n')
+  with pytest.raises(generative.loaders.DataError, match='test.jsonl is missing'):
+    generative.check_available(['gsm8k'], str(tmp_path))
+  generative.check_available(['gsm8k'], str(tmp_path), 'train')

@@ -106,6 +106,7 @@ def main(argv):
                                f'{", ".join(generative.TASKS)}')
   if _GEN.value and not _DATA.value:
     raise cli_errors.FlagError('--data_dir is required for --generative tasks')
+  generative.check_available(_GEN.value, _DATA.value, _GSM_SPLIT.value)
   if _INSTRUCT.value and not os.path.isfile(_INSTRUCT.value):
     raise cli_errors.FlagError(f'--instruct={_INSTRUCT.value} is not a file')
   docs = _documents(_TEXT.value) if _TEXT.value else None

@@ -160,6 +160,20 @@ def run_lambada(exported, data_dir: str, *, limit=None, seed=FEWSHOT_SEED,
   return _entry(per_item, ('acc',), split, examples)
 
 
+def check_available(names, data_dir: str, gsm8k_split: str = 'test') -> None:
+  """loaders.DataError naming the first missing file, before any model is loaded."""
+  for name in names:
+    if name == 'gsm8k':
+      for split in {'train', gsm8k_split}:
+        path = os.path.join(data_dir, 'gsm8k', f'{split}.jsonl')
+        if not os.path.isfile(path):
+          raise loaders.DataError(f'gsm8k: {path} is missing (question/answer JSON lines)'
+                                  + ('; --gsm8k_split=train scores train items'
+                                     if split == 'test' else ''))
+    elif name == 'lambada_gen':
+      loaders.check_available('lambada', data_dir)
+
+
 def run_tasks(exported, names, data_dir: str, *, limit=None, seed=FEWSHOT_SEED,
               gsm8k_split: str = 'test', gsm8k_shots_: int = GSM8K_SHOTS) -> dict:
   out = {}
