@@ -251,10 +251,11 @@ class _Scripted:
   """A generation strategy that writes fixed units, counting how many it was asked for."""
 
   def __init__(self, units):
-    self.units, self.picked = units, 0
+    self.units, self.picked, self.prompts = units, 0, []
 
   def __call__(self, model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling,
                stats, emit=None):
+    self.prompts.append(bytes(data).decode('utf-8'))
     out = bytearray()
     for unit in self.units:
       self.picked += 1
@@ -290,6 +291,22 @@ def test_chat_stops_at_the_end_marker_and_streams_only_the_reply(scripted_kind):
   assert reply == 'Blue, like the sea.'
   assert ''.join(streamed) == reply
   assert strategy.picked == 8   # nothing generated after the marker was complete
+
+
+def test_chat_over_stdin_lines_keeps_the_conversation(scripted_kind, capsys):
+  strategy = scripted_kind([b'Yes', b'.', b'\n### End', b'more'])
+  config = ml_collections.ConfigDict({'model': {'kind': 'baseline'},
+                                      'sft': {'template': 'alpaca', 'markers': ''}})
+  exported = export_lib.Exported(model=None, params=None, config=config, tokenizer=None,
+                                 featurizer=None)
+  replies = generate.run_chat(exported, lines=['Is it blue?\n', '\n', 'Sure?\n'],
+                              max_bytes=64)
+  assert replies == ['Yes.', 'Yes.']
+  template = chat.get_template('alpaca')
+  assert strategy.prompts[1] == template.prompt([
+      {'role': 'user', 'content': 'Is it blue?'}, {'role': 'assistant', 'content': 'Yes.'},
+      {'role': 'user', 'content': 'Sure?'}])
+  assert capsys.readouterr().out == 'Yes.\nYes.\n'
 
 
 def test_stop_watch_cuts_at_the_first_stop_and_respects_max_bytes():
