@@ -176,3 +176,25 @@ def test_cli_prints_prompt_and_continuation(byte_model, tmp_path, capfd):
   printed = capfd.readouterr().out
   assert printed == '日本 and' + text + '\n'
   assert len(text) <= 8  # 8 bytes decode to at most 8 characters (bad ones as U+FFFD)
+
+
+@pytest.mark.filterwarnings('ignore::stlm.generate.ContextTruncated')
+@pytest.mark.parametrize('kind', ['baseline', 'byte_pool', 'byte_pool_v2'])
+def test_stop_sequence_cuts_and_streams_in_every_strategy(byte_model, base_model, gpt2, kind):
+  if kind == 'byte_pool_v2':
+    from tests import test_byte_pool_v2 as tbv2   # pylint: disable=g-import-not-at-top
+    cfg, model, params, _ = tbv2.setup()
+    config, tok = ml_collections.ConfigDict({'model': cfg}), gpt2
+  else:
+    config, model, params, _ = byte_model if kind == 'byte_pool' else base_model
+    tok = gpt2 if kind == 'byte_pool' else tokenizers.ByteTokenizer()
+  kwargs = dict(max_bytes=24, temperature=1.0, seed=5)
+  full = generate.generate(model, params, config, tok, 'ab', **kwargs)
+  assert len(full) >= 6
+  stop = full[3:5].decode('utf-8', errors='ignore') or 'x'
+  streamed = []
+  cut = generate.generate(model, params, config, tok, 'ab', stop=(stop,),
+                          on_text=streamed.append, **kwargs)
+  expected = full[:full.find(stop.encode())] if stop.encode() in full else full
+  assert cut == expected
+  assert ''.join(streamed) == cut.decode('utf-8', errors='replace')

@@ -192,3 +192,27 @@ def test_artifact_size_view_of_exports_and_compressed_exports(tmp_path):
   assert 'artifact_size.png' in [pathlib.Path(p).name for p in paths['plots']]
   assert (out / 'artifact_size.png').read_bytes()[:8] == PNG_SIGNATURE
   assert 'artifact_size.png' in (out / 'index.html').read_text()
+
+
+def test_sft_runs_are_shown_beside_their_base_with_generative_scores(runs_dir):
+  from stlm.report import sft as sft_report   # pylint: disable=g-import-not-at-top
+  base_dir = runs_dir / 'b_baseline'
+  (base_dir / 'export').mkdir()
+  config = _config('sft')
+  config['train']['init_from'] = str(base_dir / 'export')
+  config['sft'] = dict(template='alpaca', loss_on='response')
+  _write_run(runs_dir / 'd_sft', config, 'finished', [0, 300], 2.0, results=dict(
+      gsm8k=dict(exact_match=0.0, exact_match_stderr=0.0, exact_match_flexible=0.01,
+                 exact_match_flexible_stderr=0.005, main='exact_match', split='test'),
+      lambada_gen=dict(acc=0.02, acc_stderr=0.01, main='acc', split='test'),
+      blimp=dict(acc=0.56, acc_stderr=0.01, main='acc', split='train')))
+  results = json.loads((runs_dir / 'd_sft' / 'results.json').read_text())
+  results['instruct'] = dict(bits_per_byte=1.9)
+  (runs_dir / 'd_sft' / 'results.json').write_text(json.dumps(results))
+  runs = collect.scan(runs_dir)
+  rows = sft_report.rows(runs)
+  assert [r[:4] for r in rows] == [['b_baseline', '-', '-', '-'],
+                                   ['d_sft', 'b_baseline', 'response', '1.9000']]
+  assert rows[1][4:8] == ['0.0 ± 0.0 (test)', '1.0 ± 0.5 (test)', '2.0 ± 1.0 (test)',
+                          '56.0 ± 1.0 (train)']
+  assert '## Instruction tuning and generation' in sft_report.markdown(runs)

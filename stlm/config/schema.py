@@ -102,10 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
   d = c.data = ml_collections.ConfigDict()
   # builtin | local | tfds name (openwebtext, wikipedia_en, ...) | hf | hf:<preset> | mix
   d.source = 'builtin'
-  d.path = ''                    # local: directory of .txt/.jsonl files
+  d.path = ''                    # local: directory of .txt/.jsonl files; instruct: the file
   d.split_by = 'auto'            # auto | file | blank_line | eot | line (how a file becomes documents)
   d.eot_marker = '<|endoftext|>'
   d.jsonl_field = 'text'
+  d.instruct_layout = 'auto'     # instruct: auto | alpaca | chat (stlm/data/chat.py)
   d.decode_errors = 'strict'     # strict | replace (bad UTF-8 bytes become U+FFFD, with a warning)
   d.val_fraction = 0.05          # held out by document
   d.max_train_docs = 0           # > 0: train on only the first N train documents (subset studies)
@@ -134,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_threads = 2              # grain reader threads that tokenize documents
 
   tr = c.train = ml_collections.ConfigDict()
+  # An export whose params start this run (fresh optimizer); its model and tokenizer sections
+  # must equal this config's ('' = random init). Read only when the run starts from step 0.
+  tr.init_from = ''
   tr.batch_size = 24             # sequences per micro-batch (global, across all devices)
   tr.grad_accum = 20
   tr.steps = 25000
@@ -214,6 +218,12 @@ def base_config() -> ml_collections.ConfigDict:
   tr.wandb_project = ''
   tr.wandb_mode = 'offline'
   tr.wandb_entity = ''           # W&B user or team ('' = the account's default entity)
+
+  # Instruction tuning (docs/sft.md); off while template is ''.
+  s = c.sft = ml_collections.ConfigDict()
+  s.template = ''                # '' | alpaca | chat (stlm/data/chat.py TEMPLATES)
+  s.loss_on = 'response'         # response (prompt targets masked) | all (every target)
+  s.markers = ''                 # the template as JSON: filled from template at start-up
 
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.shape = (-1, 1, 1)        # (data, fsdp, tensor); -1 takes the remaining devices

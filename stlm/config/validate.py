@@ -6,7 +6,9 @@ from kernels import attention as attention_lib
 from stlm import tokenizers
 from stlm.config.errors import ConfigError  # pylint: disable=unused-import (re-exported)
 from stlm.config.errors import fail as _fail
+from stlm.data import chat
 from stlm.data import corpus
+from stlm.data import sft
 from stlm.data import hf_datasets
 from stlm.data import phases
 from stlm.data import tfds_builders
@@ -160,12 +162,42 @@ def validate(c: ml_collections.ConfigDict) -> None:
         hf_datasets.resolve(name, cfg)
       except hf_datasets.HfDataError as e:
         raise ConfigError(f'config.{e}') from None
+  _validate_sft(c)
   if c.tokenizer.kind == 'sentencepiece' and c.tokenizer.sp_vocab_size < 260:
     _fail('tokenizer.sp_vocab_size', c.tokenizer.sp_vocab_size,
           'must be >= 260 (256 byte-fallback pieces plus specials)')
+
+  if not isinstance(c.train.get('init_from', ''), str):
+    _fail('train.init_from', c.train.init_from, "must be an export directory ('' = none)")
 
   shape = tuple(c.mesh.shape)
   if len(shape) != len(c.mesh.axes):
     _fail('mesh.shape', shape, f'needs one entry per axis {tuple(c.mesh.axes)}')
   if sum(1 for s in shape if s == -1) > 1 or any(s == 0 or s < -1 for s in shape):
     _fail('mesh.shape', shape, 'entries must be positive, with at most one -1')
+
+
+def _validate_sft(c) -> None:
+  """Instruction tuning: a known template over instruction data, on a kind that generates."""
+  s, d = c.get('sft'), c.data
+  template = s.get('template', '') if s else ''
+  if template and template not in chat.TEMPLATES and not s.get('markers'):
+    _fail('sft.template', template, f'unknown value; choose one of {", ".join(chat.TEMPLATES)}')
+  if s and s.get('loss_on', 'response') not in sft.LOSS_ON:
+    _fail('sft.loss_on', s.loss_on, f'unknown value; choose one of {", ".join(sft.LOSS_ON)}')
+  if d.get('instruct_layout', 'auto') not in chat.LAYOUTS:
+    _fail('data.instruct_layout', d.instruct_layout,
+          f'unknown value; choose one of {", ".join(chat.LAYOUTS)}')
+  if d.source == 'instruct':
+    if not template:
+      _fail('sft.template', template, "data.source='instruct' needs a prompt template "
+            f'({", ".join(chat.TEMPLATES)})')
+  if not template:
+    return
+  if d.source != 'instruct':
+    _fail('data.source', d.source, f"sft.template={template!r} trains on instruction data: set "
+          "data.source='instruct' and data.path to the file")
+  if kinds.get_kind(c.model.kind).generation is None:
+    _fail('sft.template', template, f'model.kind={c.model.kind!r} does not generate text')
+  if c.model.pause_every or c.model.pause_before_continuation:
+    _fail('sft.template', template, 'is not supported with pause tokens (model.pause_*)')

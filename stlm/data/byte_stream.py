@@ -132,6 +132,29 @@ class StreamFeaturizer:
     seq = Sequence(chunks, eot_start=True, eot_end=True)
     return [seq.example(s, e) for s, e in seq.windows(self.max_len, self.stream_len)]
 
+  def conversation(self, pieces: list[tuple[str, bool]]) -> list[dict[str, np.ndarray]]:
+    """Windows (as `document`) over `[eot] + chunks(piece_1) + ... + [eot]`, each piece
+    chunked on its own, so every chunk is wholly prompt or wholly response and a masked
+    chunk's likelihood is exactly its bytes'. loss_mask is 1 only on chunks of flagged
+    pieces (the closing end-of-text takes the last piece's flag); windows with no flagged
+    target are dropped."""
+    chunks, flags = [], [0.0]
+    for text, flag in pieces:
+      part = self.chunks(text)
+      chunks += part
+      flags += [float(flag)] * len(part)
+    if not chunks:
+      return []
+    flag_N = np.asarray(flags + [float(pieces[-1][1])], np.float32)
+    seq = Sequence(chunks, eot_start=True, eot_end=True)
+    out = []
+    for s, e in seq.windows(self.max_len, self.stream_len):
+      example = seq.example(s, e)
+      example['loss_mask'] = flag_N[s + 1:e + 1]
+      if example['loss_mask'].any():
+        out.append(example)
+    return out
+
   def pair(self, context: str, continuation: str, *, always_prefix_eot: bool = False
            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`chunks(context) + chunks(continuation)` (chunked separately); mask of the

@@ -129,6 +129,31 @@ class ChunkFeaturizer:
     return [self._example(in_ids, tgt_ids, lengths, s, min(s + self.max_len + 1, n_targets + 1))
             for s in range(0, n_targets, self.max_len)]
 
+  def conversation(self, pieces: list[tuple[str, bool]]) -> list[dict[str, np.ndarray]]:
+    """Windows (as `document`) over `[eot] + chunks(piece_1) + ... + [eot]`, each piece
+    chunked on its own, so every chunk is wholly prompt or wholly response and a masked
+    chunk's likelihood is exactly its bytes'. loss_mask is 1 only on chunks of flagged
+    pieces (the closing end-of-text takes the last piece's flag); windows with no flagged
+    target are dropped."""
+    chunks, flags = [], [0.0]
+    for text, flag in pieces:
+      part = self.chunks(text)
+      chunks += part
+      flags += [float(flag)] * len(part)
+    if not chunks:
+      return []
+    flag_N = np.asarray(flags + [float(pieces[-1][1])], np.float32)
+    in_ids, tgt_ids, lengths = self.sequence(chunks, eot_start=True, eot_end=True)
+    n_targets = len(in_ids) - 1
+    out = []
+    for s in range(0, n_targets, self.max_len):
+      e = min(s + self.max_len + 1, n_targets + 1)
+      example = self._example(in_ids, tgt_ids, lengths, s, e)
+      example['loss_mask'] = flag_N[s + 1:e]
+      if example['loss_mask'].any():
+        out.append(example)
+    return out
+
   def pair(self, context: str, continuation: str, *, always_prefix_eot: bool = False
            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`chunks(context) + chunks(continuation)`, chunked separately.

@@ -60,6 +60,30 @@ class TokenFeaturizer:
     return [self._example(doc[s:s + self.max_len + 1])
             for s in range(0, n_targets, self.max_len)]
 
+  def conversation(self, pieces: list[tuple[str, bool]]) -> list[dict[str, np.ndarray]]:
+    """Windows (as `document`) over `[eot] + enc(piece_1) + ... + [eot]`, each piece encoded
+    on its own; loss_mask is 1 only on targets inside a flagged piece (the closing
+    end-of-text takes the last piece's flag). Windows with no flagged target are dropped.
+    """
+    eot = self.tokenizer.eot_id
+    ids, flags = [eot], [0.0]
+    for text, flag in pieces:
+      enc = self.tokenizer.encode(text)
+      ids += enc
+      flags += [float(flag)] * len(enc)
+    if len(ids) == 1:
+      return []
+    ids.append(eot)
+    flags.append(float(pieces[-1][1]))
+    doc, flag_N = np.asarray(ids, np.int32), np.asarray(flags, np.float32)
+    out = []
+    for s in range(0, len(doc) - 1, self.max_len):
+      example = self._example(doc[s:s + self.max_len + 1])
+      example['loss_mask'] = flag_N[s + 1:s + self.max_len + 1]
+      if example['loss_mask'].any():
+        out.append(example)
+    return out
+
   def pair(self, context: str, continuation: str, *, always_prefix_eot: bool = False
            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`enc(context) + enc(continuation)`, encoded separately, as lm-eval-harness scores.

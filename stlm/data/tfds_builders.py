@@ -139,6 +139,41 @@ class StlmLocalText(_DocBuilder):
                                   c.decode_errors)
 
 
+class InstructConfig(DocConfig):
+  """An instruction file (.json list or .jsonl); the name hashes what changes its items."""
+
+  def __init__(self, *, path: str, layout: str = 'auto', val_fraction: float = 0.05):
+    f = pathlib.Path(path).expanduser().resolve()
+    if not f.is_file():
+      raise corpus.CorpusError(f"config.data.path={path!r}: data.source='instruct' needs an "
+                               'instruction file (.json list or .jsonl)')
+    stamp = (str(f), f.stat().st_size, f.stat().st_mtime_ns)
+    key = repr((stamp, layout, val_fraction))
+    slug = re.sub(r'[^A-Za-z0-9]+', '_', f.stem).strip('_')[:40] or 'instruct'
+    super().__init__(name=f'{slug}_{hashlib.sha1(key.encode()).hexdigest()[:12]}',
+                     val_fraction=val_fraction, description=f'{f} ({layout} layout)')
+    self.path, self.layout = str(f), layout
+
+
+class StlmInstruct(_DocBuilder):
+  """Instruction data (stlm/data/chat.py layouts): one record per item, its conversation as
+  JSON; held out by item (a hash of the conversation)."""
+
+  BUILDER_CONFIGS = []  # Made per file: InstructConfig(path=...).
+
+  @classmethod
+  def config_for(cls, argument, data_cfg):
+    _no_argument(cls, argument)
+    return InstructConfig(path=data_cfg.path, layout=data_cfg.get('instruct_layout', 'auto'),
+                          val_fraction=data_cfg.val_fraction)
+
+  def _documents(self, dl_manager):
+    from stlm.data import chat  # pylint: disable=g-import-not-at-top
+    c = self.builder_config
+    for i, turns in enumerate(chat.read_conversations(c.path, c.layout)):
+      yield f'item/{i}', chat.encode_record(turns)
+
+
 class StlmBuiltin(_DocBuilder):
   """Python's own documentation topics (`pydoc_data.topics`): offline, ~0.47 MB."""
 
@@ -292,6 +327,7 @@ class StlmBabyLm(_DocBuilder):
 BUILDERS = {
     'builtin': StlmBuiltin,
     'local': StlmLocalText,
+    'instruct': StlmInstruct,
     hf_datasets.SOURCE: StlmHfDataset,
     'tinystories': StlmTinyStories,
     'wikipedia_simple': StlmWikipediaSimple,

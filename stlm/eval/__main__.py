@@ -1,6 +1,9 @@
 """python -m stlm.eval --checkpoint=<workdir>/export --benchmarks=blimp,... --data_dir=<dir>.
 
 Writes results.json next to the checkpoint and prints the paper's Table 2 as Markdown.
+--generative=gsm8k,lambada_gen adds the generate_until tasks (stlm/eval/generative.py)
+beside the multiple-choice ones; --instruct=<file> the held-out response bits per byte of
+instruction data (stlm/eval/instruct.py).
 """
 
 import os
@@ -10,6 +13,7 @@ from absl import flags
 from absl import logging
 
 from stlm import cli_errors
+from stlm.eval import generative
 from stlm.eval import zero_shot
 from stlm.eval import loaders
 from stlm.eval import perplexity
@@ -33,6 +37,20 @@ _SHOTS = flags.DEFINE_integer('mmlu_shots', 0, 'MMLU examples from the dev split
 _FRACTION = flags.DEFINE_float('score_fraction', None, 'Scorer K(T) / T: share of a row\'s '
                                'positions through the output layer (default 0.5; 1.0 suits '
                                'all-target requests such as BLiMP and perplexity).')
+_GEN = flags.DEFINE_list('generative', [], f'Generative tasks: {", ".join(generative.TASKS)}.')
+_GEN_LIMIT = flags.DEFINE_integer('generative_limit', None, 'Items per generative task, drawn '
+                                  'with --seed (default: --limit).')
+_GSM_SPLIT = flags.DEFINE_string('gsm8k_split', 'test', 'GSM8K split scored (train: shots '
+                                 'come from the other train items).')
+_GSM_SHOTS = flags.DEFINE_integer('gsm8k_shots', generative.GSM8K_SHOTS, 'GSM8K examples '
+                                  'from the train split.')
+_INSTRUCT = flags.DEFINE_string('instruct', None, 'Instruction file (.json/.jsonl): held-out '
+                                'response bits per byte.')
+_TEMPLATE = flags.DEFINE_string('template', '', "With --instruct: the prompt template (default: "
+                                "the export's own, recorded at fine-tuning).")
+_VAL = flags.DEFINE_float('instruct_val_fraction', None, 'With --instruct: the held-out '
+                          "fraction of items (default: the export's data.val_fraction).")
+_LAYOUT = flags.DEFINE_string('instruct_layout', 'auto', 'With --instruct: auto | alpaca | chat.')
 _OUT = flags.DEFINE_string('output', None, 'results.json path (default: beside --checkpoint).')
 
 
@@ -82,6 +100,15 @@ def main(argv):
       raise loaders.DataError(f'{e}\n(split {split!r} was requested by --benchmarks={n}:'
                               f'{split}; --allow_split_fallback takes the first split '
                               'present instead)') from None
+  unknown = [n for n in _GEN.value if n not in generative.TASKS]
+  if unknown:
+    raise cli_errors.FlagError(f'--generative: unknown task(s) {", ".join(unknown)}; known: '
+                               f'{", ".join(generative.TASKS)}')
+  if _GEN.value and not _DATA.value:
+    raise cli_errors.FlagError('--data_dir is required for --generative tasks')
+  generative.check_available(_GEN.value, _DATA.value, _GSM_SPLIT.value)
+  if _INSTRUCT.value and not os.path.isfile(_INSTRUCT.value):
+    raise cli_errors.FlagError(f'--instruct={_INSTRUCT.value} is not a file')
   docs = _documents(_TEXT.value) if _TEXT.value else None
   zero_shot.check_causal_export(_CKPT.value)
   path = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_CKPT.value)),
@@ -98,15 +125,29 @@ def main(argv):
   results = zero_shot.run_benchmarks(exported, _BENCH.value, _DATA.value, _LIMIT.value,
                                       seed=_SEED.value, mmlu_shots=_SHOTS.value,
                                       scorer=scorer, allow_split_fallback=_FALLBACK.value)
+  limit = _GEN_LIMIT.value if _GEN_LIMIT.value is not None else _LIMIT.value
+  results.update(generative.run_tasks(exported, _GEN.value, _DATA.value, limit=limit,
+                                      seed=_SEED.value, gsm8k_split=_GSM_SPLIT.value,
+                                      gsm8k_shots_=_GSM_SHOTS.value))
+  instruct = None
+  if _INSTRUCT.value:
+    from stlm.eval import instruct as instruct_lib  # pylint: disable=g-import-not-at-top
+    instruct = instruct_lib.response_bits_per_byte(
+        exported, _INSTRUCT.value, template=_TEMPLATE.value, layout=_LAYOUT.value,
+        val_fraction=_VAL.value, batch_size=_BATCH.value)
   ppl = None
   if docs is not None:
     ppl = perplexity.perplexity(scorer, docs, _STRIDE.value)
     ppl['files'] = list(_TEXT.value)
   out = zero_shot.write_results(
       path, exported, _CKPT.value, results, ppl,
-      scoring=dict(always_prefix_eot=_PREFIX.value, allow_split_fallback=_FALLBACK.value))
+      scoring=dict(always_prefix_eot=_PREFIX.value, allow_split_fallback=_FALLBACK.value),
+      instruct=instruct)
   n_params = out['parameters']
   print(zero_shot.markdown_table(out['model'], n_params, results, ppl))
+  if instruct:
+    print(f"\nheld-out response bits per byte: {instruct['bits_per_byte']:.4f} "
+          f"({instruct['items']} items of {instruct['file']}, template {instruct['template']})")
   print(f'\nwrote {path}')
 
 

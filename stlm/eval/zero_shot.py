@@ -208,7 +208,8 @@ def check_causal_export(path: str, flag: str = '--checkpoint'):
 
 
 def write_results(path: str, exported, checkpoint: str, results: dict,
-                  perplexity: dict | None = None, scoring: dict | None = None) -> dict:
+                  perplexity: dict | None = None, scoring: dict | None = None,
+                  instruct: dict | None = None) -> dict:
   """Writes results.json (what `python -m stlm.eval` and the trainer write; stlm.report reads
   it) and returns its contents."""
   import json  # pylint: disable=g-import-not-at-top
@@ -218,6 +219,8 @@ def write_results(path: str, exported, checkpoint: str, results: dict,
              parameters=factory.count_params(exported.params),
              scoring=scoring or dict(always_prefix_eot=False, allow_split_fallback=False),
              benchmarks=results, perplexity=perplexity)
+  if instruct is not None:   # held-out response bits per byte (stlm/eval/instruct.py)
+    out['instruct'] = instruct
   with cli_errors.atomic_file(path) as f:   # a reader (stlm.report) never sees half of it
     json.dump(out, f, indent=2)
   return out

@@ -1,4 +1,4 @@
-"""The generate CLI: python -m stlm.generate --checkpoint=<workdir>/export --prompt=TEXT."""
+"""The generate CLI: python -m stlm.generate --checkpoint=<workdir>/export --prompt=TEXT [--chat]."""
 
 from absl import app
 from absl import flags
@@ -22,7 +22,13 @@ def define_flags(flag_values=flags.FLAGS) -> dict:
                                      **fv),
       top_k=flags.DEFINE_integer('top_k', 0, 'Keep the k most likely symbols (0 = all).', **fv),
       top_p=flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).', **fv),
-      seed=flags.DEFINE_integer('seed', 0, 'Sampling seed.', **fv))
+      seed=flags.DEFINE_integer('seed', 0, 'Sampling seed.', **fv),
+      chat_mode=flags.DEFINE_bool('chat', False, 'Instruction chat: --prompt is the user turn '
+                                  '(or, without --prompt, each line of stdin), rendered with '
+                                  "the export's template; stops at its end-of-response "
+                                  'marker and streams the reply.', **fv),
+      template=flags.DEFINE_string('template', '', 'With --chat: a template of '
+                                   "stlm/data/chat.py instead of the export's own.", **fv))
 
 
 _FLAGS = {}

@@ -12,6 +12,7 @@ from stlm.models import decoding
 from stlm.models import depth
 from stlm.models import kinds
 from stlm.models import layers
+from stlm.models import objective
 from stlm.models import pause
 from stlm.models import weight_sharing as sharing
 from stlm.models import transformer
@@ -118,7 +119,7 @@ class BaselineLM(nn.Module):
     y_BxTxD, aux = self._core(batch['inputs'], batch['segment_ids'], batch['positions'],
                               deterministic=deterministic, decode=False)
     # Kept only when the caller makes 'intermediates' mutable (distillation reads it).
-    self.sow('intermediates', 'final_hidden', y_BxTxD)
+    self.sow('intermediates', objective.HIDDEN, y_BxTxD)
     targets_BxT = batch['targets']
     chunk = self.cfg.ce_chunk
     if 'score_idx' in batch:  # the scorer asks for K positions per row only (kinds.Scoring)

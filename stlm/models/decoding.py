@@ -1,8 +1,10 @@
 """Cached decoding shared by every kind's generation strategy.
 
 A generation strategy (a model kind's `generation`, stlm/models/kinds.py) is
-`fn(model, params, model_cfg, tokenizer, prompt bytes, rng, max_bytes, sampling, stats) ->
-bytes`; `stats` (a dict) receives `layers_per_unit`. `generate_tokens` is the strategy of
+`fn(model, params, model_cfg, tokenizer, prompt bytes, rng, max_bytes, sampling, stats,
+emit=None) -> bytes`; `stats` (a dict) receives `layers_per_unit`; `emit`, when given, is
+called with the bytes of every generated unit as soon as it is picked and stops the
+generation by returning True (stop sequences, streaming). `generate_tokens` is the strategy of
 token kinds: token by token with the KV cache (the model's `logits(..., decode=True)`).
 A prompt longer than the context keeps its last max_len units (with a warning); when the
 cache fills during generation the last half of the context is re-encoded into a fresh cache
@@ -228,7 +230,7 @@ pick_token = jax.jit(lambda rng, logits, **kw: sample_logits(rng, logits, **kw),
 
 
 def generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling,
-                    stats):
+                    stats, emit=None):
   ctx = token_context(model, params, model_cfg)
   logits = ctx.prefill([tokenizer.eot_id] + tokenizer.encode(
       data.decode('utf-8', errors='replace')))
@@ -240,7 +242,7 @@ def generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, s
     if token == tokenizer.eot_id:
       break
     out += tokenizer.token_bytes(token)
-    if len(out) >= max_bytes:
+    if len(out) >= max_bytes or (emit is not None and emit(tokenizer.token_bytes(token))):
       break
     logits = ctx.feed(token)
   stats['layers_per_unit'] = ctx.layers_per_unit

@@ -7,6 +7,7 @@ import os
 
 from stlm.report import artifacts as artifacts_lib
 from stlm.report import populations
+from stlm.report import sft as sft_lib
 from stlm.report import table
 from stlm.report.collect import Run
 
@@ -55,6 +56,12 @@ def write_html(runs: list[Run], reference: Run | None, plots: list[str], path: s
   section = populations.markdown(runs)
   if section:   # the same tables, as preformatted markdown
     out.append(f'<h2>Populations</h2><pre>{e(section.split(chr(10), 2)[2])}</pre>')
+  tuned = sft_lib.rows(runs)
+  if tuned:
+    out += ['<h2>Instruction tuning and generation</h2>',
+            '<table><tr>' + ''.join(f'<th>{e(h)}</th>' for h in sft_lib.HEADER) + '</tr>']
+    out += ['<tr>' + ''.join(f'<td>{e(c)}</td>' for c in cells) + '</tr>' for cells in tuned]
+    out.append('</table>')
   if artifacts:
     out += ['<h2>Artifact size</h2>', f'<p>{e(_ARTIFACT_NOTE)}</p>',
             '<table><tr>' + ''.join(f'<th>{e(h)}</th>' for h in artifacts_lib.HEADER) + '</tr>']
@@ -85,6 +92,9 @@ def write_markdown(runs: list[Run], reference: Run | None, plots: list[str], pat
          'Accuracy in % ± 1 standard error, with the split each number comes from.', '',
          table.markdown(runs), '']
   section = populations.markdown(runs)
+  if section:
+    out += [section, '']
+  section = sft_lib.markdown(runs)
   if section:
     out += [section, '']
   if artifacts:

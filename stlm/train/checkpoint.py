@@ -173,6 +173,18 @@ def config_differences(saved: dict, current) -> list[str]:
   return out
 
 
+# What an export that starts a run (train.init_from) must share with it: the params' shapes
+# and meaning. Everything else (data, schedule, steps, sft, seed, mesh) may differ.
+INIT_FROM_SECTIONS = ('model.', 'tokenizer.')
+
+
+def init_from_differences(saved: dict, current) -> list[str]:
+  """`config_differences` restricted to INIT_FROM_SECTIONS (the sentencepiece model's path
+  excepted: an export carries its own copy)."""
+  return [d for d in config_differences(saved, current)
+          if d.startswith(INIT_FROM_SECTIONS) and not d.startswith('tokenizer.sp_model_path')]
+
+
 class RunCheckpoints:
   """Keep-last-N async checkpoints under <workdir>/checkpoints."""
 

@@ -25,7 +25,6 @@ from stlm.config import errors
 from stlm.models import chunked_kl
 from stlm.models import layers
 
-HIDDEN = 'final_hidden'   # what a distillable model sows into 'intermediates'
 
 
 def enabled(config) -> bool:

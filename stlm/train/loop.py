@@ -17,8 +17,10 @@ import numpy as np
 from stlm.config import validate as config_validate
 from stlm import export as export_lib
 from stlm import tokenizers
+from stlm.data import chat
 from stlm.data import phases
 from stlm.data import pipeline
+from stlm.data import sft
 from stlm.data import tfds_builders
 from stlm.models import factory
 from stlm.models import kinds
@@ -88,6 +90,29 @@ def _check_export_is_ours(workdir: str, config) -> None:
     raise checkpoint.CheckpointMismatchError(
         f'{export_dir} holds an export of a different config; refusing to overwrite it. '
         'Use another --workdir. Differences:\n  ' + '\n  '.join(diffs))
+
+
+def _check_init_from(config):
+  """The export train.init_from names, refused (before anything in workdir is written)
+  unless its model and tokenizer sections are this run's; None when unset."""
+  path = config.train.get('init_from', '')
+  if not path:
+    return None
+  saved = export_lib.check_export(path, '--config.train.init_from')
+  diffs = checkpoint.init_from_differences(saved.to_dict(), config)
+  if diffs:
+    raise checkpoint.CheckpointMismatchError(
+        f'--config.train.init_from={path} is an export of a different model; refusing to '
+        'start from it. Only data, train, sft, seed and mesh keys may differ. Differences:\n  '
+        + '\n  '.join(diffs))
+  return path
+
+
+def _initialised_from(state, path: str, shardings):
+  """`state` with the params of the export at `path` (the optimizer state stays fresh)."""
+  exported = export_lib.load_export(path, '--config.train.init_from')
+  params = jax.device_put(exported.params, shardings.params)
+  return state.replace(params=params)
 
 
 def _check_batch(config, mesh) -> None:
@@ -194,20 +219,28 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   _prepare_data(config)
   tokenizer = build_run_tokenizer(config, workdir)
   config.model.vocab_size = tokenizer.vocab_size
+  if sft.enabled(config) and not config.sft.markers:
+    config.sft.markers = chat.get_template(config.sft.template).to_json()  # kept in the export
   config_validate.validate(config)
   distill.check(config)               # the teacher's export, tokenizer and vocabulary
 
   mesh = _make_mesh_checked(config)
   model = factory.build_model(config.model)
   featurizer = factory.make_featurizer(config, tokenizer)
+  # Instruction tuning trains on conversation records; validation always scores responses.
+  train_featurizer = sft.maybe_wrap(config, featurizer)
+  eval_featurizer = sft.maybe_wrap(config, featurizer, loss_on='response')
   proc, nproc = jax.process_index(), jax.process_count()
-  train_iter = pipeline.make_train_iter(config, featurizer, 'train',
+  train_iter = pipeline.make_train_iter(config, train_featurizer, 'train',
                                         process_index=proc, process_count=nproc)
   ckpts = checkpoint.RunCheckpoints(workdir, config, keep=config.train.keep_checkpoints,
                                     corpus=tfds_builders.fingerprint(config.data))
   ckpts.check_config()          # before anything in workdir is written
   _check_export_is_ours(workdir, config)
-  make_eval_iter = functools.partial(pipeline.make_eval_iter, config, featurizer, 'validation',
+  # Only a run that starts at step 0 reads it: a resumed run has its own params.
+  init_from = _check_init_from(config) if ckpts.latest_step() is None else None
+  make_eval_iter = functools.partial(pipeline.make_eval_iter, config, eval_featurizer,
+                                     'validation',
                                      process_index=proc, process_count=nproc)
   train_step = setup_lib.build_train_step(config, model, mesh)
   train_fn, state = train_step.step, None
@@ -215,18 +248,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
   # The ExitStack closes the metrics writer on every way out; an exception marks its W&B run
   # failed (the normal and preempted endings close it themselves, as before).
   with sharding.mesh_context(mesh), contextlib.ExitStack() as closing:
-    start_step, fallback_notes = 0, []
+    start_step, fallback_notes, init_note = 0, [], None
     if ckpts.latest_step() is not None:
       # Restored onto the abstract state: a resumed run never runs (or compiles) the init.
       state, start_step = ckpts.restore_intact(
           train_step.abstract_state, train_iter, fallback=config.train.restore_fallback,
           log=fallback_notes.append)
       if state is None:  # every checkpoint was damaged (and moved aside): restart the data too
-        train_iter = pipeline.make_train_iter(config, featurizer, 'train',
+        train_iter = pipeline.make_train_iter(config, train_featurizer, 'train',
                                               process_index=proc, process_count=nproc)
     if state is None:
       state = train_step.init()
-
+      if init_from:
+        state = _initialised_from(state, init_from, train_step.state_shardings)
+        init_note = f'params initialised from {init_from} (fresh optimizer state)'
     breakdown = factory.param_breakdown(state.params, config.model)
     kind = kinds.get_kind(config.model.kind)
     data_phases = phases.parse(config.data.phases)
@@ -235,6 +270,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
         workdir, config.train.steps, start_step, config=config, identity=recorder.identity()))
     for note in fallback_notes:
       writer.message(f'warning: {note}')
+    if init_note:
+      writer.message(init_note)
     recorder.start(config, breakdown, start_step)
     writer.message(_describe(config, state.params, breakdown, mesh, workdir, start_step))
     writer.message(f'metrics: {os.path.join(workdir, "metrics.jsonl")}; TensorBoard: '

@@ -8,47 +8,11 @@ import jax.numpy as jnp
 import optax
 
 from stlm.models import dropout as dropout_lib
+from stlm.models.objective import loss_sums
 from stlm.train import distill
 from stlm.train.state import TrainState
 
 LN2 = math.log(2.0)
-
-
-def loss_sums(model: nn.Module, params, batch, *, rng=None, train: bool = False,
-              teacher=None):
-  """Summed statistics of one micro-batch: the same formula for every model and tokenizer.
-
-  nll: nats over all real targets; units: predictions (tokens, or bytes + end-of-chunk);
-  bytes: UTF-8 text bytes of the targets, so nll / ln2 / bytes is bits per byte.
-  Optional model outputs (docs/architecture.md): `extra_nll` (summed nats added to the
-  training objective only, e.g. early-exit losses) is returned as 'extra_nll'; `stats`
-  (name -> summed scalar) as 'stats', each later divided by the number of targets.
-  teacher: (teacher module, its params, train.distill config, model config) adds
-  'distill_kl', the summed KL(teacher_T || student_T) (stlm/train/distill.py).
-  """
-  rngs = {'dropout': rng} if train else None
-  if teacher is None:
-    out = model.apply({'params': params}, batch, deterministic=not train, rngs=rngs)
-  else:
-    out, kept = model.apply({'params': params}, batch, deterministic=not train, rngs=rngs,
-                            mutable=['intermediates'])
-    hidden_BxTxD = kept['intermediates'][distill.HIDDEN][0]
-  mask = batch['loss_mask'].astype(jnp.float32)
-  sums = {
-      'nll': -jnp.sum(out['logprobs'] * mask),
-      'units': jnp.sum(out['units'] * mask),
-      'bytes': jnp.sum(batch['target_bytes'].astype(jnp.float32) * mask),
-      'targets': jnp.sum(mask),
-  }
-  if 'extra_nll' in out:
-    sums['extra_nll'] = jnp.asarray(out['extra_nll'], jnp.float32)
-  if out.get('stats'):
-    sums['stats'] = {k: jnp.asarray(v, jnp.float32) for k, v in out['stats'].items()}
-  if teacher is not None:
-    teacher_model, teacher_params, distill_cfg, model_cfg = teacher
-    sums['distill_kl'] = distill.kl_sum(model, params, hidden_BxTxD, batch, teacher_model,
-                                        teacher_params, distill_cfg, model_cfg)
-  return sums
 
 
 def stats_metrics(sums) -> dict:
@@ -94,10 +58,12 @@ def train_step(state: TrainState, batches, teacher_params=None, *, model: nn.Mod
   objective becomes distill.objective's mix of the nll and the KL to the teacher.
   """
   distilling = teacher is not None and teacher_params is not None
-  teacher_args = None
+  teacher_kl = None
   if distilling:
     teacher_model, distill_cfg, model_cfg = teacher
-    teacher_args = (teacher_model, teacher_params, distill_cfg, model_cfg)
+    teacher_kl = lambda params, hidden_BxTxD, batch: distill.kl_sum(
+        model, params, hidden_BxTxD, batch, teacher_model, teacher_params, distill_cfg,
+        model_cfg)
   step_rng = jax.random.fold_in(state.rng, state.step)
   factor = None if dropout_schedule is None else dropout_schedule(state.step)
   if member is not None and 'dropout_factor' in member:
@@ -110,10 +76,10 @@ def train_step(state: TrainState, batches, teacher_params=None, *, model: nn.Mod
 
     def nll_fn(params):
       with dropout_lib.rate_factor(factor):
-        sums = loss_sums(model, params, batch, rng=rng, train=True, teacher=teacher_args)
+        sums = loss_sums(model, params, batch, rng=rng, train=True, hidden_sum=teacher_kl)
       nll = sums['nll']
       if distilling and float(distill_cfg.alpha) > 0:   # alpha 0: the KL is only logged
-        nll = distill.objective(nll, sums['distill_kl'], distill_cfg)
+        nll = distill.objective(nll, sums['hidden_sum'], distill_cfg)
       return nll + sums.get('extra_nll', 0.0), sums
 
     grads, sums = jax.grad(nll_fn, has_aux=True)(state.params)
@@ -127,7 +93,7 @@ def train_step(state: TrainState, batches, teacher_params=None, *, model: nn.Mod
   zero_sums = jax.tree.map(
       lambda s: jnp.zeros(s.shape, s.dtype),
       jax.eval_shape(lambda p, b: loss_sums(model, p, b, rng=step_rng, train=True,
-                                            teacher=teacher_args),
+                                            hidden_sum=teacher_kl),
                      state.params, first))
   (grads, sums), _ = jax.lax.scan(micro, (zeros, zero_sums), (jnp.arange(n_micro), batches))
   denom = jnp.maximum(sums['units'], 1.0)
@@ -151,7 +117,7 @@ def train_step(state: TrainState, batches, teacher_params=None, *, model: nn.Mod
       **stats_metrics(sums),
   }
   if distilling:
-    metrics['distill_kl'] = sums['distill_kl'] / denom
+    metrics['distill_kl'] = sums['hidden_sum'] / denom
   if 'extra_nll' in sums:  # the training objective's extra terms, per unit
     metrics['extra_loss'] = sums['extra_nll'] / denom
   if schedule is not None:

@@ -83,7 +83,8 @@ KIND = kinds.register_kind(kinds.ModelKind(
     flops_per_target=lambda m, breakdown: version(m).flops_per_target(m, breakdown),
     target_unit='chunks',
     featurizer=lambda config, tokenizer: version(config.model).featurizer(config, tokenizer),
-    generation=lambda model, params, m, *a: version(m).generation(model, params, m, *a),
+    generation=lambda model, params, m, *a, **kw: version(m).generation(model, params, m, *a,
+                                                                       **kw),
     validate=validate,
     # Neither scorer fast path: the byte heads are small (a few hundred wide, so gathering
     # saves little), and the v2 streams have a row layout of their own (batch_spans).

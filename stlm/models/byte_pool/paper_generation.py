@@ -14,7 +14,7 @@ from stlm.models import kinds
 
 
 def generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling,
-                    stats):
+                    stats, emit=None):
   (width,) = kinds.get_kind(model_cfg.kind).unit_shape(model_cfg)
   max_chunk = width - 1  # one slot is END_OF_CHUNK's
   rows, _ = chunking.encode_chunks(chunking.chunk_bytes(data, tokenizer, max_chunk), width,
@@ -33,7 +33,7 @@ def generate_chunks(model, params, model_cfg, tokenizer, data, rng, max_bytes, s
     if is_eot:
       break
     out += chunk
-    if len(out) >= max_bytes:
+    if len(out) >= max_bytes or (emit is not None and emit(chunk)):
       break
     row, _ = chunking.encode_chunks([chunk], width, end_of_chunk=False)
     y = ctx.feed(row[0])

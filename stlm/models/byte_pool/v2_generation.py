@@ -220,8 +220,10 @@ class StreamState:
     del self.in_ids[:-4 * self.f.enc_tail], self.in_start[:-4 * self.f.enc_tail]
 
 
-def generate(model, params, model_cfg, tokenizer, data: bytes, *, max_bytes, sample) -> bytes:
-  """Bytes after `data`; `sample(logits_V, step) -> int` picks each symbol."""
+def generate(model, params, model_cfg, tokenizer, data: bytes, *, max_bytes, sample,
+             emit=None) -> bytes:
+  """Bytes after `data`; `sample(logits_V, step) -> int` picks each symbol; `emit(chunk
+  bytes) -> stop?` sees every generated chunk."""
   mb = model_cfg.byte_pool.max_bytes_per_chunk
   state = StreamState(model, params, model_cfg)
   state.prefill(chunking.chunk_bytes(data, tokenizer, mb))
@@ -236,8 +238,9 @@ def generate(model, params, model_cfg, tokenizer, data: bytes, *, max_bytes, sam
         break
     if symbols[-1] == byte_ids.EOT:
       break
-    out += byte_stream.stream_to_bytes(symbols)
-    if len(out) >= max_bytes:
+    chunk = byte_stream.stream_to_bytes(symbols)
+    out += chunk
+    if len(out) >= max_bytes or (emit is not None and emit(chunk)):
       break
     state.commit_chunk(symbols)
     state.feed_chunk(symbols)
@@ -267,9 +270,11 @@ def incremental_logprobs(model, params, model_cfg, chunks: list[bytes], prompt_c
 
 
 
-def generate_stream(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling, stats):
+def generate_stream(model, params, model_cfg, tokenizer, data, rng, max_bytes, sampling, stats,
+                    emit=None):
   """The v2 generation strategy (stlm/models/decoding.py's signature): `generate` with the
   sampling settings, symbol i drawn with key fold_in(rng, i)."""
   del stats
   pick = lambda logits, i: decoding.pick_token(jax.random.fold_in(rng, i), logits, **sampling)
-  return generate(model, params, model_cfg, tokenizer, data, max_bytes=max_bytes, sample=pick)
+  return generate(model, params, model_cfg, tokenizer, data, max_bytes=max_bytes, sample=pick,
+                  emit=emit)
