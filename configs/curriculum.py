@@ -20,15 +20,18 @@ import ml_collections
 
 from configs import baseline
 
-CORPUS = '../shared/data/corpus'
+DATA_ROOT = '../shared/data'
+# Under the shared data root: what the phases read (stlm.experiments.curriculum reads them too).
+STORIES_FILE = 'corpus/tinystories/train_head_cased.txt'
+WIKI_DIR = 'corpus/wikipedia_en'
 
 
 def get_config(arg: str = 'tiny'):
   c = baseline.get_config(arg)
   c.name = 'curriculum'
   c.data.sources = ml_collections.ConfigDict({
-      'stories': {'path': f'{CORPUS}/tinystories/train_head_cased.txt'},
-      'wiki': {'path': f'{CORPUS}/wikipedia_en'},
+      'stories': {'path': f'{DATA_ROOT}/{STORIES_FILE}'},
+      'wiki': {'path': f'{DATA_ROOT}/{WIKI_DIR}'},
   })
   c.data.phases = f'stories:{c.train.steps // 2},wiki'
   return c

@@ -200,8 +200,13 @@ def test_every_builder_is_registered_and_configurable(tmp_path):
   _write(tmp_path / 'corpus' / 'c.txt', 'a\n\nb')
   cfg = _data_cfg(tmp_path, hf_name='text', hf_data_files=str(tmp_path / 'corpus' / 'c.txt'))
   names = set()
+  (tmp_path / 'items.json').write_text('[{"instruction": "Say hi.", "input": "", "output": "hi"}]')
+  # The sources that read a file of their own kind rather than the corpus folder.
+  own = {'instruct': dict(path=str(tmp_path / 'items.json'))}
   for source in tfds_builders.BUILDERS:
-    builder = tfds_builders.make_builder(source, cfg)  # no download happens here
+    c = cfg.copy_and_resolve_references()
+    c.update(own.get(source, {}))
+    builder = tfds_builders.make_builder(source, c)  # no download happens here
     assert tfds.builder_cls(builder.name) is type(builder)
     assert str(builder.data_dir).startswith(str(tmp_path / 'tfds'))
     names.add(builder.name)

@@ -20,8 +20,8 @@ from stlm.data import featurize
 from stlm.data import phases
 from stlm.data import pipeline
 from stlm.data import tfds_builders
-from stlm.experiments.curriculum import STORIES_FILE
-from stlm.experiments.curriculum import WIKI_DIR
+from configs.curriculum import STORIES_FILE
+from configs.curriculum import WIKI_DIR
 from stlm.report import collect
 from stlm.report import plots
 from stlm.train import loop

@@ -43,6 +43,7 @@ from stlm.train import loop
 
 ARMS = ('phases', 'mix', 'wiki')
 STORIES, WIKI = 'stories', 'wiki'
+# As configs/curriculum.py names them (stlm does not import the configs folder).
 STORIES_FILE = 'corpus/tinystories/train_head_cased.txt'
 WIKI_DIR = 'corpus/wikipedia_en'
 
