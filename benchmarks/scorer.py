@@ -10,7 +10,7 @@ benchmark's requests instead). Two scorer paths: plain (one request per row, out
 every position) and fast (what the kind supports, see `kinds.Scoring`: packed rows, output
 layer at K(T) positions). Each is run once to compile, then `--repeats` times, interleaved
 with timings of a plain jitted forward of one full batch of random tokens at the largest
-bucket, so all see the same machine load.
+bucket, so all are timed under the same conditions.
 
 Prints per path: requests/s (median; the scorer's own time, and end to end with
 tokenization), compilations per bucket shape (T, K), rows and padding, and the fraction of

@@ -49,7 +49,7 @@ _PEER_PYTHON = flags.DEFINE_string('peer_python', os.environ.get('STLM_PEER_PYTH
                                    'Python with torch + transformers, for --compare.')
 _PEER_THREADS = flags.DEFINE_integer('peer_threads', os.cpu_count(), 'torch threads (CPU).')
 _AB = flags.DEFINE_string('ab', '', 'A second setting timed step-by-step interleaved with the '
-                          'first, e.g. "model.ce_chunk=0" (same load for both on a busy machine).')
+                          'first, e.g. "model.ce_chunk=0" (both timed under the same conditions).')
 _MFU = flags.DEFINE_float('mfu', 0.4, 'MFU assumed for the Table 1 projection.')
 _TABLE1_TOKENS = flags.DEFINE_float('table1_tokens', 6.1e9, 'Targets of the Table 1 run.')
 
