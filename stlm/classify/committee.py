@@ -31,7 +31,7 @@ def latency_per_example(classifiers, arrays: dict, batch_size: int = 32,
                         repeats: int = 3) -> float:
   """Seconds per example for the classifiers run in sequence (a committee) over `arrays`.
 
-  The best of `repeats` passes (the least disturbed by other work on a shared machine).
+  The best of `repeats` passes (the one least disturbed by anything else running).
   """
   fns = [(c.logits_fn(), c.params) for c in classifiers]
   batches = list(finetune.iter_batches(arrays, batch_size))
