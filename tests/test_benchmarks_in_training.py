@@ -54,8 +54,10 @@ def test_scores_equal_the_evaluator_on_the_same_items_and_compile_once(random_mo
     assert first[f'blimp/paradigm/{paradigm}/acc'] == g['acc']
   # Other parameters: other scores, the same compiled shapes, the same items.
   other = jax.tree.map(lambda x: x * 1.5 + 0.01, r.params)
+  assert bench.measured_share is None   # nothing before the first evaluation to compare
   second = bench.evaluate(other)
   assert bench.scorer.compile_count == compiles
+  assert 0 < bench.measured_share <= 1
   assert second['blimp/n'] == first['blimp/n']
   scored = zero_shot.run_benchmarks(types.SimpleNamespace(**{**vars(r), 'params': other}),
                                     NAMES, r.config.train.final_eval_data_dir, LIMIT)

@@ -104,6 +104,8 @@ class InTrainingBenchmarks:
                                     max_len=config.model.max_len,
                                     batch_size=int(config.train.eval_benchmarks_batch))
     self.last_seconds = None
+    self.measured_share = None   # of the time since the previous evaluation ended
+    self._previous_end = None
 
   def due(self, step: int) -> bool:
     return bool(self.every) and (step % self.every == 0 or step == self._config.train.steps)
@@ -117,8 +119,17 @@ class InTrainingBenchmarks:
     t = self._config.train
     results = zero_shot.run_benchmarks(None, self.names, t.final_eval_data_dir,
                                        int(t.eval_benchmarks_limit), scorer=self.scorer)
-    self.last_seconds = time.perf_counter() - t0
+    end = time.perf_counter()
+    self.last_seconds = end - t0
+    if self._previous_end is not None:
+      self.measured_share = self.last_seconds / (end - self._previous_end)
+    self._previous_end = end
     return {**flatten(results), 'seconds': self.last_seconds}
+
+  def measured_line(self) -> str:
+    """What the latest evaluation took, against the time since the previous one ended."""
+    return (f'benchmarks: {self.last_seconds:.1f} s for this evaluation, '
+            f'{100 * self.measured_share:.0f}% of the time since the previous one')
 
   def cost_line(self, seconds_per_step: float) -> str:
     """What one evaluation costs against the training between two evaluations."""

@@ -301,9 +301,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
     cost_told = False
 
     def run_benchmarks(step):
+      told = bench.measured_share is not None
       row = bench.evaluate(state.params)
       writer.write(step, benchmarks.SPLIT, row)
       writer.message(f'step {step}: benchmarks {benchmarks.row_summary(row)}')
+      if not told and bench.measured_share is not None:   # once: the first measured share
+        writer.message(bench.measured_line())
 
     guard = divergence.DivergenceGuard(config.train.nonfinite_policy,
                                        config.train.max_consecutive_skips, start_step)
