@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 
 import pytest
 
@@ -29,13 +30,27 @@ def _config(**train):
   return c
 
 
+def _wait_until_written(workdir, run_id, timeout_s=60.0):
+  """wandb's own service process writes the transaction log and may still be flushing it
+  when finish() has returned: wait until every start's log holds its exit record."""
+  deadline = time.time() + timeout_s
+  paths = wandb_writer.transaction_logs(str(workdir), run_id)
+  while time.time() < deadline:
+    if all(any(r.WhichOneof('record_type') == 'exit' for r in wandb_writer.read_records(p))
+           for p in paths):
+      return
+    time.sleep(0.2)
+
+
 def _history(workdir, run_id):
   """Every history row of every start, in order of the starts."""
+  _wait_until_written(workdir, run_id)
   return [row for path in wandb_writer.transaction_logs(str(workdir), run_id)
           for row in wandb_writer.read_history(path)]
 
 
 def _exit_codes(workdir, run_id):
+  _wait_until_written(workdir, run_id)
   codes = []
   for path in wandb_writer.transaction_logs(str(workdir), run_id):
     for record in wandb_writer.read_records(path):
