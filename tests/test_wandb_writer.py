@@ -146,6 +146,7 @@ def test_an_exception_marks_the_run_failed(tmp_path):
 
 def test_the_reader_stops_at_a_cut_off_record(tmp_path):
   run_id = _write_steps(tmp_path, _config(), 0, list(range(1, 41)))
+  _wait_until_written(tmp_path, run_id)
   (path,) = wandb_writer.transaction_logs(str(tmp_path), run_id)
   whole = wandb_writer.read_history(path)
   assert [r['_step'] for r in whole] == list(range(1, 41))
