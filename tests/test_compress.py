@@ -18,10 +18,10 @@ from stlm import cli_errors
 from stlm import compress
 from stlm import export
 from stlm.compress import artifact
-from stlm.compress import codec
+from stlm.export import codec
 from stlm.compress import low_rank
 from stlm.compress import prune
-from stlm.compress import quantize
+from stlm.export import quantize
 from tests.test_cli_errors import SMALL, assert_one_line_error, run_command, _tree_state
 
 

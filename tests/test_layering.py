@@ -23,8 +23,6 @@ LAYERS = (
     ('stlm.data', 2),
     ('stlm.models', 3),
     ('stlm.export', 4),
-    ('stlm.compress.codec', 4),      # how a compressed export is stored: load_export decodes it
-    ('stlm.compress.quantize', 4),
     ('stlm.compress', 5),            # python -m stlm.compress writes exports
     ('stlm.generate', 5),
     ('stlm.eval', 6),

@@ -3,7 +3,7 @@
 Three methods, applied in this order to the arrays they select:
 - magnitude pruning to an exact sparsity, each array on its own or all together (prune.py);
 - low-rank factorisation of chosen matrices, to a rank or an energy target (low_rank.py);
-- storage as bfloat16, or as int8 / int4 with per-channel or per-group scales (quantize.py).
+- storage as bfloat16, or as int8 / int4 with per-channel or per-group scales (stlm/export/quantize.py).
 
 What may be compressed: every array of two or more axes (kernels, embedding tables); vectors
 (norm scales, biases) stay float32 except under bfloat16. Lookup tables (`embedding`,
@@ -32,7 +32,7 @@ import numpy as np
 from stlm import cli_errors
 from stlm import export as export_lib
 from stlm.compress import artifact
-from stlm.compress import codec
+from stlm.export import codec
 from stlm.compress import low_rank as low_rank_lib
 from stlm.compress import prune as prune_lib
 

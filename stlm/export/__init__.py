@@ -5,7 +5,7 @@ of every file under params/, written once they are complete), and `tokenizer.mod
 run used a sentencepiece tokenizer, so the directory is self-contained.
 
 A directory written by `python -m stlm.compress` also holds `compression.json`: how each
-compressed array is stored (stlm/compress/codec.py). `load_export` decodes them, so a
+compressed array is stored (stlm/export/codec.py). `load_export` decodes them, so a
 compressed export loads, dequantised, wherever an export does.
 
 `check_export` tells, without reading the params, whether a directory is a loadable export,
@@ -198,7 +198,7 @@ def check_export(directory: str, flag: str | None = None) -> ml_collections.Conf
 def compression_manifest(directory: str, where: str | None = None) -> dict | None:
   """compression.json of an export written by `python -m stlm.compress` (None for any other
   export); BadExportError if it cannot be read."""
-  from stlm.compress import codec  # pylint: disable=g-import-not-at-top
+  from stlm.export import codec  # pylint: disable=g-import-not-at-top
   try:
     return codec.read_manifest(directory)
   except codec.ManifestError as e:
@@ -253,7 +253,7 @@ def load_export(directory: str, flag: str | None = None) -> Exported:
     # so every command that loads an export reads it in this one place.
     compression = compression_manifest(directory, where)
     if compression and compression['params']:
-      from stlm.compress import codec  # pylint: disable=g-import-not-at-top
+      from stlm.export import codec  # pylint: disable=g-import-not-at-top
       try:
         decoded = codec.decoded_abstract(saved, compression)
       except (codec.ManifestError, KeyError, TypeError) as e:

@@ -14,7 +14,7 @@ import json
 import pathlib
 
 from stlm.compress import artifact
-from stlm.compress import codec
+from stlm.export import codec
 
 HEADER = ('Export', 'Compression', 'Held-out bits/byte', 'MB on disk', 'MB .tar.xz')
 

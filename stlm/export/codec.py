@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stlm.compress import quantize as quantize_lib
+from stlm.export import quantize as quantize_lib
 
 MANIFEST = 'compression.json'
 FORMAT = 1
