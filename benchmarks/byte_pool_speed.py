@@ -6,8 +6,8 @@
 
 Each model's own jitted train step (benchmarks/train_step.py's: same sharding, optimizer) runs
 on synthetic batches of its layout (v2: chunk lengths as measured on Wikipedia text). Steps are
-timed round-robin (one step of each model per round), so on a shared, noisy CPU every model
-sees the same load; the ratio of medians is the figure to read.
+timed round-robin (one step of each model per round), so every model is timed under the same
+conditions; the ratio of medians is the figure to read.
 """
 
 import pathlib

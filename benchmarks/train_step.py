@@ -154,7 +154,7 @@ def main(argv):
       jax.block_until_ready(m)
       r['first_step_s'] = metrics_lib.seconds_since_process_start()
     for _ in range(_STEPS.value):
-      for r in runs:                                      # interleaved: same load for each
+      for r in runs:                                      # interleaved: the same conditions for each
         start = time.perf_counter()
         r['state'], m = r['compiled'](r['state'], batches)
         jax.block_until_ready(m)
@@ -165,7 +165,7 @@ def main(argv):
   step_s = statistics.median(times)
   # Real targets (a ragged layout may leave a row's last chunk positions empty).
   targets = float(np.sum(batches['loss_mask']))
-  peak, source = metrics_lib.peak_flops_per_device()     # CPU: measured now, same load
+  peak, source = metrics_lib.peak_flops_per_device()     # CPU: measured now, same conditions
   rate = targets / step_s
   fpt = flops_per_target(config, breakdown)
   achieved = rate * fpt
