@@ -138,14 +138,9 @@ class StreamFeaturizer:
     chunk's likelihood is exactly its bytes'. loss_mask is 1 only on chunks of flagged
     pieces (the closing end-of-text takes the last piece's flag); windows with no flagged
     target are dropped."""
-    chunks, flags = [], [0.0]
-    for text, flag in pieces:
-      part = self.chunks(text)
-      chunks += part
-      flags += [float(flag)] * len(part)
+    chunks, flag_N = chunking.conversation_chunks(self.chunks, pieces)
     if not chunks:
       return []
-    flag_N = np.asarray(flags + [float(pieces[-1][1])], np.float32)
     seq = Sequence(chunks, eot_start=True, eot_end=True)
     out = []
     for s, e in seq.windows(self.max_len, self.stream_len):

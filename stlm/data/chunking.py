@@ -135,14 +135,9 @@ class ChunkFeaturizer:
     chunk's likelihood is exactly its bytes'. loss_mask is 1 only on chunks of flagged
     pieces (the closing end-of-text takes the last piece's flag); windows with no flagged
     target are dropped."""
-    chunks, flags = [], [0.0]
-    for text, flag in pieces:
-      part = self.chunks(text)
-      chunks += part
-      flags += [float(flag)] * len(part)
+    chunks, flag_N = conversation_chunks(self.chunks, pieces)
     if not chunks:
       return []
-    flag_N = np.asarray(flags + [float(pieces[-1][1])], np.float32)
     in_ids, tgt_ids, lengths = self.sequence(chunks, eot_start=True, eot_end=True)
     n_targets = len(in_ids) - 1
     out = []
@@ -179,3 +174,15 @@ def make_chunk_featurizer(config, tokenizer) -> ChunkFeaturizer:
   """The slot-row featurizer of the paper byte-pool model, from its config."""
   return ChunkFeaturizer(tokenizer, config.model.max_len,
                          config.model.byte_pool.max_bytes_per_chunk)
+
+
+def conversation_chunks(chunk_fn, pieces: list[tuple[str, bool]]):
+  """(chunks of every piece, each piece chunked on its own; the loss flag of each position
+  of [eot] + chunks + [eot]: 0 for the opening end-of-text, the piece's flag for its chunks,
+  the last piece's for the closing end-of-text)."""
+  chunks, flags = [], [0.0]
+  for text, flag in pieces:
+    part = chunk_fn(text)
+    chunks += part
+    flags += [float(flag)] * len(part)
+  return chunks, np.asarray(flags + [float(pieces[-1][1])], np.float32)

@@ -37,6 +37,7 @@ from stlm.data import tfds_builders
 from stlm.eval import generative
 from stlm.eval import instruct as instruct_lib
 from stlm.eval import zero_shot
+from stlm.experiments import heldout
 from stlm.train import loop
 
 RUNS = ('base', 'sft', 'sft_all')
@@ -85,15 +86,6 @@ def sft_config(loss_on: str):
   c.train.update(steps=steps, warmup_steps=max(steps // 10, 1), eval_every=max(steps // 3, 1),
                  init_from=os.path.join(os.path.abspath(_WORKDIR.value), 'base', 'export'))
   return c
-
-
-def _finished(run_dir: str) -> bool:
-  try:
-    with open(os.path.join(run_dir, 'run.json')) as f:
-      return json.load(f).get('status') == 'finished' and export_lib.is_export(
-          os.path.join(run_dir, 'export'))
-  except (OSError, ValueError):
-    return False
 
 
 def check_inputs() -> None:
@@ -207,7 +199,7 @@ def main(argv):
   results = {}
   for run in RUNS:
     run_dir = os.path.join(workdir, run)
-    if not _finished(run_dir):
+    if not heldout.finished(run_dir):
       start = time.perf_counter()
       loop.train(configs[run], run_dir)
       print(f'{run}: trained in {time.perf_counter() - start:.0f} s', flush=True)
