@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from stlm.config import errors
+from stlm.config import schema
 from stlm.models import chunked_ce
 from stlm.train import optimizer as optimizer_lib
 from stlm.train import sharding
@@ -135,8 +136,9 @@ def members(config) -> list[Member]:
     errors.fail('train.population_overrides', t.population_overrides,
                 'train.lr must be > 0 for every member and in the base config')
   base = ml_collections.ConfigDict(config.to_dict())
-  defaults = {'train.population': 0, 'train.population_seeds': '',
-              'train.population_overrides': '', 'train.population_data': 'own'}
+  # A member is a single run: its population keys go back to the schema's defaults.
+  schema_train = schema.base_config().train
+  defaults = {key: schema_train[key.split('.')[1]] for key in _POPULATION_KEYS}
   out = []
   for i, seed in enumerate(seeds):
     c = ml_collections.ConfigDict(base.to_dict())
