@@ -2,6 +2,11 @@
 per-member hyper-parameters, a diverging member alone, and the whole run through main.py."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -35,16 +40,17 @@ def _config(**train):
   return c
 
 
-def _batches(seed, n_steps):
+def _batches(seed, n_steps, rows=B):
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n_steps):
-    ids = rng.integers(1, 257, size=(MICRO, B, T + 1)).astype(np.int32)
+    ids = rng.integers(1, 257, size=(MICRO, rows, T + 1)).astype(np.int32)
     out.append(dict(inputs=ids[..., :-1], targets=ids[..., 1:],
-                    loss_mask=np.ones((MICRO, B, T), np.float32),
-                    target_bytes=np.ones((MICRO, B, T), np.int32),
-                    segment_ids=np.ones((MICRO, B, T), np.int32),
-                    positions=np.broadcast_to(np.arange(T, dtype=np.int32), (MICRO, B, T)).copy()))
+                    loss_mask=np.ones((MICRO, rows, T), np.float32),
+                    target_bytes=np.ones((MICRO, rows, T), np.int32),
+                    segment_ids=np.ones((MICRO, rows, T), np.int32),
+                    positions=np.broadcast_to(np.arange(T, dtype=np.int32),
+                                              (MICRO, rows, T)).copy()))
   return out
 
 
@@ -75,6 +81,7 @@ def test_members_take_seeds_and_overrides_and_become_single_run_configs():
     (dict(population_seeds='1,1'), r'repeats a seed'),
     (dict(population=3, population_seeds='1,2'), r'population=3: disagrees with the 2 seeds'),
     (dict(population=2, population_data='mixed'), r'population_data=.*own, shared'),
+    (dict(population=2, population_sharding='data'), r'population_sharding=.*replicated, members'),
     (dict(population=2, eval_benchmarks='blimp'), r'eval_benchmarks=.*not run inside a population'),
     (dict(population=2, optimizer='muon', population_overrides='train.weight_decay=0,0.1'), r"only with train\.optimizer='adamw'"),
 ])
@@ -190,3 +197,57 @@ def test_population_through_main_equals_single_runs_and_resumes(tmp_path):
   assert got.config.to_dict() == want.config.to_dict()
   for x, y in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_member_sharding_needs_members_and_batches_that_split_over_the_mesh():
+  mesh = types.SimpleNamespace(shape={'data': 4, 'fsdp': 2, 'tensor': 1})
+  sharded = _config(population=4, population_sharding='members', batch_size=2)
+  population.check_mesh(sharded, 4, mesh)    # 4 members over data, rows of 2 over fsdp
+  with pytest.raises(ValueError, match=r'splits the 6 members over the mesh axis data \(4'):
+    population.check_mesh(sharded, 6, mesh)
+  sharded.train.batch_size = 3
+  with pytest.raises(ValueError, match=r'batch_size=3 must be divisible by the fsdp mesh axes'):
+    population.check_mesh(sharded, 4, mesh)
+  with pytest.raises(ValueError, match=r'batch_size=2 must be divisible'):   # data x fsdp = 8
+    population.check_mesh(_config(population=4, batch_size=2), 4, mesh)
+
+
+def _placement_worker(out):
+  """Runs a population of 4 on a (4, 1, 1) mesh, its member axis replicated and split."""
+  results = {}
+  for placement in population.SHARDINGS:
+    c = _config(population=4, population_sharding=placement, batch_size=4,
+                population_overrides='train.lr=1e-3,3e-3,1e-2,3e-2')
+    c.mesh.shape = (4, 1, 1)
+    batches = [_batches(seed, 3, rows=4) for seed in range(4)]
+    _, ps, state, active, losses = _population(c, batches)
+    shards = sharding.shard_shapes(state.params)
+    results[placement] = dict(losses=losses.tolist(), active=active.tolist(),
+                              shards={k: v[1] for k, v in shards.items()},
+                              params=[np.asarray(x).tolist() for x in jax.tree.leaves(state.params)])
+  (pathlib.Path(out) / 'placements.json').write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_members_split_over_the_mesh_train_as_the_replicated_population(tmp_path):
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4 '
+             '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(repo))
+  proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  got = json.loads((tmp_path / 'placements.json').read_text())
+  rep, split = got['replicated'], got['members']
+  assert rep['active'] == split['active'] == [True] * 4
+  np.testing.assert_allclose(split['losses'], rep['losses'], rtol=1e-5)
+  for a, b in zip(split['params'], rep['params']):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  for path, shapes in split['shards'].items():   # each device holds one member
+    assert all(s[0] == 1 for s in shapes), (path, shapes)
+  for path, shapes in rep['shards'].items():     # each device holds all four
+    assert all(s[0] == 4 for s in shapes), (path, shapes)
+
+
+if __name__ == '__main__':
+  _placement_worker(sys.argv[1])

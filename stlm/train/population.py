@@ -12,6 +12,8 @@ seed and overrides, the population keys back at their defaults), its own directo
 `train.population_data='own'` (the default), its own data order from its seed. So a member's
 export is the export of `main.py` run with the member's config, to float32 rounding.
 `'shared'` feeds every member the population seed's batches instead (one data pipeline).
+`train.population_sharding='members'` splits the member axis over the mesh's data axis
+(devices to spare hold their own members) instead of replicating it (`SHARDINGS`).
 
 Overridable keys (`OVERRIDES`) are traced inside the step, so members differ without a
 recompilation: `train.lr` scales the member's updates (its schedule is the shared one
@@ -44,6 +46,11 @@ from stlm.train import state as state_lib
 from stlm.train import step as step_lib
 
 DATA_MODES = ('own', 'shared')
+# Where the member axis lives on the mesh: the mesh axis it is split over (None: every device
+# holds every member, and each member's batch splits over data x fsdp as a single run's does).
+# With 'members', N / data members train on each group of fsdp x tensor devices with their
+# whole batch, so members never exchange gradients.
+SHARDINGS = {'replicated': None, 'members': 'data'}
 # Keys a member may set for itself, each traced in the step: how it is applied.
 OVERRIDES = {
     'train.lr': 'scales the updates',
@@ -51,7 +58,7 @@ OVERRIDES = {
     'model.dropout': 'scales the dropout rates',
 }
 _POPULATION_KEYS = ('train.population', 'train.population_seeds', 'train.population_overrides',
-                    'train.population_data')
+                    'train.population_data', 'train.population_sharding')
 MEMBERS_DIR = 'members'
 
 
@@ -121,6 +128,9 @@ def members(config) -> list[Member]:
   t = config.train
   if t.population_data not in DATA_MODES:
     errors.fail('train.population_data', t.population_data, f'must be one of {", ".join(DATA_MODES)}')
+  if t.population_sharding not in SHARDINGS:
+    errors.fail('train.population_sharding', t.population_sharding,
+                f'must be one of {", ".join(SHARDINGS)}')
   if t.distill.get('teacher', ''):
     errors.fail('train.distill.teacher', t.distill.teacher,
                 'is not used inside a population; distil single runs')
@@ -177,8 +187,32 @@ def shared_model_config(members_list: list[Member]) -> ml_collections.ConfigDict
   return c
 
 
-def _stacked(sh, mesh):
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *sh.spec))
+def member_axis(config):
+  """The mesh axis the member axis is split over, or None (replicated)."""
+  return SHARDINGS[config.train.population_sharding]
+
+
+def check_mesh(config, n_members: int, mesh) -> None:
+  """ValueError unless the members and each member's batch split evenly over the mesh."""
+  axis = member_axis(config)
+  if axis is None:
+    sharding.check_batch(config.train.batch_size, mesh)
+    return
+  shape = dict(mesh.shape)
+  if n_members % shape[axis]:
+    raise ValueError(f"config.train.population_sharding='members' splits the {n_members} "
+                     f'members over the mesh axis {axis} ({shape[axis]} devices): make the '
+                     f'population a multiple of {shape[axis]}, or set mesh.shape')
+  rest = [a for a in sharding.BATCH_AXES if a != axis]
+  rows = int(np.prod([shape[a] for a in rest]))
+  if int(config.train.batch_size) % rows:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} must be divisible by '
+                     f'the {" x ".join(rest)} mesh axes ({rows} devices): each member\'s '
+                     'batch splits over them')
+
+
+def _stacked(sh, mesh, axis):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis, *sh.spec))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +226,8 @@ class PopulationStep:
 
 
 def build_population_step(config, members_list: list[Member], model, mesh) -> PopulationStep:
-  """The vmapped, donating train step of the population on `mesh` (member axis replicated)."""
+  """The vmapped, donating train step of the population on `mesh`, its member axis placed
+  as `train.population_sharding` says."""
   from stlm.models import factory  # pylint: disable=g-import-not-at-top
   from stlm.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
   t = members_list[0].config.train
@@ -226,18 +261,27 @@ def build_population_step(config, members_list: list[Member], model, mesh) -> Po
     return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params), rng=key_pair[1])
 
-  shardings = jax.tree.map(lambda sh: _stacked(sh, mesh), single.state_shardings)
-  init_jit = jax.jit(jax.vmap(init_one), out_shardings=shardings)
+  axis = member_axis(config)
+  # A member's own constraints (batch over data x fsdp) leave the members' axis to vmap.
+  rules = sharding.LOGICAL_RULES if axis is None else sharding.without_axis(
+      sharding.LOGICAL_RULES, axis)
+  shardings = jax.tree.map(lambda sh: _stacked(sh, mesh, axis), single.state_shardings)
+  init_jit = jax.jit(jax.vmap(init_one, spmd_axis_name=axis), out_shardings=shardings)
   own = config.train.population_data == 'own'
-  batch_sh = sharding.batch_sharding(mesh, leading_microbatch_axis=True)
-  batch_sh = _stacked(batch_sh, mesh) if own else batch_sh
-  vstep = jax.vmap(member_step, in_axes=(0, 0 if own else None, 0, 0))
+  batch_sh = sharding.batch_sharding(mesh, leading_microbatch_axis=True,
+                                     batch_axes=tuple(a for a in sharding.BATCH_AXES if a != axis))
+  batch_sh = _stacked(batch_sh, mesh, axis) if own else batch_sh
+  vstep = jax.vmap(member_step, in_axes=(0, 0 if own else None, 0, 0), spmd_axis_name=axis)
   step_jit = jax.jit(vstep, in_shardings=(shardings, batch_sh, None, None),
                      out_shardings=(shardings, None, None), donate_argnums=0)
 
   def init():
-    with sharding.mesh_context(mesh):
+    with sharding.mesh_context(mesh, rules):
       return init_jit(keys)
+
+  def step(state, batches, hp, active):
+    with sharding.mesh_context(mesh, rules):   # the rules the step is traced under
+      return step_jit(state, batches, hp, active)
 
   def stack(states):
     return jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *states), shardings)
@@ -245,5 +289,5 @@ def build_population_step(config, members_list: list[Member], model, mesh) -> Po
   def unstack(state, i):
     return jax.tree.map(lambda x: x[i], state)
 
-  return PopulationStep(init=init, step=step_jit, member_abstract=single.abstract_state,
+  return PopulationStep(init=init, step=step, member_abstract=single.abstract_state,
                         stack=stack, unstack=unstack, batch_sharding=batch_sh)

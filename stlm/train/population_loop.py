@@ -95,7 +95,11 @@ def _train(config, workdir: str, config_path) -> dict:  # pylint: disable=too-ma
     c.model.vocab_size = tokenizer.vocab_size
     c.tokenizer.sp_model_path = config.tokenizer.sp_model_path
     config_validate.validate(c)
-  mesh = loop._make_mesh_checked(config)  # pylint: disable=protected-access
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    population.check_mesh(config, len(members), mesh)
+  except ValueError as e:
+    raise config_validate.ConfigError(str(e)) from None
   model = factory.build_model(population.shared_model_config(members))
   featurizer = factory.make_featurizer(config, tokenizer)
   own = config.train.population_data == 'own'

@@ -178,9 +178,22 @@ def _check_process_rows(mesh, batch_size: int) -> None:
   process_batch_rows(mesh, batch_size)
 
 
-def batch_sharding(mesh, leading_microbatch_axis: bool) -> NamedSharding:
-  spec = P(None, BATCH_AXES) if leading_microbatch_axis else P(BATCH_AXES)
+def batch_sharding(mesh, leading_microbatch_axis: bool, batch_axes=BATCH_AXES) -> NamedSharding:
+  spec = P(None, batch_axes) if leading_microbatch_axis else P(batch_axes)
   return NamedSharding(mesh, spec)
+
+
+def without_axis(rules, axis):
+  """`rules` with the mesh axis `axis` dropped from every mapping (an outer, vmapped axis
+  such as a population's members takes it)."""
+  def drop(target):
+    if target == axis:
+      return None
+    if isinstance(target, tuple):
+      kept = tuple(a for a in target if a != axis)
+      return kept or None
+    return target
+  return tuple((name, drop(target)) for name, target in rules)
 
 
 def global_batch(local_batch: dict, mesh, leading_microbatch_axis: bool) -> dict:
