@@ -18,7 +18,6 @@ from stlm import config as config_lib
 from stlm import export
 from stlm.config import validate
 from stlm.models import factory
-from stlm.train import optimizer as optimizer_lib
 from stlm.train import population
 from stlm.train import setup as setup_lib
 from stlm.train import sharding

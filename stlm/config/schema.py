@@ -188,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (0 = at every validation), at step 0 and at the end ('' = none).
   tr.eval_benchmarks = ''
   tr.eval_benchmarks_every = 0
-  tr.eval_benchmarks_limit = 100
+  tr.eval_benchmarks_limit = 64
   tr.eval_benchmarks_batch = 32  # scorer rows per batch
   # Logit distillation (stlm/train/distill.py): a teacher export with the same tokenizer;
   # objective (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T); top_k > 0 keeps the
@@ -207,6 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.population_seeds = ''
   tr.population_overrides = ''
   tr.population_data = 'own'
+  tr.population_sharding = 'replicated'  # | members: the member axis split over mesh data
   # A workdir lease (stlm/train/lease.py) whose heartbeat is older than this is stale (the
   # holder's host is another machine, so its pid cannot be checked); taken over with a warning.
   tr.lease_stale_s = 300.0

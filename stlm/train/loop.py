@@ -341,7 +341,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, recorder) -> dict:
               m = {k: v for k, v in m.items() if k != 'bits_per_byte'}
             now = time.perf_counter()
             rate = float(m['targets']) * (step - last_step) / (now - last_time)
-            if bench and bench.last_seconds is not None and not cost_told:
+            # The estimate waits for an interval without the first step (its compilation).
+            if bench and bench.last_seconds is not None and not cost_told and \
+                last_step > start_step:
               writer.message(bench.cost_line((now - last_time) / (step - last_step)))
               cost_told = True
             mfu = rate * flops_per_unit / (peak * jax.device_count())
