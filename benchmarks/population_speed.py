@@ -7,6 +7,8 @@
 --mode=steps times train steps in this process, interleaved: one population step of N members
 against N steps of the single run's step, on synthetic batches of the model's layout, --rounds
 rounds after a compiling one; the ratio of medians holds on a shared, noisy machine.
+`--vmap_sizes=0,1,2` times one population step per `train.population_vmap_size` in the same
+rounds (members vmapped that many at a time, the groups in sequence; 0: all at once).
 
 --mode=runs (the default): both sides run `main.py` as a user would, whole processes timed from start to exit (start-up,
 data, compilation or the compile cache, training, checkpoints, export): N single runs with
@@ -37,6 +39,8 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'where the runs go (default: a tem
 _MODE = flags.DEFINE_enum('mode', 'runs', ['runs', 'steps'], 'whole processes, or train steps '
                           'interleaved in this process.')
 _ROUNDS = flags.DEFINE_integer('rounds', 10, '--mode=steps: timed rounds.')
+_VMAP_SIZES = flags.DEFINE_list('vmap_sizes', ['0'], '--mode=steps: train.population_vmap_size '
+                                 'values, each its own population step in the same rounds.')
 _EXTRA = flags.DEFINE_list('overrides', [], 'more --config.* overrides for every run, e.g. '
                            'train.log_every=50.')
 
@@ -95,33 +99,43 @@ def _step_ratio() -> None:
   single_cfg = members[0].config
   model = factory.build_model(single_cfg.model)
   single = setup_lib.build_train_step(single_cfg, model, mesh)
-  pstep = population.build_population_step(config, members, factory.build_model(
-      population.shared_model_config(members)), mesh)
+  pop_model = factory.build_model(population.shared_model_config(members))
   hp = population.hyperparameters(config, members)
+  psteps = {}
+  for size in _VMAP_SIZES.value:
+    config.train.population_vmap_size = int(size)
+    psteps[f'population (vmap_size {size})'] = population.build_population_step(
+        config, members, pop_model, mesh)
   with sharding.mesh_context(mesh):
     single_state = single.init()
-    pop_state, active = pstep.init(), jax.numpy.ones(n, bool)
+    pops = {name: [p.init(), jax.numpy.ones(n, bool)] for name, p in psteps.items()}
     placed = [sharding.global_batch(b, mesh, True) for b in batches]
     stacked = jax.device_put({k: np.stack([b[k] for b in batches]) for k in batches[0]},
-                             pstep.batch_sharding)
-    times = {'single': [], 'population': []}
+                             next(iter(psteps.values())).batch_sharding)
+    times = {'single': [], **{name: [] for name in psteps}}
     for r in range(_ROUNDS.value + 1):
       t0 = time.perf_counter()
       for b in placed:
         single_state, m = single.step(single_state, b)
       jax.block_until_ready(m)
-      t1 = time.perf_counter()
-      pop_state, m, active = pstep.step(pop_state, stacked, hp, active)
-      jax.block_until_ready(m)
-      t2 = time.perf_counter()
+      elapsed = {'single': time.perf_counter() - t0}
+      for name, p in psteps.items():
+        t0 = time.perf_counter()
+        state, active = pops[name]
+        state, m, active = p.step(state, stacked, hp, active)
+        pops[name] = [state, active]
+        jax.block_until_ready(m)
+        elapsed[name] = time.perf_counter() - t0
       if r:   # round 0 compiles
-        times['single'].append(t1 - t0)
-        times['population'].append(t2 - t1)
-  a, b = statistics.median(times['single']), statistics.median(times['population'])
+        for name, t in elapsed.items():
+          times[name].append(t)
+  a = statistics.median(times['single'])
   print(f'config {_CONFIG.value} ({config.model.kind}), {n} members, {_ROUNDS.value} rounds, '
         f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
-  print(f'{n} single steps: {a * 1e3:.1f} ms; one population step: {b * 1e3:.1f} ms; '
-        f'speed-up {a / b:.2f}x')
+  print(f'{n} single steps: {a * 1e3:.1f} ms')
+  for name in psteps:
+    b = statistics.median(times[name])
+    print(f'one {name} step: {b * 1e3:.1f} ms; speed-up {a / b:.2f}x')
 
 
 def main(argv):

@@ -81,6 +81,8 @@ def test_members_take_seeds_and_overrides_and_become_single_run_configs():
     (dict(population=3, population_seeds='1,2'), r'population=3: disagrees with the 2 seeds'),
     (dict(population=2, population_data='mixed'), r'population_data=.*own, shared'),
     (dict(population=2, population_sharding='data'), r'population_sharding=.*replicated, members'),
+    (dict(population=2, population_vmap_size=-1), r'population_vmap_size=-1: must be >= 0'),
+    (dict(population=2, population_vmap_size=1, population_sharding='members'), r"population_vmap_size=1: .*population_sharding='replicated'"),
     (dict(population=2, eval_benchmarks='blimp'), r'eval_benchmarks=.*not run inside a population'),
     (dict(population=2, optimizer='muon', population_overrides='train.weight_decay=0,0.1'), r"only with train\.optimizer='adamw'"),
 ])
@@ -135,6 +137,22 @@ def test_each_member_equals_the_single_run_of_its_config():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-5)
   # The overrides reach their own member: the three learned different things.
   assert len({round(float(l[-1]), 5) for l in losses}) == 3
+
+
+@pytest.mark.slow
+def test_members_in_groups_one_after_another_train_as_one_vmap():
+  batches = [_batches(i, 2) for i in range(3)]
+  overrides = 'train.lr=1e-3,3e-3,1e-2;model.dropout=0.1,0,0.05'
+  _, ps, state, active, losses = _population(_config(population=3,
+                                                     population_overrides=overrides), batches)
+  _, gps, grouped, gactive, glosses = _population(
+      _config(population=3, population_overrides=overrides, population_vmap_size=2), batches)
+  assert active.all() and gactive.all()
+  np.testing.assert_allclose(glosses, losses, rtol=1e-6)
+  for i in range(3):   # 3 members in groups of 2: the last group is the remainder
+    for a, b in zip(jax.tree.leaves(gps.unstack(grouped, i).params),
+                    jax.tree.leaves(ps.unstack(state, i).params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -208,6 +208,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.population_overrides = ''
   tr.population_data = 'own'
   tr.population_sharding = 'replicated'  # | members: the member axis split over mesh data
+  tr.population_vmap_size = 0    # k: members vmapped k at a time, groups in sequence; 0 = all
   # A workdir lease (stlm/train/lease.py) whose heartbeat is older than this is stale (the
   # holder's host is another machine, so its pid cannot be checked); taken over with a warning.
   tr.lease_stale_s = 300.0

@@ -14,6 +14,8 @@ export is the export of `main.py` run with the member's config, to float32 round
 `'shared'` feeds every member the population seed's batches instead (one data pipeline).
 `train.population_sharding='members'` splits the member axis over the mesh's data axis
 (devices to spare hold their own members) instead of replicating it (`SHARDINGS`).
+`train.population_vmap_size = k` vmaps k members at a time and runs the groups one after
+another in the same step (`lax.map`); 0 vmaps them all.
 
 Overridable keys (`OVERRIDES`) are traced inside the step, so members differ without a
 recompilation: `train.lr` scales the member's updates (its schedule is the shared one
@@ -58,7 +60,8 @@ OVERRIDES = {
     'model.dropout': 'scales the dropout rates',
 }
 _POPULATION_KEYS = ('train.population', 'train.population_seeds', 'train.population_overrides',
-                    'train.population_data', 'train.population_sharding')
+                    'train.population_data', 'train.population_sharding',
+                    'train.population_vmap_size')
 MEMBERS_DIR = 'members'
 
 
@@ -131,6 +134,12 @@ def members(config) -> list[Member]:
   if t.population_sharding not in SHARDINGS:
     errors.fail('train.population_sharding', t.population_sharding,
                 f'must be one of {", ".join(SHARDINGS)}')
+  if int(t.population_vmap_size) < 0:
+    errors.fail('train.population_vmap_size', t.population_vmap_size,
+                'must be >= 0 (0: every member in one vmap)')
+  if int(t.population_vmap_size) and SHARDINGS[t.population_sharding] is not None:
+    errors.fail('train.population_vmap_size', t.population_vmap_size,
+                "groups members one after another; use it with population_sharding='replicated'")
   if t.distill.get('teacher', ''):
     errors.fail('train.distill.teacher', t.distill.teacher,
                 'is not used inside a population; distil single runs')
@@ -271,7 +280,15 @@ def build_population_step(config, members_list: list[Member], model, mesh) -> Po
   batch_sh = sharding.batch_sharding(mesh, leading_microbatch_axis=True,
                                      batch_axes=tuple(a for a in sharding.BATCH_AXES if a != axis))
   batch_sh = _stacked(batch_sh, mesh, axis) if own else batch_sh
-  vstep = jax.vmap(member_step, in_axes=(0, 0 if own else None, 0, 0), spmd_axis_name=axis)
+  group = int(config.train.population_vmap_size)
+  if group and group < len(members_list):
+    # Members in groups of `group`, vmapped within a group, the groups one after another:
+    # on a CPU a batched matmul over every member can be slower than a loop over them.
+    def vstep(state, batches, hp, active):
+      each = lambda xs: member_step(xs[0], xs[1] if own else batches, xs[2], xs[3])
+      return jax.lax.map(each, (state, batches if own else None, hp, active), batch_size=group)
+  else:
+    vstep = jax.vmap(member_step, in_axes=(0, 0 if own else None, 0, 0), spmd_axis_name=axis)
   step_jit = jax.jit(vstep, in_shardings=(shardings, batch_sh, None, None),
                      out_shardings=(shardings, None, None), donate_argnums=0)
 
