@@ -6,8 +6,9 @@ faults, each of a kind drawn from --kinds, at random moments (a random logged st
 random delay, or the moment an Orbax temporary save directory appears, i.e. during a
 checkpoint save):
   * sigkill / sigterm: the signal to the run, which is then started again;
-  * second_start: the same command started again while the run trains; it must be refused in
-    one `error:` line (the workdir lease) and the run goes on;
+  * second_start: the same command started again while the run trains (paused, so that it
+    cannot finish first); it must be refused in one `error:` line (the workdir lease) and the
+    run goes on;
   * disk_full: the workdir lives on a small tmpfs (needs root), which a filler file fills to
     64 KB; the run must stop in one `error:` line (no room for the next checkpoint, or a save
     that failed), the filler is removed and the run started again.
@@ -26,6 +27,7 @@ Prints the faults survived. A failed check exits non-zero naming the difference.
 """
 
 import argparse
+import errno
 import glob
 import json
 import os
@@ -194,10 +196,18 @@ def one_line_error(text, what):
   return lines[0]
 
 
-def second_start(args, soak_dir):
-  """Starts the same command again while the run trains: it must be refused in one line."""
-  proc = subprocess.run([sys.executable, 'main.py', *flags(args, soak_dir)], cwd=REPO, env=env(),
-                        capture_output=True, text=True, timeout=300)
+def second_start(args, soak_dir, running):
+  """Starts the same command again while the run trains: it must be refused in one line.
+
+  The running process is paused meanwhile (SIGSTOP, then SIGCONT), so that a run this small
+  cannot finish during the second one's start-up: it still holds its lease, mid-run.
+  """
+  running.send_signal(signal.SIGSTOP)
+  try:
+    proc = subprocess.run([sys.executable, 'main.py', *flags(args, soak_dir)], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=300)
+  finally:
+    running.send_signal(signal.SIGCONT)
   line = one_line_error(proc.stdout + proc.stderr, 'a second start')
   if proc.returncode == 0 or 'in use by another run' not in line:
     raise SystemExit(f'soak FAILED: a second start was not refused (exit {proc.returncode}): '
@@ -207,9 +217,15 @@ def second_start(args, soak_dir):
 def fill_disk(soak_dir):
   """Fills the workdir's filesystem but DISK_LEFT bytes; returns the filler's path."""
   filler = os.path.join(os.path.dirname(soak_dir), 'filler')
-  free = shutil.disk_usage(soak_dir).free
-  with open(filler, 'wb') as f:
-    os.posix_fallocate(f.fileno(), 0, max(free - DISK_LEFT, 1))
+  block = b'\0' * (256 << 10)
+  with open(filler, 'wb', buffering=0) as f:
+    try:
+      while True:
+        f.write(block)
+    except OSError as e:
+      if e.errno != errno.ENOSPC:
+        raise
+    f.truncate(max(f.tell() - DISK_LEFT, 0))
   return filler
 
 
@@ -239,7 +255,7 @@ def start_processes(args, workdir, log_name):
 def soak_processes(args, rng, soak_dir):
   """--processes=2: SIGTERM or SIGKILL to one of the two processes, --faults times."""
   counts = dict.fromkeys(KINDS, 0)
-  counts.update({'during save': 0, 'partial': 0, 'starts': 0, 'soak_dir': soak_dir})
+  counts.update({'during save': 0, 'partial': 0, 'starts': 0})
   while True:
     counts['starts'] += 1
     log_name = os.path.join(args.root, f'start_{counts["starts"]}.log')
@@ -346,10 +362,10 @@ def main():
   try:
     counts = (soak_processes(args, rng, soak_dir) if args.processes > 1 else
               soak(args, kinds, rng, soak_dir))
+    logged = compare(ref_dir, soak_dir)   # before a tmpfs workdir goes
   finally:
     if disk_root:
       subprocess.run(['umount', disk_root], check=False)
-  logged = compare(ref_dir, counts['soak_dir'])
   total = sum(counts[k] for k in KINDS)
   print(f'soak: survived {total} faults ({", ".join(f"{counts[k]} {k}" for k in kinds)}; '
         f'{counts["during save"]} while a checkpoint save was in progress; '
@@ -362,8 +378,7 @@ def main():
 def soak(args, kinds, rng, soak_dir):
   """Starts the run until it finishes, injecting --faults faults; returns the counts."""
   counts = dict.fromkeys(KINDS, 0)
-  counts.update({'during save': 0, 'partial': 0, 'starts': 0, 'soak_dir': soak_dir})
-  filler = None
+  counts.update({'during save': 0, 'partial': 0, 'starts': 0})
   while True:
     counts['starts'] += 1
     starts = counts['starts']
@@ -371,48 +386,15 @@ def soak(args, kinds, rng, soak_dir):
     # Unbuffered, so the start-up line shows in the log when it is printed.
     proc = subprocess.Popen([sys.executable, 'main.py', *flags(args, soak_dir)], cwd=REPO,
                             env=env(), stdout=log, stderr=subprocess.STDOUT)
-    ended_by, events = None, []
-    while sum(counts[k] for k in KINDS) < args.faults and ended_by is None:
-      kind = rng.choice(kinds)
-      mode = rng.choice(['step', 'step', 'save'])   # a third aim at a save in progress
-      begin = last_train_step(soak_dir)
-      target = begin + rng.randint(1, max(1, min(4, args.steps - begin - 1)))
-      delay = rng.uniform(0.0, 0.3)
-      fired = False
-      while proc.poll() is None:
-        # Aim only once training runs (a signal during start-up just ends the process, and
-        # the temporary directory of a save killed last time is removed at start-up).
-        if not training(log.name):
-          time.sleep(0.01)
-          continue
-        if (mode == 'save' and saving(soak_dir)) or (
-            mode == 'step' and last_train_step(soak_dir) >= target):
-          if mode == 'step':
-            time.sleep(delay)
-          in_save = saving(soak_dir)
-          if proc.poll() is not None:
-            break
-          if kind in SIGNALS:
-            proc.send_signal(SIGNALS[kind])
-            ended_by = kind
-          elif kind == 'disk_full':
-            filler = fill_disk(soak_dir)
-            ended_by = kind
-          else:
-            second_start(args, soak_dir)
-          counts[kind] += 1
-          counts['during save'] += in_save
-          events.append(kind + (' (during a save)' if in_save else ''))
-          fired = True
-          break
-        time.sleep(0.01)
-      if not fired:
-        break   # the run ended before the fault
+    try:
+      ended_by, events, filler = inject(args, kinds, rng, soak_dir, proc, log, counts)
+    except BaseException:
+      proc.kill()
+      raise
     rc = proc.wait()
     log.close()
     if filler:
       os.remove(filler)
-      filler = None
     text = open(log.name, encoding='utf-8').read()
     n_ckpts, n_partial = check_checkpoints(soak_dir)
     counts['partial'] += n_partial > 0
@@ -431,6 +413,49 @@ def soak(args, kinds, rng, soak_dir):
     if rc == 0 and os.path.isdir(os.path.join(soak_dir, 'export')) and \
         last_train_step(soak_dir) == args.steps:
       return counts
+
+
+def inject(args, kinds, rng, soak_dir, proc, log, counts):
+  """Faults into the running start until one ends it or --faults are spent:
+  (the kind that ends it or None, the faults injected, the disk filler or None)."""
+  ended_by, events, filler = None, [], None
+  while sum(counts[k] for k in KINDS) < args.faults and ended_by is None:
+    kind = rng.choice(kinds)
+    mode = rng.choice(['step', 'step', 'save'])   # a third aim at a save in progress
+    begin = last_train_step(soak_dir)
+    target = begin + rng.randint(1, max(1, min(4, args.steps - begin - 1)))
+    delay = rng.uniform(0.0, 0.3)
+    fired = False
+    while proc.poll() is None:
+      # Aim only once training runs (a signal during start-up just ends the process, and
+      # the temporary directory of a save killed last time is removed at start-up).
+      if not training(log.name):
+        time.sleep(0.01)
+        continue
+      if (mode == 'save' and saving(soak_dir)) or (
+          mode == 'step' and last_train_step(soak_dir) >= target):
+        if mode == 'step':
+          time.sleep(delay)
+        in_save = saving(soak_dir)
+        if proc.poll() is not None:
+          break
+        if kind in SIGNALS:
+          proc.send_signal(SIGNALS[kind])
+          ended_by = kind
+        elif kind == 'disk_full':
+          filler = fill_disk(soak_dir)
+          ended_by = kind
+        else:
+          second_start(args, soak_dir, proc)
+        counts[kind] += 1
+        counts['during save'] += in_save
+        events.append(kind + (' (during a save)' if in_save else ''))
+        fired = True
+        break
+      time.sleep(0.01)
+    if not fired:
+      break   # the run ended before the fault
+  return ended_by, events, filler
 
 
 if __name__ == '__main__':

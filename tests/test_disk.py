@@ -44,3 +44,34 @@ def test_io_errors_are_told_from_bugs_through_their_chain():
   assert not disk.is_io_error(ValueError('shapes (3,) and (4,) do not match'))
   assert disk.short_reason(ValueError('Traceback...\nRESOURCE_EXHAUSTED: No space left on device'
                                       '\nmore')) == 'RESOURCE_EXHAUSTED: No space left on device'
+
+
+def test_a_failed_saves_own_tracebacks_are_dropped_and_nothing_else(monkeypatch):
+  import logging
+  import sys
+  from absl import logging as absl_logging
+  monkeypatch.setattr(absl_logging, 'get_verbosity', lambda: 0)
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: seen.append(str(u.exc_value)))
+  quiet = disk.QuietIoFailures().install()
+  try:
+    def record(level, msg, error=None):
+      return logging.LogRecord('absl', level, __file__, 1, msg, (),
+                               (type(error), error, None) if error else None)
+    no_space = OSError(errno.ENOSPC, 'No space left on device')
+    assert not quiet.filter(record(logging.ERROR, 'Save Finalize thread failed.', no_space))
+    assert not quiet.filter(record(logging.ERROR, 'RESOURCE_EXHAUSTED: Error writing x'))
+    assert quiet.filter(record(logging.ERROR, 'a bug', ValueError('shapes differ')))
+    assert quiet.filter(record(logging.WARNING, 'No space left on device'))
+    unraisable = lambda e: type('U', (), {'exc_value': e, 'exc_type': type(e),
+                                          'exc_traceback': None, 'object': None})()
+    sys.unraisablehook(unraisable(RuntimeError('Event loop is closed')))
+    sys.unraisablehook(unraisable(RuntimeError('something else')))
+    assert seen == ['something else']
+  finally:
+    quiet.remove()
+  assert sys.unraisablehook is not quiet._unraisable_hook   # pylint: disable=protected-access
+  monkeypatch.setattr(absl_logging, 'get_verbosity', lambda: 1)   # --verbosity=1: all shown
+  loud = disk.QuietIoFailures().install()
+  assert loud not in logging.getLogger('absl').filters
+  loud.remove()

@@ -198,6 +198,7 @@ class RunCheckpoints:
     self._saving = -1       # the step of the save in flight (an async error names it)
     self._failed = False    # a save failed: the manager's thread holds that error
     self._unrecorded = []  # saved steps whose file manifest is not written yet
+    self._quiet = disk.QuietIoFailures().install()   # a failed save reports in one line
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
@@ -384,4 +385,6 @@ class RunCheckpoints:
       except Exception:  # pylint: disable=broad-exception-caught
         if not self._failed:   # after a failed save the manager's own error is that one again
           raise
+      finally:
+        self._quiet.remove()
 

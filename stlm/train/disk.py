@@ -10,8 +10,10 @@ and its newest intact checkpoint, instead of with a half-written one and a page 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
+import sys
 
 import jax
 
@@ -90,3 +92,53 @@ def short_reason(error: BaseException) -> str:
   if isinstance(error, OSError) and error.strerror:
     return error.strerror
   return (str(error).splitlines() or [type(error).__name__])[0][:300]
+
+
+class QuietIoFailures:
+  """While installed, a failed background save prints nothing of its own: Orbax's ERROR records
+  whose exception is an I/O failure (`is_io_error`), and asyncio's 'Event loop is closed' raised
+  in callbacks of the aborted writes, are dropped. The save's caller reports the failure in
+  one line. Nothing is dropped at absl verbosity >= 1 (`--verbosity=1`).
+  """
+
+  _LOOP_CLOSED = 'Event loop is closed'
+
+  def __init__(self):
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    self._logger = logging.getLogger('absl')
+    self._active = absl_logging.get_verbosity() < 1
+    self._previous_hooks = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not ((error is not None and is_io_error(error)) or
+                any(text in record.getMessage() for text in IO_TEXTS))
+
+  def _hook(self, kind, value, tb):
+    if not self._loop_closed(value):
+      self._previous_hooks[0](kind, value, tb)
+
+  def _unraisable_hook(self, unraisable):
+    if not self._loop_closed(unraisable.exc_value):
+      self._previous_hooks[1](unraisable)
+
+  def _loop_closed(self, error) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == self._LOOP_CLOSED
+
+  def install(self) -> 'QuietIoFailures':
+    if self._active:
+      self._logger.addFilter(self)
+      self._previous_hooks = (sys.excepthook, sys.unraisablehook)
+      sys.excepthook, sys.unraisablehook = self._hook, self._unraisable_hook
+    return self
+
+  def remove(self) -> None:
+    if self._active and self._previous_hooks is not None:
+      self._logger.removeFilter(self)
+      if sys.excepthook == self._hook:
+        sys.excepthook = self._previous_hooks[0]
+      if sys.unraisablehook == self._unraisable_hook:
+        sys.unraisablehook = self._previous_hooks[1]
+      self._previous_hooks = None
