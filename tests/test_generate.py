@@ -205,13 +205,13 @@ def test_stop_sequence_cuts_and_streams_in_every_strategy(byte_model, base_model
 BATCH_MAX_LEN = 40
 
 
-def batch_baseline():
+def batch_baseline(**model_overrides):
   """(config, model, params): a byte-level baseline of BATCH_MAX_LEN positions (untied head:
   varied text) whose end-of-text logit copies that of byte `STOP_EARLY`, scaled up, so some
   prompts end early."""
   cfg = tbp.small_cfg()
   cfg.update(kind='baseline', vocab_size=tokenizers.ByteTokenizer.vocab_size,
-             max_len=BATCH_MAX_LEN, tie_embeddings=False)
+             max_len=BATCH_MAX_LEN, tie_embeddings=False, **model_overrides)
   model = baseline.BaselineLM(cfg)
   ids = jnp.zeros((1, 8), jnp.int32)
   params = tbp.fast_init(model, ids, ids, ids, method='logits', seed=3)
@@ -263,6 +263,25 @@ def test_batched_sampling_uses_each_prompts_own_keys(batch_model):
                                         max_bytes=10, temperature=1.0, top_k=20, seed=7)
   assert batched == single
   assert len(set(single)) > 1
+
+
+@pytest.mark.filterwarnings('ignore::stlm.generate.ContextTruncated')
+@pytest.mark.parametrize('variant', [
+    dict(pause_before_continuation=2),                                # pauses fed to all rows
+    dict(pause_every=3, pause_count=1),                               # one at a time
+    dict(num_layers=2, early_exit_layers='1', early_exit_threshold=0.05),
+])
+def test_batched_greedy_equals_single_with_pauses_and_early_exit(variant):
+  config, model, params = batch_baseline(**variant)
+  tok = tokenizers.ByteTokenizer()
+  single, batched = _single_and_batched(model, params, config, tok, BATCH_PROMPTS[1:5], 4,
+                                        max_bytes=12, temperature=0.0)
+  assert batched == single
+  if 'early_exit_threshold' in variant:
+    stats = {}
+    generate.generate_batch(model, params, config, tok, BATCH_PROMPTS[1:5], max_bytes=12,
+                            stats=stats)
+    assert 1.0 < stats['layers_per_unit'] < 2.0   # some units exit after layer 1, some not
 
 
 def test_batched_prompt_over_the_context_warns_like_the_single_path(batch_model):
