@@ -295,11 +295,12 @@ def test_batched_prompt_over_the_context_warns_like_the_single_path(batch_model)
   assert len(out) == 2 and all(len(o) <= 4 for o in out)
 
 
-def test_batch_size_must_be_positive(batch_model):
+def test_batch_size_must_be_positive_and_no_prompts_give_no_texts(batch_model):
   config, model, params = batch_model
   with pytest.raises(ValueError, match='batch_size=0'):
     generate.generate_batch(model, params, config, tokenizers.ByteTokenizer(), ['a'],
                             batch_size=0)
+  assert generate.generate_batch(model, params, config, tokenizers.ByteTokenizer(), []) == []
 
 
 def test_byte_pool_batches_one_prompt_at_a_time_with_the_same_results(byte_model, gpt2):

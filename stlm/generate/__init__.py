@@ -125,6 +125,8 @@ def generate_batch(model, params, config, tokenizer, prompts, *, max_bytes=256,
   sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
   stops = tuple(StopWatch(stop).stops)
   data = [prompt_bytes(p) for p in prompts]
+  if not data:
+    return []
   order = sorted(range(len(data)), key=lambda i: len(data[i]))
   width = min(batch_size, len(data))
   out, layers = [None] * len(data), []
