@@ -1,4 +1,6 @@
-"""Generation: sampling filters, cached core == full forward, any prompt, the CLI."""
+"""Generation: sampling filters, cached core == full forward, any prompt, the CLI, batches."""
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -198,3 +200,115 @@ def test_stop_sequence_cuts_and_streams_in_every_strategy(byte_model, base_model
   expected = full[:full.find(stop.encode())] if stop.encode() in full else full
   assert cut == expected
   assert ''.join(streamed) == cut.decode('utf-8', errors='replace')
+
+
+BATCH_MAX_LEN = 40
+
+
+def batch_baseline(**model_overrides):
+  """(config, model, params): a byte-level baseline of BATCH_MAX_LEN positions (untied head:
+  varied text) whose end-of-text logit copies that of byte `STOP_EARLY`, scaled up, so some
+  prompts end early."""
+  cfg = tbp.small_cfg()
+  cfg.update(kind='baseline', vocab_size=tokenizers.ByteTokenizer.vocab_size,
+             max_len=BATCH_MAX_LEN, tie_embeddings=False, **model_overrides)
+  model = baseline.BaselineLM(cfg)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  params = tbp.fast_init(model, ids, ids, ids, method='logits', seed=3)
+  eot = tokenizers.ByteTokenizer.eot_id
+  params['lm_head'] = np.array(params['lm_head'])
+  params['lm_head'][:, eot] = params['lm_head'][:, STOP_EARLY] * 1.5
+  return ml_collections.ConfigDict({'model': cfg}), model, params
+
+
+@pytest.fixture(scope='module')
+def batch_model():
+  return batch_baseline()
+
+
+STOP_EARLY = ord('x')
+# Lengths 1 to 45 bytes: the last is longer than the context (truncated, then re-encoded).
+BATCH_PROMPTS = ['', 'a', 'Once upon', 'xyz', 'The quick brown fox', 'q' * 45]
+
+
+def _single_and_batched(model, params, config, tok, prompts, batch_size, **kwargs):
+  single = [generate.generate(model, params, config, tok, p, **kwargs) for p in prompts]
+  batched = generate.generate_batch(model, params, config, tok, prompts,
+                                    batch_size=batch_size, **kwargs)
+  return single, batched
+
+
+@pytest.mark.filterwarnings('ignore::stlm.generate.ContextTruncated')
+def test_batched_greedy_equals_single_per_row(batch_model):
+  config, model, params = batch_model
+  tok = tokenizers.ByteTokenizer()
+  kwargs = dict(max_bytes=16, temperature=0.0)
+  free = [generate.generate(model, params, config, tok, p, **kwargs) for p in BATCH_PROMPTS]
+  assert any(len(out) < 16 for out in free)     # a row ends at end-of-text ...
+  assert any(len(out) == 16 for out in free)    # ... while others run to max_bytes
+  stop = free[2][4:6]                            # a stop sequence that cuts row 2 short
+  # 4 rows a batch does not divide 6 prompts: the last batch is filled up.
+  single, batched = _single_and_batched(model, params, config, tok, BATCH_PROMPTS, 4,
+                                        stop=(stop,), **kwargs)
+  assert batched == single
+  assert single[2] == free[2][:free[2].find(stop)]
+  assert len(single[2]) < len(free[2])
+
+
+@pytest.mark.filterwarnings('ignore::stlm.generate.ContextTruncated')
+def test_batched_sampling_uses_each_prompts_own_keys(batch_model):
+  config, model, params = batch_model
+  tok = tokenizers.ByteTokenizer()
+  single, batched = _single_and_batched(model, params, config, tok, BATCH_PROMPTS[:4], 3,
+                                        max_bytes=10, temperature=1.0, top_k=20, seed=7)
+  assert batched == single
+  assert len(set(single)) > 1
+
+
+@pytest.mark.filterwarnings('ignore::stlm.generate.ContextTruncated')
+@pytest.mark.parametrize('variant', [
+    dict(pause_before_continuation=2),                                # pauses fed to all rows
+    dict(pause_every=3, pause_count=1),                               # one at a time
+    dict(num_layers=2, early_exit_layers='1', early_exit_threshold=0.05),
+])
+def test_batched_greedy_equals_single_with_pauses_and_early_exit(variant):
+  config, model, params = batch_baseline(**variant)
+  tok = tokenizers.ByteTokenizer()
+  single, batched = _single_and_batched(model, params, config, tok, BATCH_PROMPTS[1:5], 4,
+                                        max_bytes=12, temperature=0.0)
+  assert batched == single
+  if 'early_exit_threshold' in variant:
+    stats = {}
+    generate.generate_batch(model, params, config, tok, BATCH_PROMPTS[1:5], max_bytes=12,
+                            stats=stats)
+    assert 1.0 < stats['layers_per_unit'] < 2.0   # some units exit after layer 1, some not
+
+
+def test_batched_prompt_over_the_context_warns_like_the_single_path(batch_model):
+  config, model, params = batch_model
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    out = generate.generate_batch(model, params, config, tokenizers.ByteTokenizer(),
+                                  ['word ' * 10, 'a'], max_bytes=4)
+  messages = [str(w.message) for w in caught if w.category is generate.ContextTruncated]
+  assert any('longer than the context' in m for m in messages)
+  assert len(out) == 2 and all(len(o) <= 4 for o in out)
+
+
+def test_batch_size_must_be_positive_and_no_prompts_give_no_texts(batch_model):
+  config, model, params = batch_model
+  with pytest.raises(ValueError, match='batch_size=0'):
+    generate.generate_batch(model, params, config, tokenizers.ByteTokenizer(), ['a'],
+                            batch_size=0)
+  assert generate.generate_batch(model, params, config, tokenizers.ByteTokenizer(), []) == []
+
+
+def test_byte_pool_batches_one_prompt_at_a_time_with_the_same_results(byte_model, gpt2):
+  config, model, params, _ = byte_model
+  prompts = ['Hello', 'ab', 'Hello']
+  free = generate.generate(model, params, config, gpt2, 'ab', max_bytes=12, temperature=0.0)
+  stop = free[2:4].decode('utf-8', errors='ignore') or 'x'
+  single, batched = _single_and_batched(model, params, config, gpt2, prompts, 2,
+                                        max_bytes=12, temperature=0.0, stop=(stop,))
+  assert batched == single
+  assert batched[0] == batched[2]

@@ -1,8 +1,13 @@
 """Generative evaluation: GSM8K answer extraction and scoring, LAMBADA, prompts."""
 
+import functools
+import types
+
 import pytest
 
+from stlm import tokenizers
 from stlm.eval import generative
+from tests import test_generate
 
 REFERENCE = ('Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n'
              'Natalia sold 48+24 = <<48+24=72>>72 clips altogether.\n#### 72')
@@ -68,3 +73,19 @@ def test_missing_gsm8k_split_is_named_before_any_model_loads(tmp_path):
   with pytest.raises(generative.loaders.DataError, match='test.jsonl is missing'):
     generative.check_available(['gsm8k'], str(tmp_path))
   generative.check_available(['gsm8k'], str(tmp_path), 'train')
+
+
+@pytest.mark.filterwarnings('ignore::stlm.generate.ContextTruncated')  # prompts > 40 bytes
+def test_scores_and_texts_do_not_depend_on_the_batch_size(shared_data):
+  config, model, params = test_generate.batch_baseline()
+  exported = types.SimpleNamespace(model=model, params=params, config=config,
+                                   tokenizer=tokenizers.ByteTokenizer())
+  data_dir = str(shared_data / 'benchmarks')
+  gsm8k_train = functools.partial(generative.run_gsm8k, split='train')  # test.jsonl is absent
+  for run in (generative.run_lambada, gsm8k_train):
+    ticks = []
+    one = run(exported, data_dir, limit=5, max_bytes=12, batch_size=1)
+    four = run(exported, data_dir, limit=5, max_bytes=12, batch_size=4,
+               progress=lambda: ticks.append(1))
+    assert one == four and one['n'] == 5 and len(ticks) == 5
+    assert any(e['generated'] for e in one['examples'])

@@ -1,5 +1,6 @@
 """The model-kind registry and the optional extra_nll / stats model outputs."""
 
+import dataclasses
 import functools
 import types
 
@@ -31,6 +32,10 @@ def test_registry_lists_kinds_and_names_them_in_errors():
     kinds.get_kind('rnn')
   with pytest.raises(TypeError):
     kinds.register_kind('baseline')
+  with pytest.raises(ValueError, match='both generation and batched_generation'):
+    kinds.register_kind(dataclasses.replace(kinds.get_kind('baseline'), name='half',
+                                            batched_generation=None))
+  assert 'half' not in kinds.kind_names()
   with pytest.raises(config_validate.ConfigError, match='config.model.kind=.rnn.'):
     c = config_lib.base_config()
     c.model.kind = 'rnn'
@@ -42,6 +47,7 @@ def test_every_kind_is_complete(name):
   kind = kinds.get_kind(name)
   cfg = model_cfg(name)
   assert callable(kind.featurizer) and callable(kind.generation)
+  assert callable(kind.batched_generation)
   assert kind.target_unit in ('tokens', 'chunks')
   unit = kind.unit_shape(cfg)
   dummy = kind.dummy_batch(cfg, 3, 5)

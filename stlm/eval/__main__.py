@@ -44,6 +44,9 @@ _GSM_SPLIT = flags.DEFINE_string('gsm8k_split', 'test', 'GSM8K split scored (tra
                                  'come from the other train items).')
 _GSM_SHOTS = flags.DEFINE_integer('gsm8k_shots', generative.GSM8K_SHOTS, 'GSM8K examples '
                                   'from the train split.')
+_GEN_BATCH = flags.DEFINE_integer('generative_batch', generative.GENERATIVE_BATCH,
+                                  'Generative items decoded together (greedy texts do not '
+                                  'depend on it).')
 _INSTRUCT = flags.DEFINE_string('instruct', None, 'Instruction file (.json/.jsonl): held-out '
                                 'response bits per byte.')
 _TEMPLATE = flags.DEFINE_string('template', '', "With --instruct: the prompt template (default: "
@@ -107,6 +110,8 @@ def main(argv):
   if _GEN.value and not _DATA.value:
     raise cli_errors.FlagError('--data_dir is required for --generative tasks')
   generative.check_available(_GEN.value, _DATA.value, _GSM_SPLIT.value)
+  if _GEN_BATCH.value < 1:
+    raise cli_errors.FlagError(f'--generative_batch={_GEN_BATCH.value} must be >= 1')
   if _INSTRUCT.value and not os.path.isfile(_INSTRUCT.value):
     raise cli_errors.FlagError(f'--instruct={_INSTRUCT.value} is not a file')
   docs = _documents(_TEXT.value) if _TEXT.value else None
@@ -128,7 +133,8 @@ def main(argv):
   limit = _GEN_LIMIT.value if _GEN_LIMIT.value is not None else _LIMIT.value
   results.update(generative.run_tasks(exported, _GEN.value, _DATA.value, limit=limit,
                                       seed=_SEED.value, gsm8k_split=_GSM_SPLIT.value,
-                                      gsm8k_shots_=_GSM_SHOTS.value))
+                                      gsm8k_shots_=_GSM_SHOTS.value,
+                                      batch_size=_GEN_BATCH.value))
   instruct = None
   if _INSTRUCT.value:
     from stlm.eval import instruct as instruct_lib  # pylint: disable=g-import-not-at-top

@@ -9,8 +9,10 @@
   punctuation dropped) is the passage's last word.
 
 Each entry has the metric, its standard error (sample SD / sqrt(n), as the harness) and n.
-Generation runs one item at a time: the cached generators (stlm/models/decoding.py and the
-byte-pool strategies) decode a single sequence.
+Generation runs `batch_size` items at a time (GENERATIVE_BATCH) through
+`stlm.generate.generate_batch`: token kinds decode the batch together in one KV cache, kinds
+without a batched decoder run its items in turn; the texts, and so the scores, are those of
+one item at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ GSM8K_UNTIL = ('Question:', '</s>', '<|im_end|>')
 GSM8K_SHOTS = 5
 GSM8K_MAX_BYTES = 256     # the harness's max_gen_toks is 256 tokens; bytes here, any kind
 LAMBADA_MAX_BYTES = 32
+GENERATIVE_BATCH = 16     # items generated together
 FEWSHOT_SEED = 1234       # the harness's fewshot sampler seed
 INVALID = '[invalid]'     # the harness's regex-filter fallback
 
@@ -109,10 +112,15 @@ def lambada_correct(generated: str, word: str) -> float:
   return float(first.rstrip('.,;:!?"\'”’)') == word.strip())
 
 
-def _greedy(exported, prompt: str, max_bytes: int, stop=()) -> str:
-  return generate_lib.generate(exported.model, exported.params, exported.config,
-                               exported.tokenizer, prompt, max_bytes=max_bytes,
-                               temperature=0.0, stop=stop).decode('utf-8', errors='replace')
+def _greedy(exported, prompts: list[str], max_bytes: int, stop, batch_size: int,
+            progress=None) -> list[str]:
+  """Greedy continuations of `prompts`, batch_size at a time; progress() once per item."""
+  done = (lambda n: [progress() for _ in range(n)]) if progress else None
+  out = generate_lib.generate_batch(exported.model, exported.params, exported.config,
+                                    exported.tokenizer, prompts, max_bytes=max_bytes,
+                                    temperature=0.0, stop=stop, batch_size=batch_size,
+                                    progress=done)
+  return [data.decode('utf-8', errors='replace') for data in out]
 
 
 def _entry(per_item: list[dict], keys, split: str, examples: list[dict]) -> dict:
@@ -124,39 +132,36 @@ def _entry(per_item: list[dict], keys, split: str, examples: list[dict]) -> dict
 
 def run_gsm8k(exported, data_dir: str, *, split: str = 'test', limit=None, seed=FEWSHOT_SEED,
               shots: int = GSM8K_SHOTS, max_bytes: int = GSM8K_MAX_BYTES,
-              progress=None) -> dict:
+              batch_size: int = GENERATIVE_BATCH, progress=None) -> dict:
   """GSM8K exact match (strict and flexible) with standard errors; `split` 'train' scores
   train items with shots drawn from the other train items."""
   from stlm.eval import zero_shot  # pylint: disable=g-import-not-at-top
   train = read_gsm8k(data_dir, 'train')
   items = zero_shot.sample(read_gsm8k(data_dir, split) if split != 'train' else train,
                            limit, seed)
-  per_item, examples = [], []
-  for item, shot in zip(items, gsm8k_shots(items, train, shots, seed)):
-    text = _greedy(exported, gsm8k_prompt(item, shot), max_bytes, GSM8K_UNTIL)
-    per_item.append(gsm8k_exact_match(text, item['answer']))
-    if len(examples) < 3:
-      examples.append(dict(question=item['question'], generated=text))
-    if progress:
-      progress()
+  prompts = [gsm8k_prompt(item, shot)
+             for item, shot in zip(items, gsm8k_shots(items, train, shots, seed))]
+  texts = _greedy(exported, prompts, max_bytes, GSM8K_UNTIL, batch_size, progress)
+  per_item = [gsm8k_exact_match(text, item['answer']) for item, text in zip(items, texts)]
+  examples = [dict(question=item['question'], generated=text)
+              for item, text in zip(items[:3], texts)]
   return dict(_entry(per_item, ('exact_match', 'exact_match_flexible'), split, examples),
               shots=shots)
 
 
 def run_lambada(exported, data_dir: str, *, limit=None, seed=FEWSHOT_SEED,
-                max_bytes: int = LAMBADA_MAX_BYTES, progress=None) -> dict:
+                max_bytes: int = LAMBADA_MAX_BYTES, batch_size: int = GENERATIVE_BATCH,
+                progress=None) -> dict:
   """LAMBADA last-word accuracy of greedy generation, with its standard error."""
   from stlm.eval import zero_shot  # pylint: disable=g-import-not-at-top
   split, items = loaders.load_split('lambada', data_dir)
   items = zero_shot.sample(items, limit, seed)
-  per_item, examples = [], []
-  for item in items:
-    text = _greedy(exported, item['context'].rstrip(), max_bytes, ('\n',))
-    per_item.append(dict(acc=lambada_correct(text, item['continuation'])))
-    if len(examples) < 3:
-      examples.append(dict(word=item['continuation'], generated=text))
-    if progress:
-      progress()
+  texts = _greedy(exported, [item['context'].rstrip() for item in items], max_bytes,
+                  ('\n',), batch_size, progress)
+  per_item = [dict(acc=lambada_correct(text, item['continuation']))
+              for item, text in zip(items, texts)]
+  examples = [dict(word=item['continuation'], generated=text)
+              for item, text in zip(items[:3], texts)]
   return _entry(per_item, ('acc',), split, examples)
 
 
@@ -175,14 +180,16 @@ def check_available(names, data_dir: str, gsm8k_split: str = 'test') -> None:
 
 
 def run_tasks(exported, names, data_dir: str, *, limit=None, seed=FEWSHOT_SEED,
-              gsm8k_split: str = 'test', gsm8k_shots_: int = GSM8K_SHOTS) -> dict:
+              gsm8k_split: str = 'test', gsm8k_shots_: int = GSM8K_SHOTS,
+              batch_size: int = GENERATIVE_BATCH) -> dict:
   out = {}
   for name in names:
     if name == 'gsm8k':
       out[name] = run_gsm8k(exported, data_dir, split=gsm8k_split, limit=limit, seed=seed,
-                            shots=gsm8k_shots_)
+                            shots=gsm8k_shots_, batch_size=batch_size)
     elif name == 'lambada_gen':
-      out[name] = run_lambada(exported, data_dir, limit=limit, seed=seed)
+      out[name] = run_lambada(exported, data_dir, limit=limit, seed=seed,
+                              batch_size=batch_size)
     else:
       raise loaders.DataError(f'unknown generative task {name!r}; known: {", ".join(TASKS)}')
   return out

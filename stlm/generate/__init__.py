@@ -6,7 +6,9 @@ The loop is the model kind's `generation` strategy (stlm/models/kinds.py): token
 with a KV cache for token kinds (stlm/models/decoding.py), chunk by chunk or symbol by symbol
 for the byte-pool versions (stlm/models/byte_pool/). Every strategy stops at end-of-text or
 after max_bytes bytes, and at the first of the `stop` sequences asked for (which is cut
-off); `on_text` receives the text as it is generated (streaming).
+off); `on_text` receives the text as it is generated (streaming). `generate_batch` runs
+many prompts through the kind's `batched_generation` (one KV cache of batch B for token
+kinds), with the results `generate` gives each prompt alone.
 
 `--chat` renders the prompt with the export's instruction template (stlm/data/chat.py, the
 markers recorded at fine-tuning) and stops at its end-of-response marker.
@@ -54,8 +56,7 @@ class StopWatch:
 
   def cut(self, data: bytes) -> bytes:
     """`data` up to (not including) its first stop sequence."""
-    ends = [i for i in (data.find(s) for s in self.stops) if i >= 0]
-    return data[:min(ends)] if ends else data
+    return decoding.cut_at_stop(data, self.stops)
 
   def _stream(self, upto: int) -> None:
     if self.on_text is not None and upto > self.sent:
@@ -103,6 +104,47 @@ def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, te
                  emit=watch)
   out = bytes(out[:max_bytes])
   return watch.finish(out) if watch is not None else out
+
+
+def generate_batch(model, params, config, tokenizer, prompts, *, max_bytes=256,
+                   temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=(), batch_size=16,
+                   stats: dict | None = None, progress=None) -> list[bytes]:
+  """`generate` of each prompt (same arguments, same results), batch_size prompts at a time.
+
+  Uses the kind's `batched_generation`. Prompts of similar length share a batch (less
+  padding); a short last batch is filled with copies of its last prompt, so every batch has
+  the compiled shape (copies generate the same, and are dropped). `stats` receives the mean
+  `layers_per_unit` over the batches; `progress(n)` is called after each batch with the
+  number of prompts it finished.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size} must be >= 1')
+  strategy = kinds.get_kind(config.model.kind).batched_generation
+  if strategy is None:
+    raise ValueError(f'model.kind {config.model.kind!r} does not generate text')
+  sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+  stops = tuple(StopWatch(stop).stops)
+  data = [prompt_bytes(p) for p in prompts]
+  if not data:
+    return []
+  order = sorted(range(len(data)), key=lambda i: len(data[i]))
+  width = min(batch_size, len(data))
+  out, layers = [None] * len(data), []
+  for start in range(0, len(order), width):
+    rows = order[start:start + width]
+    batch = [data[i] for i in rows]
+    batch += [batch[-1]] * (width - len(batch))
+    batch_stats = {}
+    results = strategy(model, params, config.model, tokenizer, batch, jax.random.key(seed),
+                       max_bytes, sampling, batch_stats, stops=stops)
+    for i, result in zip(rows, results):
+      out[i] = bytes(result[:max_bytes])
+    layers.append(batch_stats.get('layers_per_unit', 0.0))
+    if progress is not None:
+      progress(len(rows))
+  if stats is not None and layers:
+    stats['layers_per_unit'] = sum(layers) / len(layers)
+  return out
 
 
 def generate_text(exported, prompt: str, **kwargs) -> str:

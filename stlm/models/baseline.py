@@ -207,6 +207,7 @@ KIND = kinds.register_kind(kinds.ModelKind(
     featurizer=lambda config, tokenizer: featurize.TokenFeaturizer(tokenizer,
                                                                    config.model.max_len),
     generation=decoding.generate_tokens,
+    batched_generation=decoding.generate_tokens_batched,
     scoring=scoring,
     param_report=lambda params, model_cfg: sharing.report(
         nn.unbox(params)['transformer'], model_cfg),

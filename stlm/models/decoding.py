@@ -9,6 +9,13 @@ token kinds: token by token with the KV cache (the model's `logits(..., decode=T
 A prompt longer than the context keeps its last max_len units (with a warning); when the
 cache fills during generation the last half of the context is re-encoded into a fresh cache
 (also warned).
+
+A batched strategy (a kind's `batched_generation`) is `fn(model, params, model_cfg, tokenizer,
+prompts: list of bytes, rng, max_bytes, sampling, stats, stops=()) -> list of bytes`: each
+prompt's continuation, as the kind's `generation` of that prompt alone with the same rng
+gives it, cut at its first stop sequence (`cut_at_stop`). `generate_tokens_batched` decodes
+the rows of token kinds together (`BatchedContext`); `one_at_a_time` turns any strategy into
+a batched one that runs the prompts in turn.
 """
 
 import functools
@@ -26,6 +33,12 @@ from stlm.models import kinds
 
 class ContextTruncated(UserWarning):
   """The prompt or the generated text no longer fits the model's context."""
+
+
+def cut_at_stop(data: bytes, stops) -> bytes:
+  """`data` up to (not including) its first occurrence of any of `stops` (bytes)."""
+  ends = [i for i in (data.find(s) for s in stops if s) if i >= 0]
+  return data[:min(ends)] if ends else data
 
 
 def sample_logits(rng, logits_xV, *, temperature=1.0, top_k=0, top_p=1.0):
@@ -159,11 +172,11 @@ def _cached(model, key, build):
   return fns[key]
 
 
-def _empty_cache(model, method, unit_shape):
+def _empty_cache(model, method, unit_shape, batch=1):
   """Zeros shaped like the model's decode cache (what `init` would return, no compute)."""
   def init():
-    units = jnp.zeros((1, 1) + unit_shape, jnp.int32)
-    ones = jnp.ones((1, 1), jnp.int32)
+    units = jnp.zeros((batch, 1) + unit_shape, jnp.int32)
+    ones = jnp.ones((batch, 1), jnp.int32)
     return model.init(jax.random.key(0), units, ones, ones * 0, deterministic=True,
                       decode=True, method=method)['cache']
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
@@ -247,3 +260,187 @@ def generate_tokens(model, params, model_cfg, tokenizer, data, rng, max_bytes, s
     logits = ctx.feed(token)
   stats['layers_per_unit'] = ctx.layers_per_unit
   return out
+
+
+class BatchedContext:
+  """B token sequences fed through one KV cache of batch B, as B `CachedContext`s would be.
+
+  Rows are left-padded to a common length (padding has segment id 0, so no real unit ever
+  attends to it) and carry their own positions, so each row's outputs are those of its own
+  cache. The cache's slots are shared: when they run out, every row is re-encoded from its
+  own units (its padding dropped); a row whose own units overflow the context keeps its last
+  half, with a warning, exactly when and as `CachedContext` would. Units go in blocks of
+  PREFILL_BLOCK, then one at a time, so two shapes are compiled per batch size. Pause tokens
+  between units (pause_every) are not supported: a kind with them decodes one at a time.
+  """
+
+  def __init__(self, step_fn, empty_cache, max_len, batch):
+    self._step, self._empty, self.max_len, self.batch = (step_fn, empty_cache, int(max_len),
+                                                         int(batch))
+    self.units = [[] for _ in range(self.batch)]   # each live row's units, as its cache holds
+    self.live = [True] * self.batch                # finished rows are fed padding only
+    self.cache, self.n_slots = empty_cache, 0
+    self.layers_sum, self.units_run = 0.0, 0       # over real units only
+
+  @property
+  def layers_per_unit(self) -> float:
+    return self.layers_sum / max(self.units_run, 1)
+
+  def _run(self, units_BxT, seg_BxT, pos_BxT):
+    (out, layers), self.cache = self._step(self.cache, units_BxT, seg_BxT, pos_BxT)
+    self.n_slots += units_BxT.shape[1]
+    self.layers_sum += float((np.asarray(layers) * seg_BxT).sum())
+    self.units_run += int(seg_BxT.sum())
+    return out[:, -1]
+
+  def _encode_all(self):
+    """Every live row's units, right-aligned in a fresh cache; output at the last slot."""
+    lengths = [len(u) if live else 0 for u, live in zip(self.units, self.live)]
+    P = max(lengths)
+    units_BxP = np.zeros((self.batch, P), np.int32)
+    seg_BxP = np.zeros((self.batch, P), np.int32)
+    pos_BxP = np.zeros((self.batch, P), np.int32)
+    for b, n in enumerate(lengths):
+      if n:
+        units_BxP[b, P - n:] = self.units[b]
+        seg_BxP[b, P - n:] = 1
+        pos_BxP[b, P - n:] = np.arange(n)
+    self.cache, self.n_slots = self._empty, 0
+    block = min(CachedContext.PREFILL_BLOCK, self.max_len)
+    out = None
+    for s in range(0, P - P % block, block):
+      out = self._run(units_BxP[:, s:s + block], seg_BxP[:, s:s + block],
+                      pos_BxP[:, s:s + block])
+    for s in range(P - P % block, P):
+      out = self._run(units_BxP[:, s:s + 1], seg_BxP[:, s:s + 1], pos_BxP[:, s:s + 1])
+    return out
+
+  def prefill(self, rows):
+    """Starts every row from its units (at least one each); returns the outputs B x ...."""
+    if len(rows) != self.batch or not all(rows):
+      raise ValueError(f'prefill needs {self.batch} rows of at least one unit each')
+    for b, units in enumerate(rows):
+      units = list(units)
+      if len(units) > self.max_len:
+        warnings.warn(f'prompt of {len(units)} units is longer than the context '
+                      f'(model.max_len={self.max_len}); keeping its last {self.max_len}',
+                      ContextTruncated, stacklevel=2)
+        units = units[-self.max_len:]
+      self.units[b], self.live[b] = units, True
+    return self._encode_all()
+
+  def finish(self, b: int) -> None:
+    """Row b is done: it is fed padding from now on."""
+    self.live[b], self.units[b] = False, []
+
+  def feed(self, new):
+    """Appends new[b] (as many units for every row) to each live row b; outputs at the last.
+
+    Finished rows' entries are ignored."""
+    n_new = len(new[0])
+    if len(new) != self.batch or any(len(units) != n_new for units in new):
+      raise ValueError(f'feed needs {self.batch} rows of {n_new} units each')
+    rebuild = self.n_slots + n_new > self.max_len
+    for b in range(self.batch):
+      if not self.live[b]:
+        continue
+      if len(self.units[b]) + n_new > self.max_len:
+        keep = max(self.max_len // 2, 1)
+        warnings.warn(f'context full ({self.max_len} units): re-encoding the last {keep}',
+                      ContextTruncated, stacklevel=2)
+        self.units[b] = (self.units[b] + list(new[b]))[-keep:]
+        rebuild = True
+      else:
+        self.units[b] = self.units[b] + list(new[b])
+    if rebuild:
+      return self._encode_all()
+    live_B = np.asarray(self.live, np.int32)[:, None]
+    out = None
+    for j in range(n_new):
+      units_Bx1 = np.asarray([[new[b][j] if self.live[b] else 0] for b in range(self.batch)],
+                             np.int32)
+      pos_Bx1 = np.asarray([[len(u) - n_new + j] for u in self.units], np.int32) * live_B
+      out = self._run(units_Bx1, live_B, pos_Bx1)
+    return out
+
+
+def token_batch_context(model, params, model_cfg, batch: int) -> BatchedContext:
+  """The cached logits of a token model for `batch` rows at once."""
+  method = 'logits_and_layers'
+  empty = _cached(model, ('empty', method, batch),
+                  lambda: _empty_cache(model, method, (), batch))
+  return BatchedContext(functools.partial(_step_fn(model, method), params), empty,
+                        model_cfg.max_len, batch)
+
+
+# Each row samples as `pick_token` would alone: the key is shared, not split over rows.
+@functools.partial(jax.jit, static_argnames=('temperature', 'top_k', 'top_p'))
+def pick_tokens(rng, logits_BxV, **sampling):
+  return jax.vmap(lambda l: sample_logits(rng, l, **sampling))(logits_BxV)
+
+
+def generate_tokens_batched(model, params, model_cfg, tokenizer, prompts, rng, max_bytes,
+                            sampling, stats, stops=()):
+  """The batched strategy of token kinds: all prompts decoded together in one KV cache.
+
+  Row b's result is `generate_tokens` of prompts[b] alone with the same rng (cut at its first
+  stop sequence): the rows sample the same keys step by step, and a row that ends (end of
+  text, max_bytes, a stop sequence) is frozen while the others go on. Models with pause
+  tokens between units (model.pause_every) decode one at a time (`one_at_a_time`), since
+  their rows would need pauses at different steps; pauses before the continuation are fed
+  to every row at once.
+  """
+  if int(model_cfg.pause_every):
+    return one_at_a_time(generate_tokens)(model, params, model_cfg, tokenizer, prompts, rng,
+                                          max_bytes, sampling, stats, stops)
+  if not prompts:
+    return []
+  ctx = token_batch_context(model, params, model_cfg, len(prompts))
+  logits_BxV = ctx.prefill([[tokenizer.eot_id] + tokenizer.encode(
+      p.decode('utf-8', errors='replace')) for p in prompts])
+  n_pause = int(model_cfg.pause_before_continuation)
+  if n_pause:
+    pause_unit = int(pauses.pause_input(np.zeros((), np.int32)))
+    logits_BxV = ctx.feed([[pause_unit] * n_pause] * len(prompts))
+  outs = [bytearray() for _ in prompts]
+  for i in range(max_bytes):
+    tokens_B = np.asarray(pick_tokens(jax.random.fold_in(rng, i), logits_BxV, **sampling))
+    for b, token in enumerate(tokens_B.tolist()):
+      if not ctx.live[b]:
+        continue
+      if token != tokenizer.eot_id:
+        outs[b] += tokenizer.token_bytes(token)
+      if (token == tokenizer.eot_id or len(outs[b]) >= max_bytes
+          or cut_at_stop(bytes(outs[b]), stops) != outs[b]):
+        ctx.finish(b)
+    if not any(ctx.live):
+      break
+    logits_BxV = ctx.feed([[int(t)] for t in tokens_B])
+  stats['layers_per_unit'] = ctx.layers_per_unit
+  return [cut_at_stop(bytes(out[:max_bytes]), stops) for out in outs]
+
+
+def one_at_a_time(strategy):
+  """A batched strategy that runs the single-sequence `strategy` on each prompt in turn.
+
+  Equal prompts are generated once (same prompt, same rng: the same result).
+  """
+  def batched(model, params, model_cfg, tokenizer, prompts, rng, max_bytes, sampling, stats,
+              stops=()):
+    done, layers = {}, []
+    for prompt in prompts:
+      if prompt in done:
+        continue
+      buf = bytearray()
+
+      def emit(new, buf=buf):
+        buf += new
+        return cut_at_stop(bytes(buf), stops) != buf
+      row_stats = {}
+      out = strategy(model, params, model_cfg, tokenizer, prompt, rng, max_bytes, sampling,
+                     row_stats, emit=emit if stops else None)
+      done[prompt] = cut_at_stop(bytes(out[:max_bytes]), stops)
+      layers.append(row_stats.get('layers_per_unit', float(model_cfg.num_layers)))
+    stats['layers_per_unit'] = float(np.mean(layers)) if layers else 0.0
+    return [done[p] for p in prompts]
+  return batched

@@ -6,8 +6,8 @@ metrics, generation, evaluation and benchmarks ask the registry; none of them br
 kind's name. A new kind is one module that calls `register_kind` plus one line in
 `_KIND_MODULES`; its featurizer is registered where data lives
 (`stlm.data.featurize.register_featurizer`, under the kind's `featurizer` name) and its
-generation strategy in `stlm.generate` (under the kind's `generation` name), so this package
-still imports no data code.
+generation strategies are its `generation` and `batched_generation` fields (built on
+stlm/models/decoding.py), so this package still imports no data code.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ class ModelKind:
     interface); `stlm.models.factory.make_featurizer` adds pause tokens when asked for.
   generation: the generation strategy (stlm/models/decoding.py's signature), or None for a
     kind that does not generate text.
+  batched_generation: the batched strategy (several prompts at once, same results as
+    `generation` of each alone; stlm/models/decoding.py's signature): the kind's own, or
+    `decoding.one_at_a_time(generation)`; None exactly when `generation` is None.
   param_report(params, model_cfg) -> str | None: extra start-up lines, or None.
   reports_bits_per_byte: whether nll / bytes of the targets is a language-modelling bits per
     byte (False for masked-LM kinds: their targets are a sample of the text, predicted from
@@ -104,6 +107,7 @@ class ModelKind:
   target_unit: str
   featurizer: Callable[[Any, Any], Any]
   generation: Callable[..., bytes] | None
+  batched_generation: Callable[..., list[bytes]] | None = None
   validate: Callable[[Any], None] = _no_checks
   param_report: Callable[[Any, Any], str | None] = _no_report
   reports_bits_per_byte: bool = True
@@ -121,7 +125,8 @@ _missing: dict[str, str] = {}   # kind module -> why it could not be imported
 # the typed `model_config.ModelConfig` on the way in, whatever the caller passes.
 _MODEL_CFG_ARG = dict(build=0, unit_shape=0, dummy_batch=0, synthetic_batch=0,
                       flops_per_target=0, validate=0, scoring=0, param_breakdown=1,
-                      param_report=1, generation=2)
+                      param_report=1, generation=2,
+                      batched_generation=2)
 
 
 def _typed(fn, index: int):
@@ -140,6 +145,9 @@ def register_kind(kind: ModelKind) -> ModelKind:
   (`config.model` ConfigDict or `model_config.ModelConfig`) and pass it on typed."""
   if not isinstance(kind, ModelKind):
     raise TypeError(f'register_kind needs a ModelKind, got {type(kind).__name__}')
+  if (kind.generation is None) != (kind.batched_generation is None):
+    raise ValueError(f'kind {kind.name!r}: give both generation and batched_generation '
+                     '(decoding.one_at_a_time(generation) runs prompts in turn), or neither')
   kind = dataclasses.replace(kind, **{
       name: _typed(getattr(kind, name), index) for name, index in _MODEL_CFG_ARG.items()
       if getattr(kind, name) is not None})

@@ -16,6 +16,7 @@ import flax.linen as nn
 from stlm.config import errors as config_errors
 from stlm.data import byte_stream
 from stlm.data import chunking
+from stlm.models import decoding
 from stlm.models import kinds
 from stlm.models import weight_sharing as sharing
 from stlm.models.byte_pool import paper
@@ -73,6 +74,10 @@ def validate(model_cfg) -> None:
   version(model_cfg).validate(model_cfg)
 
 
+def _generation(model, params, model_cfg, *args, **kwargs):
+  return version(model_cfg).generation(model, params, model_cfg, *args, **kwargs)
+
+
 KIND = kinds.register_kind(kinds.ModelKind(
     name='byte_pool',
     build=lambda m: version(m).build(m),
@@ -83,8 +88,9 @@ KIND = kinds.register_kind(kinds.ModelKind(
     flops_per_target=lambda m, breakdown: version(m).flops_per_target(m, breakdown),
     target_unit='chunks',
     featurizer=lambda config, tokenizer: version(config.model).featurizer(config, tokenizer),
-    generation=lambda model, params, m, *a, **kw: version(m).generation(model, params, m, *a,
-                                                                       **kw),
+    generation=_generation,
+    # Chunk and symbol decoding keep per-row state of their own: prompts run in turn.
+    batched_generation=decoding.one_at_a_time(_generation),
     validate=validate,
     # Neither scorer fast path: the byte heads are small (a few hundred wide, so gathering
     # saves little), and the v2 streams have a row layout of their own (batch_spans).
