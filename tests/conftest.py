@@ -2,10 +2,23 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_on_cpu_devices(script, argument, n_devices: int, timeout: int = 600) -> None:
+  """Runs `python script argument` with n simulated CPU devices (a device count is fixed at
+  jax's start, so it needs a process of its own) and cheap XLA compiles; asserts exit 0."""
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n_devices} '
+             '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO_ROOT))
+  proc = subprocess.run([sys.executable, str(script), str(argument)], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-5000:]
 
 
 def data_dir() -> pathlib.Path:

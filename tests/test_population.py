@@ -2,9 +2,7 @@
 per-member hyper-parameters, a diverging member alone, and the whole run through main.py."""
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import types
 
@@ -23,6 +21,7 @@ from stlm.train import setup as setup_lib
 from stlm.train import sharding
 from stlm.train import step as step_lib
 from tests.conftest import require_shared_data
+from tests.conftest import run_on_cpu_devices
 from tests.test_train_e2e import read_metrics
 from tests.test_train_e2e import run_main
 
@@ -247,13 +246,7 @@ def _placement_worker(out):
 
 @pytest.mark.slow
 def test_members_split_over_the_mesh_train_as_the_replicated_population(tmp_path):
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4 '
-             '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(repo))
-  proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=repo, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-5000:]
+  run_on_cpu_devices(__file__, tmp_path, 4)
   got = json.loads((tmp_path / 'placements.json').read_text())
   rep, split = got['replicated'], got['members']
   assert rep['active'] == split['active'] == [True] * 4

@@ -5,9 +5,7 @@ pytest process has one CPU device), which writes its results for the tests to as
 """
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import time
 import types
@@ -15,7 +13,8 @@ import types
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import run_on_cpu_devices
+
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1))
 STEPS = 3
 CKPT_FROM, CKPT_TO, CKPT_AT = (2, 2, 2), (1, 8, 1), 2  # save after step 2 on one, resume on other
@@ -162,12 +161,7 @@ def sharded(tmp_path_factory):
   out = tmp_path_factory.mktemp('sharding')
   # Cheap XLA CPU compiles (the subprocess compiles ten tiny programs); same flags for the
   # reference and the meshes, so the comparison is unaffected.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
-             '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-5000:]
+  run_on_cpu_devices(__file__, out, 8)
   results = json.loads((out / 'results.json').read_text())
   with np.load(out / 'params.npz') as z:
     arrays = dict(z)
