@@ -284,6 +284,23 @@ def test_batched_greedy_equals_single_with_pauses_and_early_exit(variant):
     assert 1.0 < stats['layers_per_unit'] < 2.0   # some units exit after layer 1, some not
 
 
+@pytest.mark.filterwarnings('ignore::stlm.generate.ContextTruncated')
+@pytest.mark.parametrize('variant', [{}, dict(pause_every=3, pause_count=1)])
+def test_max_units_stops_after_that_many_tokens_batched_or_not(variant):
+  config, model, params = batch_baseline(**variant)
+  tok = tokenizers.ByteTokenizer()   # one byte a token: the byte count is the unit count
+  free = [generate.generate(model, params, config, tok, p, max_bytes=16)
+          for p in BATCH_PROMPTS[1:5]]
+  single, batched = _single_and_batched(model, params, config, tok, BATCH_PROMPTS[1:5], 4,
+                                        max_bytes=16, max_units=5)
+  assert batched == single == [out[:5] for out in free]
+  assert any(len(out) == 5 < len(f) for out, f in zip(single, free))
+  with pytest.raises(ValueError, match='max_units=0'):
+    generate.generate(model, params, config, tok, 'a', max_units=0)
+  with pytest.raises(ValueError, match='max_units=0'):
+    generate.generate_batch(model, params, config, tok, ['a'], max_units=0)
+
+
 def test_batched_prompt_over_the_context_warns_like_the_single_path(batch_model):
   config, model, params = batch_model
   with warnings.catch_warnings(record=True) as caught:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from stlm import config as config_lib
+from stlm import generate
 from stlm import tokenizers
 from stlm.eval import zero_shot
 from stlm.eval import harness
@@ -114,8 +115,14 @@ def test_rolling_and_generation(setup):
   (rolling,) = lm.loglikelihood_rolling([req(text)])
   ((ll, _),) = lm.loglikelihood([req('', text)])
   assert rolling == ll and rolling < 0
-  (out,) = lm.generate_until([req('Once upon a time', {'until': ['\n'], 'max_gen_toks': 12})])
-  assert isinstance(out, str) and '\n' not in out and len(out.encode()) <= 12
+  (out, other, same) = lm.generate_until([
+      req('Once upon a time', {'until': ['\n'], 'max_gen_toks': 12}),
+      req('The dog', {'max_gen_toks': 5}),
+      req('Once upon a time', {'until': ['\n'], 'max_gen_toks': 12})])
+  assert isinstance(out, str) and '\n' not in out and out == same
+  # max_gen_toks counts tokens, as the harness does: what one request alone gives.
+  assert other == generate.generate_text(
+      exported, 'The dog', max_bytes=5 * generate.BYTES_PER_UNIT_CAP, max_units=5)
 
 
 def test_cli_argv_adds_model_tasks_and_data_dir():

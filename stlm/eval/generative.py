@@ -1,7 +1,8 @@
 """Generative evaluation (lm-evaluation-harness `generate_until` conventions).
 
 - `gsm8k`: k-shot prompts from the train split ("Question: q\\nAnswer: a" joined by blank
-  lines, then "Question: q\\nAnswer:"), greedy until "Question:", "</s>" or "<|im_end|>",
+  lines, then "Question: q\\nAnswer:"), greedy until "Question:", "</s>" or "<|im_end|>"
+  for at most 256 units (the harness's max_gen_toks: tokens, or chunks for byte-pool kinds),
   scored by exact match of the final number under the harness's two filters: strict-match
   (the number after "#### ") and flexible-extract (the last number in the text), with the
   harness's normalisation (commas, "$" and a trailing "." removed, case ignored).
@@ -29,7 +30,7 @@ from stlm.eval import metrics
 TASKS = ('gsm8k', 'lambada_gen')
 GSM8K_UNTIL = ('Question:', '</s>', '<|im_end|>')
 GSM8K_SHOTS = 5
-GSM8K_MAX_BYTES = 256     # the harness's max_gen_toks is 256 tokens; bytes here, any kind
+GSM8K_MAX_UNITS = 256     # the harness's max_gen_toks: tokens, or chunks for byte-pool kinds
 LAMBADA_MAX_BYTES = 32
 GENERATIVE_BATCH = 16     # items generated together
 FEWSHOT_SEED = 1234       # the harness's fewshot sampler seed
@@ -113,13 +114,13 @@ def lambada_correct(generated: str, word: str) -> float:
 
 
 def _greedy(exported, prompts: list[str], max_bytes: int, stop, batch_size: int,
-            progress=None) -> list[str]:
+            progress=None, max_units=None) -> list[str]:
   """Greedy continuations of `prompts`, batch_size at a time; progress() once per item."""
   done = (lambda n: [progress() for _ in range(n)]) if progress else None
   out = generate_lib.generate_batch(exported.model, exported.params, exported.config,
                                     exported.tokenizer, prompts, max_bytes=max_bytes,
                                     temperature=0.0, stop=stop, batch_size=batch_size,
-                                    progress=done)
+                                    progress=done, max_units=max_units)
   return [data.decode('utf-8', errors='replace') for data in out]
 
 
@@ -131,17 +132,21 @@ def _entry(per_item: list[dict], keys, split: str, examples: list[dict]) -> dict
 
 
 def run_gsm8k(exported, data_dir: str, *, split: str = 'test', limit=None, seed=FEWSHOT_SEED,
-              shots: int = GSM8K_SHOTS, max_bytes: int = GSM8K_MAX_BYTES,
-              batch_size: int = GENERATIVE_BATCH, progress=None) -> dict:
+              shots: int = GSM8K_SHOTS, max_units: int = GSM8K_MAX_UNITS,
+              max_bytes: int | None = None, batch_size: int = GENERATIVE_BATCH,
+              progress=None) -> dict:
   """GSM8K exact match (strict and flexible) with standard errors; `split` 'train' scores
-  train items with shots drawn from the other train items."""
+  train items with shots drawn from the other train items. Generation stops after max_units
+  units (as the harness's max_gen_toks) or max_bytes bytes, whichever comes first."""
   from stlm.eval import zero_shot  # pylint: disable=g-import-not-at-top
   train = read_gsm8k(data_dir, 'train')
   items = zero_shot.sample(read_gsm8k(data_dir, split) if split != 'train' else train,
                            limit, seed)
   prompts = [gsm8k_prompt(item, shot)
              for item, shot in zip(items, gsm8k_shots(items, train, shots, seed))]
-  texts = _greedy(exported, prompts, max_bytes, GSM8K_UNTIL, batch_size, progress)
+  if max_bytes is None:
+    max_bytes = max_units * generate_lib.BYTES_PER_UNIT_CAP
+  texts = _greedy(exported, prompts, max_bytes, GSM8K_UNTIL, batch_size, progress, max_units)
   per_item = [gsm8k_exact_match(text, item['answer']) for item, text in zip(items, texts)]
   examples = [dict(question=item['question'], generated=text)
               for item, text in zip(items[:3], texts)]

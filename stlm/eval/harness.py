@@ -11,7 +11,8 @@ absent; `--data_dir` becomes the tasks' `data_dir` metadata.)
 Both model kinds are served: loglikelihood and loglikelihood_rolling go through
 `stlm.eval.scorer.Scorer` (end-of-text only before an empty context, as the harness's own
 prefix token; `always_prefix_eot=True` restores the old convention), generate_until through
-`stlm.generate` (greedy unless gen_kwargs ask for sampling).
+`stlm.generate.generate_batch` (greedy unless gen_kwargs ask for sampling; `max_gen_toks` in
+the model's tokens, or chunks for the byte-pool kinds).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class StlmLM(LM):
   """An stlm export as an lm_eval LM (`checkpoint=<workdir>/export`)."""
 
   def __init__(self, checkpoint: str | None = None, batch_size=32, always_prefix_eot=False,
-               max_gen_bytes: int = 256, exported=None, scorer=None, score_fraction=None,
-               **unused):
+               max_gen_bytes: int = 256, generate_batch_size: int = 16, exported=None,
+               scorer=None, score_fraction=None, **unused):
     super().__init__()
     del unused  # device, max_batch_size, ...: the scorer picks its own device and buckets
     # pylint: disable=g-import-not-at-top  (jax and the model only when a model is built)
@@ -57,6 +58,7 @@ class StlmLM(LM):
                                                    always_prefix_eot=_bool(always_prefix_eot),
                                                    score_fraction=fraction)
     self.max_gen_bytes = int(max_gen_bytes)
+    self.generate_batch_size = int(generate_batch_size)
 
   @property
   def tokenizer_name(self) -> str:
@@ -73,21 +75,32 @@ class StlmLM(LM):
     return [r.logprob for r in self.scorer.loglikelihood([('', t) for t in texts])]
 
   def generate_until(self, requests, disable_tqdm: bool = False):
+    """The harness's generate_until: requests with the same gen_kwargs are generated together
+    (`generate_batch`), each cut at its first `until` string; `max_gen_toks` counts the
+    model's units (tokens, or chunks for the byte-pool kinds, which are pooled per GPT-2
+    token, so the same count), as the harness counts tokens; without it, max_gen_bytes bytes."""
     from stlm import generate  # pylint: disable=g-import-not-at-top
-    out = []
-    for r in requests:
+    groups = {}
+    for i, r in enumerate(requests):
       context, gen_kwargs = r.args[0], dict(r.args[1] if len(r.args) > 1 else {})
-      until = gen_kwargs.get('until') or []
-      until = [until] if isinstance(until, str) else list(until)
-      max_bytes = int(gen_kwargs.get('max_gen_toks', self.max_gen_bytes))
+      until = gen_kwargs.get('until') or ()
+      until = (until,) if isinstance(until, str) else tuple(until)
+      units = gen_kwargs.get('max_gen_toks')
       temperature = float(gen_kwargs.get('temperature', 0.0)) if gen_kwargs.get(
           'do_sample', False) else 0.0
-      text = generate.generate_text(self.exported, context, max_bytes=max_bytes,
-                                    temperature=temperature)
-      for stop in until:
-        if stop and stop in text:
-          text = text[:text.index(stop)]
-      out.append(text)
+      key = (until, None if units is None else int(units), temperature)
+      groups.setdefault(key, []).append((i, context))
+    out = [None] * len(requests)
+    e = self.exported
+    for (until, units, temperature), items in groups.items():
+      max_bytes = (self.max_gen_bytes if units is None else
+                   units * generate.BYTES_PER_UNIT_CAP)
+      texts = generate.generate_batch(e.model, e.params, e.config, e.tokenizer,
+                                      [context for _, context in items], max_bytes=max_bytes,
+                                      temperature=temperature, stop=until, max_units=units,
+                                      batch_size=self.generate_batch_size)
+      for (i, _), text in zip(items, texts):
+        out[i] = text.decode('utf-8', errors='replace')
     return out
 
 

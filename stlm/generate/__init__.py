@@ -27,6 +27,9 @@ from stlm.models import decoding
 from stlm.models import kinds
 
 ContextTruncated = decoding.ContextTruncated
+# Bytes one generated unit may take at most: the byte bound of a request bounded in units
+# (`max_units`), so that the unit count is what binds.
+BYTES_PER_UNIT_CAP = 128
 
 
 def prompt_bytes(prompt) -> bytes:
@@ -86,9 +89,10 @@ class StopWatch:
 
 def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, temperature=0.0,
              top_k=0, top_p=1.0, seed=0, stats: dict | None = None, stop=(),
-             on_text=None) -> bytes:
-  """The bytes generated after `prompt` (at most max_bytes; stops at end-of-text, and at
-  the first of the `stop` sequences, which is cut off).
+             on_text=None, max_units: int | None = None) -> bytes:
+  """The bytes generated after `prompt` (at most max_bytes, and at most max_units units: the
+  kind's tokens, or chunks for the byte-pool kinds; stops at end-of-text, and at the first
+  of the `stop` sequences, which is cut off).
 
   `stats`, when given, receives `layers_per_unit`: the core layers each unit (prompt and
   generated, pauses included) used on average; below model.num_layers under early exit.
@@ -101,14 +105,15 @@ def generate(model, params, config, tokenizer, prompt: str, *, max_bytes=256, te
   watch = StopWatch(stop, on_text, max_bytes) if (stop or on_text is not None) else None
   out = strategy(model, params, config.model, tokenizer, prompt_bytes(prompt),
                  jax.random.key(seed), max_bytes, sampling, {} if stats is None else stats,
-                 emit=watch)
+                 emit=decoding.unit_limit(watch, max_units))
   out = bytes(out[:max_bytes])
   return watch.finish(out) if watch is not None else out
 
 
 def generate_batch(model, params, config, tokenizer, prompts, *, max_bytes=256,
                    temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=(), batch_size=16,
-                   stats: dict | None = None, progress=None) -> list[bytes]:
+                   stats: dict | None = None, progress=None,
+                   max_units: int | None = None) -> list[bytes]:
   """`generate` of each prompt (same arguments, same results), batch_size prompts at a time.
 
   Uses the kind's `batched_generation`. Prompts of similar length share a batch (less
@@ -119,6 +124,8 @@ def generate_batch(model, params, config, tokenizer, prompts, *, max_bytes=256,
   """
   if batch_size < 1:
     raise ValueError(f'batch_size={batch_size} must be >= 1')
+  if max_units is not None and int(max_units) < 1:
+    raise ValueError(f'max_units={max_units} must be >= 1')
   strategy = kinds.get_kind(config.model.kind).batched_generation
   if strategy is None:
     raise ValueError(f'model.kind {config.model.kind!r} does not generate text')
@@ -136,7 +143,7 @@ def generate_batch(model, params, config, tokenizer, prompts, *, max_bytes=256,
     batch += [batch[-1]] * (width - len(batch))
     batch_stats = {}
     results = strategy(model, params, config.model, tokenizer, batch, jax.random.key(seed),
-                       max_bytes, sampling, batch_stats, stops=stops)
+                       max_bytes, sampling, batch_stats, stops=stops, max_units=max_units)
     for i, result in zip(rows, results):
       out[i] = bytes(result[:max_bytes])
     layers.append(batch_stats.get('layers_per_unit', 0.0))

@@ -11,9 +11,10 @@ cache fills during generation the last half of the context is re-encoded into a 
 (also warned).
 
 A batched strategy (a kind's `batched_generation`) is `fn(model, params, model_cfg, tokenizer,
-prompts: list of bytes, rng, max_bytes, sampling, stats, stops=()) -> list of bytes`: each
-prompt's continuation, as the kind's `generation` of that prompt alone with the same rng
-gives it, cut at its first stop sequence (`cut_at_stop`). `generate_tokens_batched` decodes
+prompts: list of bytes, rng, max_bytes, sampling, stats, stops=(), max_units=None) -> list of
+bytes`: each prompt's continuation, as the kind's `generation` of that prompt alone with the
+same rng gives it, cut at its first stop sequence (`cut_at_stop`), of at most max_units units
+(`unit_limit`: an `emit` stops a single-sequence strategy after that many units). `generate_tokens_batched` decodes
 the rows of token kinds together (`BatchedContext`); `one_at_a_time` turns any strategy into
 a batched one that runs the prompts in turn.
 """
@@ -33,6 +34,22 @@ from stlm.models import kinds
 
 class ContextTruncated(UserWarning):
   """The prompt or the generated text no longer fits the model's context."""
+
+
+def unit_limit(emit, max_units):
+  """`emit` that also stops the generation once max_units units (tokens, or chunks for the
+  byte-pool kinds) have been emitted; `emit` itself when max_units is None."""
+  if max_units is None:
+    return emit
+  if int(max_units) < 1:
+    raise ValueError(f'max_units={max_units} must be >= 1')
+  count = [0]
+
+  def limited(new: bytes) -> bool:
+    count[0] += 1
+    stopped = emit(new) if emit is not None else False
+    return bool(stopped) or count[0] >= int(max_units)
+  return limited
 
 
 def cut_at_stop(data: bytes, stops) -> bytes:
@@ -380,7 +397,7 @@ def pick_tokens(rng, logits_BxV, **sampling):
 
 
 def generate_tokens_batched(model, params, model_cfg, tokenizer, prompts, rng, max_bytes,
-                            sampling, stats, stops=()):
+                            sampling, stats, stops=(), max_units=None):
   """The batched strategy of token kinds: all prompts decoded together in one KV cache.
 
   Row b's result is `generate_tokens` of prompts[b] alone with the same rng (cut at its first
@@ -392,7 +409,7 @@ def generate_tokens_batched(model, params, model_cfg, tokenizer, prompts, rng, m
   """
   if int(model_cfg.pause_every):
     return one_at_a_time(generate_tokens)(model, params, model_cfg, tokenizer, prompts, rng,
-                                          max_bytes, sampling, stats, stops)
+                                          max_bytes, sampling, stats, stops, max_units)
   if not prompts:
     return []
   ctx = token_batch_context(model, params, model_cfg, len(prompts))
@@ -403,7 +420,8 @@ def generate_tokens_batched(model, params, model_cfg, tokenizer, prompts, rng, m
     pause_unit = int(pauses.pause_input(np.zeros((), np.int32)))
     logits_BxV = ctx.feed([[pause_unit] * n_pause] * len(prompts))
   outs = [bytearray() for _ in prompts]
-  for i in range(max_bytes):
+  steps = max_bytes if max_units is None else min(max_bytes, int(max_units))
+  for i in range(steps):
     tokens_B = np.asarray(pick_tokens(jax.random.fold_in(rng, i), logits_BxV, **sampling))
     for b, token in enumerate(tokens_B.tolist()):
       if not ctx.live[b]:
@@ -413,7 +431,7 @@ def generate_tokens_batched(model, params, model_cfg, tokenizer, prompts, rng, m
       if (token == tokenizer.eot_id or len(outs[b]) >= max_bytes
           or cut_at_stop(bytes(outs[b]), stops) != outs[b]):
         ctx.finish(b)
-    if not any(ctx.live):
+    if not any(ctx.live) or i + 1 == steps:
       break
     logits_BxV = ctx.feed([[int(t)] for t in tokens_B])
   stats['layers_per_unit'] = ctx.layers_per_unit
@@ -426,7 +444,7 @@ def one_at_a_time(strategy):
   Equal prompts are generated once (same prompt, same rng: the same result).
   """
   def batched(model, params, model_cfg, tokenizer, prompts, rng, max_bytes, sampling, stats,
-              stops=()):
+              stops=(), max_units=None):
     done, layers = {}, []
     for prompt in prompts:
       if prompt in done:
@@ -438,7 +456,7 @@ def one_at_a_time(strategy):
         return cut_at_stop(bytes(buf), stops) != buf
       row_stats = {}
       out = strategy(model, params, model_cfg, tokenizer, prompt, rng, max_bytes, sampling,
-                     row_stats, emit=emit if stops else None)
+                     row_stats, emit=unit_limit(emit if stops else None, max_units))
       done[prompt] = cut_at_stop(bytes(out[:max_bytes]), stops)
       layers.append(row_stats.get('layers_per_unit', float(model_cfg.num_layers)))
     stats['layers_per_unit'] = float(np.mean(layers)) if layers else 0.0
