@@ -404,6 +404,46 @@ def test_a_save_failing_with_no_space_removes_its_partial_files(
   _resume_equals_reference(reference, data_dir, workdir)
 
 
+def _local_corpus(directory):
+  directory.mkdir()
+  (directory / 'a.txt').write_text('Document a. ' + 'Some words of text. ' * 60)
+  (directory / 'b.txt').write_text('Document b. ' + 'Other words in a row. ' * 60)
+  records = [{'text': f'Record {i}. ' + 'More text here. ' * 40} for i in range(3)]
+  (directory / 'c.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  return ['--config.data.source=local', f'--config.data.path={directory}',
+          '--config.data.val_fraction=0.25']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage,fragments', [
+    ('truncated_jsonl', ['c.jsonl:3:', 'invalid JSON']),
+    ('non_utf8', ['a.txt:1:', 'byte offset']),
+])
+def test_bad_data_in_the_corpus_gives_one_line_naming_file_and_line(tmp_path, damage, fragments):
+  corpus_dir = tmp_path / 'corpus'
+  local = _local_corpus(corpus_dir)
+  if damage == 'truncated_jsonl':   # a shard cut off in the middle of its last record
+    text = (corpus_dir / 'c.jsonl').read_text()
+    (corpus_dir / 'c.jsonl').write_text(text[:len(text) - 30])
+  else:
+    (corpus_dir / 'a.txt').write_bytes(b'Document a. \xff ' + b'Some words. ' * 60)
+  proc = run_main(*flags_of(tmp_path / 'tfds'), *local, f'--workdir={tmp_path / "run"}')
+  assert_one_line_error(proc, *[str(corpus_dir / f) if f.endswith(':') else f for f in fragments])
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+@pytest.mark.slow
+def test_a_corpus_file_gone_between_runs_is_refused_on_resume_in_one_line(tmp_path):
+  corpus_dir = tmp_path / 'corpus'
+  local = _local_corpus(corpus_dir)
+  base = [*flags_of(tmp_path / 'tfds'), *local, f'--workdir={tmp_path / "run"}']
+  first = run_main(*base, '--config.train.steps=2')
+  assert first.returncode == 0, first.stderr[-3000:]
+  (corpus_dir / 'b.txt').unlink()
+  assert_one_line_error(run_main(*base, '--config.train.steps=4'), 'the corpus changed since')
+  assert _checkpoint_entries(tmp_path / 'run') == ['2']
+
+
 def test_a_corpus_changed_between_runs_is_refused_on_resume(data_dir, tmp_path):
   """A resumed run whose local corpus changed (a file edited) would silently read another data
   order: the resume check compares the corpus fingerprint saved with the checkpoint."""
