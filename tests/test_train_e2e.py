@@ -17,13 +17,31 @@ from tests.conftest import require_shared_data
 CORPUS_SUBDIR = 'corpus/tinystories'
 
 
-def run_main(config, workdir, *overrides, check=True, env_extra=None):
+def _main_command(config, workdir, *overrides, env_extra=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu', **(env_extra or {}))
-  cmd = [sys.executable, 'main.py', f'--config={config}', f'--workdir={workdir}', *overrides]
+  return [sys.executable, 'main.py', f'--config={config}', f'--workdir={workdir}', *overrides], env
+
+
+def run_main(config, workdir, *overrides, check=True, env_extra=None):
+  cmd, env = _main_command(config, workdir, *overrides, env_extra=env_extra)
   proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900)
   if check and proc.returncode:
     raise AssertionError(f'{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')
   return proc
+
+
+def run_mains_together(runs):
+  """main.py for each (config, workdir, *overrides) in `runs`, at the same time (one core
+  each, where there are two); AssertionError naming the first that failed."""
+  procs = []
+  for run in runs:
+    cmd, env = _main_command(*run)
+    procs.append((cmd, subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env)))
+  outs = [(cmd, proc, *proc.communicate(timeout=900)) for cmd, proc in procs]
+  for cmd, proc, out, err in outs:
+    if proc.returncode:
+      raise AssertionError(f'{cmd} failed:\n{out[-3000:]}\n{err[-6000:]}')
 
 
 def read_metrics(workdir, split):
@@ -50,13 +68,13 @@ def trained(tmp_path_factory):
   """{config name: workdir} of 300-step tiny runs on real text, trained once per module."""
   shared = require_shared_data()
   root = tmp_path_factory.mktemp('trained')
-  runs = {}
-  for name in ('baseline', 'byte_pool'):
-    workdir = root / name
-    run_main(f'configs/{name}.py', workdir, *local_data_flags(shared, root),
-             '--config.train.steps=300', '--config.train.eval_every=150',
-             '--config.train.log_every=50', '--config.train.eval_batches=4')
-    runs[name] = workdir
+  runs = {name: root / name for name in ('baseline', 'byte_pool')}
+  # Each prepares the corpus in its own data_dir: the two runs go at the same time.
+  run_mains_together([(f'configs/{name}.py', workdir,
+                       *local_data_flags(shared, root / f'data_{name}'),
+                       '--config.train.steps=300', '--config.train.eval_every=150',
+                       '--config.train.log_every=50', '--config.train.eval_batches=4')
+                      for name, workdir in runs.items()])
   return runs
 
 
