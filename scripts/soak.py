@@ -242,6 +242,12 @@ def mount_small_disk(soak_dir):
   return disk_root
 
 
+def new_counts():
+  """Faults injected by kind, those during a save, starts with a half-deleted old checkpoint,
+  and starts."""
+  return {**dict.fromkeys(KINDS, 0), 'during save': 0, 'partial': 0, 'starts': 0}
+
+
 def start_processes(args, workdir, log_name):
   """The run's two processes, their output in log_name.<process id>."""
   port = free_port()
@@ -254,8 +260,7 @@ def start_processes(args, workdir, log_name):
 
 def soak_processes(args, rng, soak_dir):
   """--processes=2: SIGTERM or SIGKILL to one of the two processes, --faults times."""
-  counts = dict.fromkeys(KINDS, 0)
-  counts.update({'during save': 0, 'partial': 0, 'starts': 0})
+  counts = new_counts()
   while True:
     counts['starts'] += 1
     log_name = os.path.join(args.root, f'start_{counts["starts"]}.log')
@@ -377,8 +382,7 @@ def main():
 
 def soak(args, kinds, rng, soak_dir):
   """Starts the run until it finishes, injecting --faults faults; returns the counts."""
-  counts = dict.fromkeys(KINDS, 0)
-  counts.update({'during save': 0, 'partial': 0, 'starts': 0})
+  counts = new_counts()
   while True:
     counts['starts'] += 1
     starts = counts['starts']

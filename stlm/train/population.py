@@ -137,7 +137,7 @@ def members(config) -> list[Member]:
   if int(t.population_vmap_size) < 0:
     errors.fail('train.population_vmap_size', t.population_vmap_size,
                 'must be >= 0 (0: every member in one vmap)')
-  if int(t.population_vmap_size) and SHARDINGS[t.population_sharding] is not None:
+  if int(t.population_vmap_size) and member_axis(config) is not None:
     errors.fail('train.population_vmap_size', t.population_vmap_size,
                 "groups members one after another; use it with population_sharding='replicated'")
   if t.distill.get('teacher', ''):
