@@ -16,7 +16,7 @@ from stlm.models import factory
 from stlm.tokenizers import ByteTokenizer
 from stlm.train import benchmarks
 from tests.conftest import require_shared_data
-from tests.test_train_e2e import run_main
+from tests.main_runs import run_main
 
 NAMES = 'blimp,arc_easy'
 LIMIT = 12

@@ -21,8 +21,8 @@ from stlm.data import hf_datasets
 from stlm.data import pipeline
 from stlm.data import tfds_builders
 from tests.conftest import require_shared_data
-from tests.test_train_e2e import read_metrics
-from tests.test_train_e2e import run_main
+from tests.main_runs import read_metrics
+from tests.main_runs import run_main
 
 PAGES = 40
 

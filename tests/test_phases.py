@@ -28,7 +28,7 @@ from stlm.train import loop
 from stlm.train import metrics as metrics_lib
 from tests import test_pipeline as pipeline_tests
 from tests import test_reliability as rel
-from tests import test_train_e2e as e2e
+from tests import main_runs
 from tests.conftest import REPO_ROOT
 
 GRAD_ACCUM = 2
@@ -341,14 +341,14 @@ def test_curriculum_experiment_bad_flags_are_one_line(tmp_path, flag, fragment):
 @pytest.mark.slow
 def test_curriculum_config_trains_on_the_shared_corpus(shared_data, tmp_path):
   workdir = tmp_path / 'run'
-  e2e.run_main('configs/curriculum.py', workdir,
+  main_runs.run_main('configs/curriculum.py', workdir,
                f'--config.data.sources.stories.path={shared_data / STORIES_FILE}',
                f'--config.data.sources.wiki.path={shared_data / WIKI_DIR}',
                f'--config.data.data_dir={tmp_path / "tfds"}', '--config.train.steps=4',
                '--config.train.warmup_steps=1', '--config.data.phases=stories:2,wiki',
                '--config.train.log_every=1',
                '--config.train.eval_every=4', '--config.train.eval_batches=1')
-  rows = e2e.read_metrics(workdir, 'train')
+  rows = main_runs.read_metrics(workdir, 'train')
   assert [(r['step'], r['phase_name']) for r in rows] == [
       (1, 'stories'), (2, 'stories'), (3, 'wiki'), (4, 'wiki')]
   assert (workdir / 'export').is_dir()

@@ -22,8 +22,8 @@ from stlm.train import sharding
 from stlm.train import step as step_lib
 from tests.conftest import require_shared_data
 from tests.conftest import run_on_cpu_devices
-from tests.test_train_e2e import read_metrics
-from tests.test_train_e2e import run_main
+from tests.main_runs import read_metrics
+from tests.main_runs import run_main
 
 T, B, MICRO = 32, 2, 2
 

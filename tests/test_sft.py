@@ -1,10 +1,8 @@
 """Instruction tuning: templates, the response mask, packing isolation, init_from, chat."""
 
 import json
-import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

@@ -15,9 +15,9 @@ from stlm.config import validate
 from stlm.train import metrics as metrics_lib
 from stlm.train import wandb_writer
 from tests.conftest import require_shared_data
-from tests.test_train_e2e import local_data_flags
-from tests.test_train_e2e import read_metrics
-from tests.test_train_e2e import run_main
+from tests.main_runs import local_data_flags
+from tests.main_runs import read_metrics
+from tests.main_runs import run_main
 
 pytest.importorskip('wandb')
 
