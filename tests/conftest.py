@@ -40,3 +40,17 @@ def require_shared_data() -> pathlib.Path:
 @pytest.fixture
 def shared_data():
   return require_shared_data()
+
+
+# The longest modules are collected first. The README's test command runs two xdist workers
+# with --dist loadscope (a module stays on one worker, so its module fixtures run once), and
+# scopes are handed out in collection order: starting the longest ones first lets both
+# workers finish at about the same time.
+LONGEST_FIRST = ('test_train_e2e.py', 'test_multihost_faults.py', 'test_population.py',
+                 'test_train_restarts.py', 'test_sharding.py', 'test_sft.py',
+                 'test_multihost.py', 'test_classify.py', 'test_hf_datasets.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
