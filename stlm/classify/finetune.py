@@ -3,11 +3,15 @@
 Training stops early on a validation split carved from train: accuracy is measured every
 `eval_every` steps and training ends after `patience` checks without improvement; the best
 checkpoint (by validation accuracy) is the one returned and tested.
+
+The jitted functions are kept per architecture and settings: a study that fine-tunes many
+backbones of one shape (seeds, pretraining arms, the scratch arm) compiles each step once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from typing import Any
@@ -54,12 +58,7 @@ class Classifier:
     return max((h['val_accuracy'] for h in self.history), default=-1.0)
 
   def logits_fn(self):
-    pooled = backbone_lib.pooled_fn(self.backbone, self.pool)
-
-    def f(params, arrays):
-      z = pooled(params['backbone'], arrays)
-      return z @ params['head']['w'] + params['head']['b']
-    return jax.jit(f)
+    return _logits_jit(self.backbone, self.pool)
 
   def predict_proba(self, arrays, batch_size: int = 128) -> np.ndarray:
     f = self.logits_fn()
@@ -87,6 +86,68 @@ def accuracy_with_se(pred: np.ndarray, labels: np.ndarray) -> tuple[float, float
   return acc, math.sqrt(acc * (1 - acc) / len(labels))
 
 
+_JITTED: dict = {}   # (what, architecture, settings...) -> a jitted function
+
+
+def _architecture(bb: backbone_lib.Backbone) -> str:
+  """What a jitted function of the backbone depends on: its model config (vocab included)."""
+  return json.dumps(bb.config.model.to_dict(), sort_keys=True, default=str)
+
+
+def _memo(key: tuple, build):
+  if key not in _JITTED:
+    _JITTED[key] = build()
+  return _JITTED[key]
+
+
+def _pooled_jit(bb: backbone_lib.Backbone, pool: str):
+  return _memo(('pooled', _architecture(bb), pool),
+               lambda: jax.jit(backbone_lib.pooled_fn(bb, pool)))
+
+
+def _logits_jit(bb: backbone_lib.Backbone, pool: str):
+  def build():
+    pooled = backbone_lib.pooled_fn(bb, pool)
+    return jax.jit(lambda p, a: pooled(p['backbone'], a) @ p['head']['w'] + p['head']['b'])
+  return _memo(('logits', _architecture(bb), pool), build)
+
+
+def _optimizer(s: TrainSettings) -> optax.GradientTransformation:
+  if s.mode == 'probe':
+    return optax.adamw(s.probe_lr, weight_decay=s.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(optax.warmup_cosine_decay_schedule(
+                         0.0, s.lr, max(1, s.max_steps // 10), s.max_steps, s.lr * 0.1),
+                                 weight_decay=s.weight_decay))
+
+
+def _train_step(bb: backbone_lib.Backbone, pool: str, s: TrainSettings):
+  """(optimizer, jitted step(p, o, xb, yb, rng) -> (p, o, loss)) for these settings."""
+  def build():
+    tx = _optimizer(s)
+    if s.mode == 'probe':
+      def loss_fn(h, xb, yb, _rng):
+        logits = xb['z'] @ h['w'] + h['b']
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+    else:
+      pooled = backbone_lib.pooled_fn(bb, pool)
+
+      def loss_fn(p, xb, yb, step_rng):
+        z = pooled(p['backbone'], xb, step_rng if s.dropout else None)
+        logits = z @ p['head']['w'] + p['head']['b']
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    @jax.jit
+    def step(p, o, xb, yb, step_rng):
+      loss, g = jax.value_and_grad(loss_fn)(p, xb, yb, step_rng)
+      upd, o = tx.update(g, o, p)
+      return optax.apply_updates(p, upd), o, loss
+    return tx, step
+  arch = '' if s.mode == 'probe' else _architecture(bb)   # a probe's step sees vectors only
+  return _memo(('step', arch, pool, s.mode, s.lr, s.probe_lr, s.weight_decay, s.max_steps,
+                s.dropout), build)
+
+
 def _init_head(rng, dim: int, num_classes: int):
   return {'w': jax.random.normal(rng, (dim, num_classes), jnp.float32) * (1.0 / math.sqrt(dim)),
           'b': jnp.zeros((num_classes,), jnp.float32)}
@@ -101,21 +162,15 @@ def train_classifier(bb: backbone_lib.Backbone, train: dict, train_y, val: dict,
   train_y, val_y = np.asarray(train_y, np.int32), np.asarray(val_y, np.int32)
   rng = jax.random.key(s.seed)
   head = _init_head(jax.random.fold_in(rng, 1), bb.hidden_dim, num_classes)
-  pooled = backbone_lib.pooled_fn(bb, pool)
   np_rng = np.random.default_rng(s.seed)
   t0 = time.perf_counter()
 
   if s.mode == 'probe':
     # A frozen backbone: pool every example once, then fit the head alone on the vectors.
-    feat = jax.jit(lambda p, a: pooled(p, a))
+    feat = _pooled_jit(bb, pool)
     z_tr = np.concatenate([np.asarray(feat(bb.params, b)) for b in iter_batches(train, 128)])
     z_va = np.concatenate([np.asarray(feat(bb.params, b)) for b in iter_batches(val, 128)])
     trainable = head
-    tx = optax.adamw(s.probe_lr, weight_decay=s.weight_decay)
-
-    def loss_fn(h, xb, yb, _rng):
-      logits = xb['z'] @ h['w'] + h['b']
-      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     def val_pred(h):
       return np.asarray(jnp.argmax(jnp.asarray(z_va) @ h['w'] + h['b'], -1))
@@ -124,17 +179,7 @@ def train_classifier(bb: backbone_lib.Backbone, train: dict, train_y, val: dict,
     assemble = lambda h: {'backbone': bb.params, 'head': h}
   else:
     trainable = {'backbone': bb.params, 'head': head}
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.warmup_cosine_decay_schedule(
-                         0.0, s.lr, max(1, s.max_steps // 10), s.max_steps, s.lr * 0.1),
-                                 weight_decay=s.weight_decay))
-
-    def loss_fn(p, xb, yb, step_rng):
-      z = pooled(p['backbone'], xb, step_rng if s.dropout else None)
-      logits = z @ p['head']['w'] + p['head']['b']
-      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    logits_val = jax.jit(lambda p, a: pooled(p['backbone'], a) @ p['head']['w'] + p['head']['b'])
+    logits_val = _logits_jit(bb, pool)
 
     def val_pred(p):
       return np.concatenate([np.asarray(jnp.argmax(logits_val(p, b), -1))
@@ -143,13 +188,8 @@ def train_classifier(bb: backbone_lib.Backbone, train: dict, train_y, val: dict,
     train_x = train
     assemble = lambda p: p
 
+  tx, step = _train_step(bb, pool, s)
   opt_state = tx.init(trainable)
-
-  @jax.jit
-  def step(p, o, xb, yb, step_rng):
-    loss, g = jax.value_and_grad(loss_fn)(p, xb, yb, step_rng)
-    upd, o = tx.update(g, o, p)
-    return optax.apply_updates(p, upd), o, loss
 
   n = len(train_y)
   bs = min(s.batch_size, n)
