@@ -50,9 +50,15 @@ def shared(tmp_path_factory):
   (root / 'a_file').write_text('not a directory')
   (root / 'no_runs').mkdir()
   data_root = root / 'data_root'   # what tiny_encoders needs to find, all present
-  for sub in ('corpus/wikipedia_en', 'classification/agnews', 'classification/dbpedia',
+  for sub in ('corpus/wikipedia_en', 'corpus/nltk/state_union', 'corpus/lambada',
+              'corpus/tinystories', 'classification/agnews', 'classification/dbpedia',
               'classification/fewrel'):
     (data_root / sub).mkdir(parents=True)
+  (data_root / 'corpus/tinystories/train_head_cased.txt').write_text('Once upon a time.\n')
+  (data_root / 'classification/agnews/jointmatch_dev_8000.csv').write_text('label,content\n')
+  (root / 'other_study').mkdir()   # a tiny_encoders --out made for another design
+  (root / 'other_study' / 'design.json').write_text(
+      '{"design": {"seeds": 9}, "agnews_test": "jointmatch_dev_8000.csv"}')
   return root
 
 
@@ -233,9 +239,21 @@ CASES = [
     ('tiny-encoders-missing-data-root', T, ['--data_root={tmp}/nowhere', '--out={tmp}/te'],
      ['--data_root={tmp}/nowhere does not exist'], None),
     ('tiny-encoders-data-root-incomplete', T, ['--data_root={tmp}', '--out={tmp}/te'],
-     ['--data_root={tmp} lacks corpus/wikipedia_en/'], None),
+     ["--corpora: corpus 'wikipedia' needs {tmp}/corpus/wikipedia_en"], None),
+    ('tiny-encoders-missing-agnews-test', T, [*TE, '--agnews_test=nowhere.csv'],
+     ['--agnews_test=nowhere.csv: no such file'], None),
     ('tiny-encoders-unknown-task', T, [*TE, '--tasks=agnews,imdb'],
      ["--tasks: unknown task 'imdb'"], None),
+    ('tiny-encoders-unknown-corpus', T, [*TE, '--corpora=wikipedia,reddit'],
+     ["--corpora: unknown corpus 'reddit'"], None),
+    ('tiny-encoders-one-seed', T, [*TE, '--seeds=1'], ['--seeds=1 is out of range'], None),
+    ('tiny-encoders-bad-size', T, [*TE, '--wiki_bytes=1e5,big'],
+     ['--wiki_bytes=1e5,big: not all int values'], None),
+    ('tiny-encoders-out-of-another-design', T,
+     ['--data_root={shared}/data_root', '--out={shared}/other_study'],
+     ['--out={shared}/other_study holds a study of another design', 'seeds'], None),
+    ('tiny-encoders-no-wikipedia', T, [*TE, '--corpora=lambada,tinystories'],
+     ['--corpora must include wikipedia'], None),
     ('tiny-encoders-out-is-a-file', T, ['--data_root={shared}/data_root', '--out={shared}/a_file'],
      ['--out={shared}/a_file is a file'], None),
 ]
@@ -249,6 +267,15 @@ def _tree_state(root: pathlib.Path) -> dict:
     st = path.stat()
     state[str(path.relative_to(root))] = None if path.is_dir() else (st.st_size, st.st_mtime_ns)
   return state
+
+
+# What test tooling itself writes into the repository root while the suite runs; with two
+# xdist workers another worker may create one during a case.
+TOOL_CACHES = ('.pytest_cache', '.hypothesis', '.benchmarks')
+
+
+def _repo_root_entries() -> list[str]:
+  return sorted(n for n in os.listdir(REPO_ROOT) if n not in TOOL_CACHES)
 
 
 def run_command(module, args):
@@ -280,10 +307,10 @@ def _prepare(shared, tmp_path, args, fragments, damage):
 def test_bad_input_gives_one_line_and_changes_nothing(shared, tmp_path, module, args,
                                                       fragments, damage):
   args, fragments = _prepare(shared, tmp_path, args, fragments, damage)
-  before = (_tree_state(shared), _tree_state(tmp_path), sorted(os.listdir(REPO_ROOT)))
+  before = (_tree_state(shared), _tree_state(tmp_path), _repo_root_entries())
   proc = run_command(module, args)
   assert_one_line_error(proc, *fragments)
-  after = (_tree_state(shared), _tree_state(tmp_path), sorted(os.listdir(REPO_ROOT)))
+  after = (_tree_state(shared), _tree_state(tmp_path), _repo_root_entries())
   assert after == before   # no input touched, no partial output or probe left
 
 

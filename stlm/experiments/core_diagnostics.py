@@ -2,9 +2,9 @@
 on one trained model (the same params, with and without one change).
 
 - mean-y cost: bits/byte added when every core output y of a batch (up to `batch_size`
-  document windows) is replaced by the mean of y over its real chunk positions. The decoder keeps the bias it learned from the
-  mean, so only the information in y is removed (zeroing y would remove the bias too and
-  charge it to the core).
+  document windows) is replaced by the mean of y over its real chunk positions. The decoder
+  keeps the bias it learned from the mean, so only the information in y is removed (zeroing
+  y would remove the bias too and charge it to the core).
 - shuffled-y cost: bits/byte added when each row reads another row's core outputs: the next
   row of the batch that holds real chunks (cyclically; a derangement, since the batch size
   is chosen so that no batch holds a single row), chunk t reading the other row's real chunk
