@@ -1,8 +1,10 @@
 """Tests for stlm/classify: learning a synthetic task, chance on shuffled labels, committees,
-FewRel episodes and prototypes, pooling, token overlap."""
+FewRel episodes and prototypes, pooling, token and word overlap, compiled-step reuse."""
 
+import dataclasses
 import functools
 
+import jax
 import numpy as np
 import pytest
 
@@ -138,6 +140,42 @@ def test_token_overlap():
   r = overlap.token_overlap(tok, ['aab', 'c'], ['abz'])
   assert r['types'] == pytest.approx(2 / 3)          # a, b seen; c not
   assert r['occurrences'] == pytest.approx(3 / 4)    # a, a, b of a, a, b, c
+
+
+def test_word_overlap_is_lower_cased_and_tokenizer_free():
+  r = overlap.word_overlap(['The cat, the DOG.', 'a_cat 42'], ['the Cat sat', 'no 42'])
+  # task words: the x2, cat x2, dog, a, 42 (underscore splits); seen: the, cat, 42
+  assert r['types'] == pytest.approx(3 / 5)
+  assert r['occurrences'] == pytest.approx(5 / 7)
+  assert (r['task_types'], r['corpus_types']) == (5, 5)
+  with pytest.raises(ValueError, match='no tokens'):
+    overlap.word_overlap(['...'], ['text'])
+
+
+@pytest.mark.slow
+def test_fine_tunes_of_one_architecture_share_compiled_steps():
+  """A second backbone of the same shape reuses the jitted step and gives exactly what a
+  fresh compilation gives; the cache is keyed so other settings get their own."""
+  tr_t, tr_y = _texts(64, 0)
+  va_t, va_y = _texts(32, 1)
+  s = finetune.TrainSettings(lr=3e-3, max_steps=6, eval_every=3, patience=2)
+
+  def fit(bb, settings=s):
+    tok = lambda t: backbone_lib.tokenize(bb.tokenizer, t, bb.max_len)
+    return finetune.train_classifier(bb, tok(tr_t), tr_y, tok(va_t), va_y, 4, settings,
+                                     log=lambda m: 0)
+
+  other = backbone_lib.scratch_backbone(_backbone().config, seed=1)
+  finetune._JITTED.clear()
+  fresh = fit(other).params
+  cached = len(finetune._JITTED)
+  fit(_backbone())
+  assert len(finetune._JITTED) == cached
+  again = fit(other).params
+  for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  fit(other, dataclasses.replace(s, lr=1e-3))
+  assert len(finetune._JITTED) == cached + 1     # a new learning rate: a new step
 
 
 @pytest.mark.slow

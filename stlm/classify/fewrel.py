@@ -119,6 +119,7 @@ def evaluate(bb: backbone_lib.Backbone, relations: dict[str, list], n_way: int, 
   se = float(accs.std(ddof=1) / math.sqrt(len(accs))) if len(accs) > 1 else float('nan')
   return {'setting': f'{n_way}w{k_shot}s', 'accuracy': float(accs.mean()), 'stderr': se,
           'n_episodes': len(accs), 'n_test': len(accs) * n_way * n_query,
-          'queries_per_class': n_query, 'instances_encoded': len(needed)}
+          'queries_per_class': n_query, 'instances_encoded': len(needed),
+          'episode_accuracy': [float(a) for a in accs]}
 
 

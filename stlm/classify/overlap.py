@@ -1,18 +1,48 @@
-"""Token overlap between a task's texts and a pretraining subset.
+"""Token and word overlap between a task's texts and a pretraining subset.
 
   python -m stlm.classify.overlap --checkpoint=<export> --task=agnews --data_dir=<dir>
       [--corpus=<dir of .txt/.jsonl>] [--max_docs=N]
 
 Reports the fraction of the task's token TYPES (distinct ids) and OCCURRENCES (every token)
-that also occur in the pretraining subset, under the export's tokenizer. The subset defaults
-to the export's own config (data.path and data.max_train_docs, train split by document as
-the trainer splits it).
+that also occur in the pretraining subset, under the export's tokenizer, and the same two
+fractions for WORDS (lower-cased runs of letters and digits), which no tokenizer decides: a
+small subword vocabulary is seen whole by almost any English corpus, words are not. The
+subset defaults to the export's own config (data.path and data.max_train_docs, train split
+by document as the trainer splits it).
 """
 
 from __future__ import annotations
 
 import collections
+import re
 
+_WORD = re.compile(r"[^\W_]+")
+
+
+def words(text: str) -> list[str]:
+  """Lower-cased runs of letters and digits: the tokenizer-free unit of word overlap."""
+  return _WORD.findall(text.lower())
+
+
+def _fractions(task_counts: collections.Counter, seen: set) -> tuple[float, float]:
+  if not task_counts:
+    raise ValueError('the task texts have no tokens')
+  in_types = [i for i in task_counts if i in seen]
+  occ = sum(task_counts[i] for i in in_types)
+  return len(in_types) / len(task_counts), occ / sum(task_counts.values())
+
+
+def word_overlap(task_texts, corpus_texts) -> dict:
+  """{'types': fraction of the task's word types seen in the corpus, 'occurrences': ...}."""
+  seen = set()
+  for t in corpus_texts:
+    seen.update(words(t))
+  counts = collections.Counter()
+  for t in task_texts:
+    counts.update(words(t))
+  types, occurrences = _fractions(counts, seen)
+  return {'types': types, 'occurrences': occurrences, 'task_types': len(counts),
+          'corpus_types': len(seen)}
 
 
 def token_overlap(tokenizer, task_texts, corpus_texts) -> dict:
@@ -26,13 +56,9 @@ def token_overlap(tokenizer, task_texts, corpus_texts) -> dict:
   counts = collections.Counter()
   for t in task_texts:
     counts.update(tokenizer.encode(t))
-  if not counts:
-    raise ValueError('the task texts have no tokens')
-  in_types = [i for i in counts if i in seen]
-  occ = sum(counts[i] for i in in_types)
-  total = sum(counts.values())
-  return {'types': len(in_types) / len(counts), 'occurrences': occ / total,
-          'task_types': len(counts), 'task_tokens': total, 'corpus_types': len(seen),
+  types, occurrences = _fractions(counts, seen)
+  return {'types': types, 'occurrences': occurrences, 'task_types': len(counts),
+          'task_tokens': sum(counts.values()), 'corpus_types': len(seen),
           'corpus_tokens': corpus_tokens}
 
 
@@ -48,7 +74,6 @@ def pretraining_texts(config, max_docs: int | None = None):
   docs = pipeline.document_dataset(config, 'train')
   n = len(docs) if limit <= 0 else min(limit, len(docs))
   return [tfds_builders.record_text(docs[i]) for i in range(n)]
-
 
 
 
@@ -82,10 +107,14 @@ def main(argv):
     config.data.source, config.data.path = 'local', f.corpus
   tok = tokenizers.build_tokenizer(config.tokenizer)
   corpus = pretraining_texts(config, f.max_docs if f.max_docs >= 0 else None)
-  rec = token_overlap(tok, task_texts(f.task, f.data_dir, f.train_file, f.test_file), corpus)
-  rec.update(task=f.task, checkpoint=f.checkpoint, corpus_docs=len(corpus))
+  task = task_texts(f.task, f.data_dir, f.train_file, f.test_file)
+  rec = token_overlap(tok, task, corpus)
+  rec.update(task=f.task, checkpoint=f.checkpoint, corpus_docs=len(corpus),
+             words=word_overlap(task, corpus))
   print(f'{f.task}: {rec["types"]:.3f} of token types and {rec["occurrences"]:.3f} of token '
-        f'occurrences occur in the pretraining subset ({len(corpus)} documents)')
+        f'occurrences occur in the pretraining subset ({len(corpus)} documents); words: '
+        f'{rec["words"]["types"]:.3f} of types, {rec["words"]["occurrences"]:.3f} of '
+        'occurrences')
   if f.output:
     with open(f.output, 'w', encoding='utf-8') as fh:
       json.dump(rec, fh, indent=2)
