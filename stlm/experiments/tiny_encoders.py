@@ -1,29 +1,32 @@
-"""The "Tiny language models" grid at CPU scale, end to end, in one command.
+"""The "Tiny language models" study, in one command, with every variable actually varied.
 
-  python -m stlm.experiments.tiny_encoders --data_root=../shared/data --out=runs/tiny_encoders
+  python -m stlm.experiments.tiny_encoders --data_root=../shared/data --out=runs/encoder_study
+  python -m stlm.experiments.tiny_encoders ... --scale=accelerator   # the same, at full size
 
-1. Pretrains BERT-1 (configs/encoder.py:bert1_mini) with masked-LM on the first N pages of
-   the shared English Wikipedia shards, for each N in --subset_docs.
-2. For each subset and task: fine-tunes the pretrained model and the same model from scratch
-   (same tokenizer: the subset's), AG News and DBpedia; FewRel 5-way 1-shot prototypes.
-   The gap (pretrained - scratch accuracy) and the token overlap of the task with the subset.
-3. Committees: BERT-1 pretrained with --committee_size seeds on the largest subset, each
-   fine-tuned on AG News; committees of the first 1..K averaged vs one BERT-6
-   (bert6_mini), with measured latency per example.
-Writes <out>/results.json, <out>/table.md and three PNG plots. Runs that finished already
-(an export, a result file) are reused, so an interrupted grid resumes.
-
-Default sizes: subsets
-30, 100, 300 pages (150 pretraining steps of 32 x 128 tokens see 30 pages ~10 times, 300 pages
-about once); fine-tuning on 1,000 train / 300 validation examples, <= 150 steps, learning
-rate 1e-3 or 3e-3 chosen per arm on validation, mean pooling; 1,000 test examples; FewRel
-5-way 1-shot, 50 episodes; committees of 1-5 BERT-1 vs one BERT-6 on 300 pages.
-The run in results/ cuts this further: --lr_grid=3e-3 --finetune_steps=100
---committee_size=3 --tasks=agnews,fewrel.
+The design (each knob is a flag; --scale sets all of them, and a flag given wins):
+  tokenizer   one sentencepiece model, trained once on equal shares of every corpus below,
+              tokenizes every arm (stlm.experiments.encoder_corpora).
+  size axis   BERT-1 pretrained on the first --wiki_bytes of English Wikipedia (whole pages;
+              the default spans 30x), each at every AG News --finetune_rows.
+  overlap     BERT-1 pretrained on --overlap_bytes of each of --corpora (domains from
+              encyclopedic prose to children's stories), fine-tuned on --task_rows rows; the
+              overlap of each task with each corpus measured per token of the fixed
+              tokenizer (the companion paper's definition) and per word.
+  seeds       every arm --seeds times; seed s of an arm is compared with seed s of the
+              scratch model (the same initialisation, fine-tuning seed and test items), so
+              each gap has a seed SE and an item SE (stlm.experiments.encoder_stats).
+  tasks       AG News (test: --agnews_test, else carved), DBpedia (its test file), FewRel
+              5-way 1-shot prototypes over --episodes fixed episodes.
+  committee   --committee_size BERT-1 seeds on the largest Wikipedia subset against one BERT-6
+              pretrained for --deep_steps on the same data; BERT-6 must beat BERT-1 first,
+              or the comparison says it could not. Latency is measured per example.
+Writes <out>/results.json, <out>/table.md (with the three findings) and three plots. Finished
+runs (an export, a result file) are reused, so an interrupted study resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -34,231 +37,278 @@ from absl import logging
 
 from stlm import cli_errors
 from stlm.config import files
+from stlm.experiments import encoder_corpora
+from stlm.experiments import encoder_design
+from stlm.experiments import encoder_report
 
 flags.DEFINE_string('data_root', '../shared/data', 'The shared data directory.')
 flags.DEFINE_string('configs_dir', files.DEFAULT_DIR, 'Folder of the config files.')
-flags.DEFINE_string('out', 'runs/tiny_encoders', 'Where runs, results, table and plots go.')
-flags.DEFINE_list('subset_docs', ['30', '100', '300'], 'Pretraining subset sizes (pages).')
-flags.DEFINE_list('tasks', ['agnews', 'dbpedia', 'fewrel'], 'Tasks of the gap study.')
-flags.DEFINE_integer('pretrain_steps', 150, 'Masked-LM steps per pretraining run.')
-flags.DEFINE_integer('committee_size', 5, 'BERT-1 members (seeds); 0 skips committees.')
-flags.DEFINE_string('committee_task', 'agnews', 'Task of the committee study.')
-flags.DEFINE_integer('max_train', 1000, 'Fine-tuning train examples.')
-flags.DEFINE_integer('val_size', 300, 'Validation examples carved from train.')
-flags.DEFINE_integer('max_test', 1000, 'Test examples.')
-flags.DEFINE_integer('finetune_steps', 150, 'Maximum fine-tuning steps.')
-flags.DEFINE_list('lr_grid', ['1e-3', '3e-3'], 'Fine-tuning learning rates; each arm '
-                  '(pretrained, scratch, each committee member, BERT-6) takes the one with the '
-                  'best validation accuracy.')
-flags.DEFINE_list('pool_grid', ['mean'], 'Poolings chosen among on validation the same way.')
-flags.DEFINE_integer('episodes', 50, 'FewRel episodes (5-way 1-shot).')
+flags.DEFINE_string('out', 'runs/encoder_study', 'Where subsets, runs, results and plots go.')
+flags.DEFINE_enum('scale', 'cpu', list(encoder_design.SCALES),
+                  'The study size every unset knob takes.')
+flags.DEFINE_string('agnews_test', 'jointmatch_dev_8000.csv', 'AG News test file: a path, '
+                    'or a name in the task folder (the default holds 8,000 labelled rows '
+                    'outside train_head.csv).')
+_LIST_KNOBS = {'wiki_bytes': int, 'corpora': str, 'finetune_rows': int, 'lr_grid': float,
+               'tasks': str}
+_INT_KNOBS = ('vocab_size', 'overlap_bytes', 'seeds', 'pretrain_steps', 'deep_steps',
+              'task_rows', 'val_rows', 'max_test', 'finetune_steps', 'episodes',
+              'committee_size')
+for _k in _LIST_KNOBS:
+  flags.DEFINE_list(_k, None, 'Design knob (default: the --scale value).')
+for _k in _INT_KNOBS:
+  flags.DEFINE_integer(_k, None, 'Design knob (default: the --scale value).')
+for _k in ('shallow', 'deep'):
+  flags.DEFINE_string(_k, None, 'configs/encoder.py preset (default: the --scale value).')
 FLAGS = flags.FLAGS
 
-BERT1, BERT6 = 'bert1_mini', 'bert6_mini'   # presets of configs/encoder.py
-TASK_DIRS = {'agnews': 'classification/agnews', 'dbpedia': 'classification/dbpedia',
-             'fewrel': 'classification/fewrel'}
+
+def design_from_flags() -> encoder_design.Design:
+  base = encoder_design.SCALES[FLAGS.scale]()
+  given = {}
+  for k, cast in _LIST_KNOBS.items():
+    if FLAGS[k].value is not None:
+      try:
+        given[k] = tuple(cast(x) for x in FLAGS[k].value)
+      except ValueError:
+        raise cli_errors.FlagError(f'--{k}={",".join(FLAGS[k].value)}: not all '
+                                   f'{cast.__name__} values') from None
+  for k in _INT_KNOBS + ('shallow', 'deep'):
+    if FLAGS[k].value is not None:
+      given[k] = FLAGS[k].value
+  return dataclasses.replace(base, **given)
 
 
-def _config(preset: str, n_docs: int, seed: int, steps: int):
+# --- data ----------------------------------------------------------------------------------
+
+def task_dir(task: str) -> str:
+  return str(pathlib.Path(FLAGS.data_root) / encoder_design.TASK_DIRS[task])
+
+
+def subset_dir(out: pathlib.Path, corpus: str, n_bytes: int) -> pathlib.Path:
+  return out / 'corpora' / f'{corpus}-{n_bytes}'
+
+
+def prepare_data(d: encoder_design.Design, out: pathlib.Path) -> tuple[dict, str]:
+  """Writes every subset and trains the fixed tokenizer; (manifests by arm, tokenizer path)."""
+  manifests = {arm: encoder_corpora.write_subset(arm[0], FLAGS.data_root, arm[1],
+                                                 subset_dir(out, *arm))
+               for arm in encoder_design.arms(d)}
+  shares = [subset_dir(out, c, d.overlap_bytes) for c in d.corpora]
+  tok = encoder_corpora.fixed_tokenizer(shares, d.vocab_size, out / 'tokenizer' /
+                                        f'sp{d.vocab_size}.model')
+  return manifests, tok
+
+
+# --- models --------------------------------------------------------------------------------
+
+def pretrain_config(d: encoder_design.Design, preset: str, arm, seed: int, steps: int,
+                    tok: str, out):
   c = files.load(os.path.join(FLAGS.configs_dir, 'encoder.py'), preset)
   c.seed = seed
   c.data.source = 'local'
-  c.data.path = str(pathlib.Path(FLAGS.data_root) / 'corpus' / 'wikipedia_en')
-  c.data.max_train_docs = n_docs
+  c.data.path = str(subset_dir(out, *arm))
+  c.data.max_train_docs = 0
+  c.tokenizer.sp_model_path = tok
+  c.tokenizer.sp_vocab_size = d.vocab_size
   c.train.steps = steps
   c.train.warmup_steps = max(1, steps // 10)
   c.train.lr = 3e-3
-  c.train.eval_every = steps
+  c.train.eval_every = max(1, steps // 4)   # four points of the masked-LM curve
   c.train.ckpt_every = steps
   return c
 
 
-def pretrain(spec: str, n_docs: int, seed: int, name: str) -> str:
+def pretrain(d: encoder_design.Design, preset: str, arm, seed: int, steps: int, tok: str,
+             out) -> str:
   from stlm.train import loop  # pylint: disable=g-import-not-at-top
-  workdir = pathlib.Path(FLAGS.out) / name
-  export = workdir / 'export'
-  if not (export / 'config.json').is_file():
-    print(f'pretraining {name} (encoder.py:{spec}, {n_docs} pages, seed {seed})', flush=True)
-    loop.train(_config(spec, n_docs, seed, FLAGS.pretrain_steps), str(workdir))
-  return str(export)
+  workdir = out / 'runs' / f'{preset}-{arm[0]}-{arm[1]}-s{seed}'
+  if not (workdir / 'export' / 'config.json').is_file():
+    print(f'pretraining {workdir.name} ({steps} steps)', flush=True)
+    loop.train(pretrain_config(d, preset, arm, seed, steps, tok, out), str(workdir))
+  return str(workdir / 'export')
 
 
-def _cached(path: pathlib.Path, fn):
-  if path.is_file():
-    return json.loads(path.read_text())
-  rec = fn()
-  path.write_text(json.dumps(rec, indent=2))
-  return rec
-
-
-def _split():
-  from stlm.classify import run  # pylint: disable=g-import-not-at-top
-  return run.SplitSettings(val_size=FLAGS.val_size, max_train=FLAGS.max_train,
-                           max_test=FLAGS.max_test, carve_test=FLAGS.max_test)
-
-
-def _train():
-  """The candidate fine-tuning settings; every arm picks its own on validation."""
-  from stlm.classify import finetune  # pylint: disable=g-import-not-at-top
-  from stlm.classify import run  # pylint: disable=g-import-not-at-top
-  return run.candidates(finetune.TrainSettings(max_steps=FLAGS.finetune_steps, eval_every=50,
-                                               patience=3), FLAGS.lr_grid, FLAGS.pool_grid)
-
-
-def classify(bb, task: str) -> dict:
-  from stlm.classify import run  # pylint: disable=g-import-not-at-top
-  data_dir = str(pathlib.Path(FLAGS.data_root) / TASK_DIRS[task])
-  if task == 'fewrel':
-    return run.fewrel_task(bb, data_dir, settings=('5w1s',), n_episodes=FLAGS.episodes)
-  return run.text_task([bb], task, data_dir, _split(), _train())
-
-
-def task_texts(task: str) -> list[str]:
-  from stlm.classify import overlap  # pylint: disable=g-import-not-at-top
-  return overlap.task_texts(task, str(pathlib.Path(FLAGS.data_root) / TASK_DIRS[task]))
-
-
-def gap_study(out: pathlib.Path) -> list[dict]:
-  from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
-  from stlm.classify import overlap  # pylint: disable=g-import-not-at-top
+def validation_curve(export: str) -> list[dict]:
+  """(step, masked-LM loss, masked accuracy) of every validation row of the export's run."""
   rows = []
-  for n in [int(x) for x in FLAGS.subset_docs]:
-    export = pretrain(BERT1, n, 0, f'bert1_docs{n}_seed0')
-    pre = backbone.load_backbone(export)
-    scratch_cfg = _config(BERT1, n, 0, FLAGS.pretrain_steps)
-    scratch_cfg.tokenizer.sp_model_path = str(pathlib.Path(export) / 'tokenizer.model')
-    scratch = backbone.scratch_backbone(scratch_cfg)
-    corpus = overlap.pretraining_texts(pre.config)
-    for task in FLAGS.tasks:
-      r_pre = _cached(out / f'gap_{task}_docs{n}_pretrained.json', lambda: classify(pre, task))
-      r_scr = _cached(out / f'gap_{task}_docs{n}_scratch.json',
-                      lambda: classify(scratch, task))
-      ov = _cached(out / f'overlap_{task}_docs{n}.json',
-                   lambda: overlap.token_overlap(pre.tokenizer, task_texts(task), corpus))
-      gap = r_pre['accuracy'] - r_scr['accuracy']
-      se = (r_pre['stderr'] ** 2 + r_scr['stderr'] ** 2) ** 0.5
-      rows.append({'task': task, 'docs': n, 'pretrained': r_pre['accuracy'],
-                   'pretrained_se': r_pre['stderr'], 'scratch': r_scr['accuracy'],
-                   'scratch_se': r_scr['stderr'], 'gap': gap, 'gap_se': se,
-                   'overlap_types': ov['types'], 'overlap_tokens': ov['occurrences'],
-                   'n_test': r_pre['n_test'],
-                   'pretrained_lr': r_pre.get('members', [{}])[0].get('lr'),
-                   'scratch_lr': r_scr.get('members', [{}])[0].get('lr')})
-      print(f'{task} docs={n}: pretrained {r_pre["accuracy"]:.4f}, scratch '
-            f'{r_scr["accuracy"]:.4f}, gap {gap:+.4f} ± {se:.4f}', flush=True)
+  with open(pathlib.Path(export).parent / 'metrics.jsonl', encoding='utf-8') as f:
+    for line in f:
+      r = json.loads(line)
+      if r.get('split') == 'validation':
+        rows.append({'step': r['step'], 'loss': r.get('loss'), 'accuracy': r.get('accuracy')})
   return rows
 
 
-def committee_study(out: pathlib.Path) -> dict:
-  from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
+# --- fine-tuning ---------------------------------------------------------------------------
+
+def _split(d: encoder_design.Design, task: str, rows: int):
   from stlm.classify import run  # pylint: disable=g-import-not-at-top
-  n = max(int(x) for x in FLAGS.subset_docs)
-  task = FLAGS.committee_task
-  path = out / f'committee_{task}.json'
+  test_file = agnews_test_path() if task == 'agnews' else ''
+  return run.SplitSettings(test_file=test_file, val_size=d.val_rows, max_train=rows,
+                           max_test=d.max_test, carve_test=2000, seed=0)
+
+
+def agnews_test_path() -> str:
+  """--agnews_test as a path: itself when it exists, else a name in the AG News folder."""
+  path = pathlib.Path(FLAGS.agnews_test)
+  if not path.is_file():
+    path = pathlib.Path(FLAGS.data_root) / encoder_design.TASK_DIRS['agnews'] / FLAGS.agnews_test
+  if not path.is_file():
+    raise cli_errors.FlagError(f'--agnews_test={FLAGS.agnews_test}: no such file, neither as '
+                               f'a path nor in {path.parent} (name its test split, e.g. '
+                               'test.csv)')
+  return str(path)
+
+
+def classify(d: encoder_design.Design, bb, task: str, rows: int, seed: int) -> dict:
+  """One fine-tune (or FewRel evaluation); the record with per-item scores in 'scores'."""
+  from stlm.classify import finetune  # pylint: disable=g-import-not-at-top
+  from stlm.classify import run  # pylint: disable=g-import-not-at-top
+  data_dir = task_dir(task)
+  if task == 'fewrel':
+    rec = run.fewrel_task(bb, data_dir, settings=('5w1s',), n_episodes=d.episodes, seed=0)
+    rec['scores'] = rec['settings'][0]['episode_accuracy']
+    return rec
+  grid = run.candidates(finetune.TrainSettings(pool='mean', max_steps=d.finetune_steps,
+                                               eval_every=max(1, d.finetune_steps // 6),
+                                               patience=3, seed=seed),
+                        [str(x) for x in d.lr_grid])
+  rec = run.text_task([bb], task, data_dir, _split(d, task, rows), grid)
+  rec['scores'] = rec['test_correct']
+  return rec
+
+
+def _cached(path: pathlib.Path, fn) -> dict:
   if path.is_file():
     return json.loads(path.read_text())
-  members = [backbone.load_backbone(pretrain(BERT1, n, s, f'bert1_docs{n}_seed{s}'))
-             for s in range(FLAGS.committee_size)]
-  deep = backbone.load_backbone(pretrain(BERT6, n, 0, f'bert6_docs{n}_seed0'))
-  sp = run.task_splits(task, str(pathlib.Path(FLAGS.data_root) / TASK_DIRS[task]), _split())
-  fitted = run.fit_members(members, sp, _train(), print)
+  rec = fn()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(rec))
+  return rec
+
+
+def gap_study(d: encoder_design.Design, out: pathlib.Path, tok: str) -> list[dict]:
+  from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
+  results = {}    # (arm or 'scratch', seed, task, rows) -> record
+  for seed in range(d.seeds):
+    scratch = None
+    for arm in encoder_design.arms(d):
+      todo = [(t, r) for a, t, r in encoder_design.cells(d) if a == arm]
+      pre = backbone.load_backbone(pretrain(d, d.shallow, arm, seed, d.pretrain_steps, tok,
+                                            out))
+      if scratch is None:
+        scratch = backbone.scratch_backbone(pre.config, seed)
+      for task, rows in todo:
+        for name, bb in ((f'{arm[0]}-{arm[1]}', pre), ('scratch', scratch)):
+          key = (name if name == 'scratch' else arm, seed, task, rows)
+          results[key] = _cached(out / 'finetune' / f'{name}-s{seed}-{task}-r{rows}.json',
+                                 lambda bb=bb, task=task, rows=rows: classify(d, bb, task,
+                                                                              rows, seed))
+  return results
+
+
+def measure_overlaps(d: encoder_design.Design, out: pathlib.Path, tok: str) -> dict:
+  """{(arm, task): token- and word-overlap fractions} of every arm with every task."""
+  from stlm import tokenizers  # pylint: disable=g-import-not-at-top
+  from stlm.classify import overlap  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.build_tokenizer(ml_collections.ConfigDict(
+      {'kind': 'sentencepiece', 'sp_model_path': tok, 'sp_vocab_size': d.vocab_size}))
+  task_texts = {t: overlap.task_texts(t, task_dir(t)) for t in d.tasks}
+  res = {}
+  for arm in encoder_design.arms(d):
+    corpus = encoder_corpora.subset_texts(subset_dir(out, *arm))
+    for t in d.tasks:
+      def measure(t=t, corpus=corpus):
+        tk = overlap.token_overlap(tokenizer, task_texts[t], corpus)
+        wd = overlap.word_overlap(task_texts[t], corpus)
+        return {'token_types': tk['types'], 'token_occurrences': tk['occurrences'],
+                'word_types': wd['types'], 'word_occurrences': wd['occurrences']}
+      res[(arm, t)] = _cached(out / 'overlap' / f'{arm[0]}-{arm[1]}-{t}.json', measure)
+  return res
+
+
+# --- committee -----------------------------------------------------------------------------
+
+def committee_study(d: encoder_design.Design, out: pathlib.Path, tok: str) -> dict | None:
+  from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
+  from stlm.classify import compare  # pylint: disable=g-import-not-at-top
+  from stlm.classify import run  # pylint: disable=g-import-not-at-top
+  if d.committee_size == 0:
+    return None
+  path = out / 'committee.json'
+  if path.is_file():
+    return json.loads(path.read_text())
+  arm = ('wikipedia', max(d.wiki_bytes))
+  members = [backbone.load_backbone(pretrain(d, d.shallow, arm, s, d.pretrain_steps, tok, out))
+             for s in range(d.committee_size)]
+  deep_export = pretrain(d, d.deep, arm, 0, d.deep_steps, tok, out)
+  deep = backbone.load_backbone(deep_export)
+  task = 'agnews'
+  sp = run.task_splits(task, task_dir(task),
+                       _split(d, task, d.task_rows))
+  from stlm.classify import finetune  # pylint: disable=g-import-not-at-top
+  grid = run.candidates(finetune.TrainSettings(pool='mean', max_steps=d.finetune_steps,
+                                               eval_every=max(1, d.finetune_steps // 6),
+                                               patience=3, seed=0),
+                        [str(x) for x in d.lr_grid])
+  fitted = run.fit_members(members, sp, grid, print)
   curve = run.committee_curve(fitted, sp.test.labels)
-  ref = run.fit_members([deep], sp, _train(), print)
-  rec = {'task': task, 'docs': n, 'curve': curve,
-         'bert6': dict(ref[0][2], latency_s_per_example=run.latency(ref))}
+  ref = run.fit_members([deep], sp, grid, print)
+  labels = sp.test.labels
+  correct = lambda probs: compare.correctness(probs.argmax(1), labels)   # noqa: E731
+  from stlm.classify import committee as committee_lib  # pylint: disable=g-import-not-at-top
+  committee_correct = correct(committee_lib.average_probabilities([p for _, p, *_ in fitted]))
+  deep_correct = correct(ref[0][1])
+  rec = {'task': task, 'corpus': arm[0], 'bytes': arm[1], 'rows': d.task_rows,
+         'curve': curve, 'members': [r for _, _, r, _ in fitted],
+         'deep': dict(ref[0][2], latency_s_per_example=run.latency(ref),
+                      steps=d.deep_steps, validation=validation_curve(deep_export)),
+         'shallow_validation': validation_curve(str(members[0].source)),
+         'deep_vs_member0': dict(zip(('gap', 'se'), compare.paired_gap(
+             deep_correct, correct(fitted[0][1])))),
+         'committee_vs_deep': dict(zip(('gap', 'se'), compare.paired_gap(
+             committee_correct, deep_correct)))}
   path.write_text(json.dumps(rec, indent=2))
   return rec
 
 
-def write_outputs(out: pathlib.Path, rows: list[dict], comm: dict | None) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  lines = ['| task | pretraining pages | pretrained acc | scratch acc | gap (± SE) | '
-           'overlap types | overlap tokens | n_test |', '|---|---|---|---|---|---|---|---|']
-  for r in rows:
-    lines.append(f'| {r["task"]} | {r["docs"]} | {r["pretrained"]:.4f} ± '
-                 f'{r["pretrained_se"]:.4f} | {r["scratch"]:.4f} ± {r["scratch_se"]:.4f} | '
-                 f'{r["gap"]:+.4f} ± {r["gap_se"]:.4f} | {r["overlap_types"]:.3f} | '
-                 f'{r["overlap_tokens"]:.3f} | {r["n_test"]} |')
-  if comm:
-    lines += ['', f'Committees on {comm["task"]} (BERT-1 members, pretrained on '
-              f'{comm["docs"]} pages, different seeds):', '',
-              '| model | accuracy | latency ms/example |', '|---|---|---|']
-    for c in comm['curve']:
-      lines.append(f'| committee of {c["members"]} BERT-1 | {c["accuracy"]:.4f} ± '
-                   f'{c["stderr"]:.4f} | {c["latency_s_per_example"] * 1e3:.3f} |')
-    b = comm['bert6']
-    lines.append(f'| one BERT-6 | {b["accuracy"]:.4f} ± {b["stderr"]:.4f} | '
-                 f'{b["latency_s_per_example"] * 1e3:.3f} |')
-  (out / 'table.md').write_text('\n'.join(lines) + '\n')
-  (out / 'results.json').write_text(json.dumps({'gap': rows, 'committee': comm}, indent=2))
+# --- findings and outputs ------------------------------------------------------------------
 
-  tasks = sorted({r['task'] for r in rows})
-  for key, xlabel, fname, logx in (('docs', 'pretraining subset (Wikipedia pages)',
-                                    'gap_vs_subset.png', True),
-                                   ('overlap_types', 'token-type overlap with pretraining',
-                                    'gap_vs_overlap.png', False)):
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for t in tasks:
-      rs = sorted((r for r in rows if r['task'] == t), key=lambda r: r[key])
-      ax.errorbar([r[key] for r in rs], [r['gap'] for r in rs],
-                  yerr=[r['gap_se'] for r in rs], marker='o', capsize=3, label=t)
-    ax.axhline(0, color='grey', lw=0.8)
-    if logx:
-      ax.set_xscale('log')
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel('accuracy gap (pretrained - scratch)')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / fname, dpi=120)
-    plt.close(fig)
-  if comm:
-    fig, ax1 = plt.subplots(figsize=(5, 3.5))
-    ks = [c['members'] for c in comm['curve']]
-    ax1.errorbar(ks, [c['accuracy'] for c in comm['curve']],
-                 yerr=[c['stderr'] for c in comm['curve']], marker='o', capsize=3,
-                 label='BERT-1 committee accuracy')
-    ax1.axhline(comm['bert6']['accuracy'], color='C1', ls='--', label='BERT-6 accuracy')
-    ax1.set_xlabel('committee size (BERT-1 members)')
-    ax1.set_ylabel('accuracy')
-    ax2 = ax1.twinx()
-    ax2.plot(ks, [c['latency_s_per_example'] * 1e3 for c in comm['curve']], 's:', color='C2',
-             label='committee latency')
-    ax2.axhline(comm['bert6']['latency_s_per_example'] * 1e3, color='C3', ls=':',
-                label='BERT-6 latency')
-    ax2.set_ylabel('ms per example')
-    h1, l1 = ax1.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax1.legend(h1 + h2, l1 + l2, fontsize=7, loc='lower right')
-    fig.tight_layout()
-    fig.savefig(out / 'committee.png', dpi=120)
-    plt.close(fig)
-
-
-def check_inputs() -> None:
-  """Every flag that can be checked before pretraining starts, so a mistake costs no wait."""
-  for task in FLAGS.tasks + ([FLAGS.committee_task] if FLAGS.committee_size > 0 else []):
-    if task not in TASK_DIRS:
-      flag = '--tasks' if task in FLAGS.tasks else '--committee_task'
-      raise cli_errors.FlagError(f'{flag}: unknown task {task!r}; choose from '
-                                 f'{", ".join(TASK_DIRS)}')
-  bad = [n for n in FLAGS.subset_docs if not n.isdigit() or int(n) < 1]
-  if bad or not FLAGS.subset_docs:
-    raise cli_errors.FlagError(f'--subset_docs: {", ".join(bad) or "empty"}; give page counts '
-                               '>= 1')
+def check_inputs(d: encoder_design.Design) -> None:
+  """Everything that can be checked before the first subset is cut."""
   root = pathlib.Path(FLAGS.data_root)
   if not root.is_dir():
     raise cli_errors.FlagError(f'--data_root={root} does not exist')
-  needed = [root / 'corpus' / 'wikipedia_en'] + [
-      root / TASK_DIRS[t] for t in dict.fromkeys(
-          FLAGS.tasks + ([FLAGS.committee_task] if FLAGS.committee_size > 0 else []))]
-  for path in needed:
-    if not path.is_dir():
-      raise cli_errors.FlagError(f'--data_root={root} lacks {path.relative_to(root)}/')
-  if not (pathlib.Path(FLAGS.configs_dir) / 'encoder.py').is_file():
-    raise cli_errors.FlagError(f'--configs_dir={FLAGS.configs_dir} has no encoder.py')
+  encoder_corpora.check_corpora(d.corpora, str(root))
+  for task in d.tasks:
+    if not (root / encoder_design.TASK_DIRS[task]).is_dir():
+      raise cli_errors.FlagError(f'--data_root={root} lacks {encoder_design.TASK_DIRS[task]}/')
+  agnews_test_path()
+  for preset in (d.shallow, d.deep):   # loading raises, naming the preset, when it is unknown
+    files.load(os.path.join(FLAGS.configs_dir, 'encoder.py'), preset)
   cli_errors.check_output_dir('--out', FLAGS.out)
+
+
+def claim_out(d: encoder_design.Design, out: pathlib.Path) -> None:
+  """Records the design in <out>/design.json; refuses an --out made for another design, whose
+  cached subsets, runs and fine-tunes would otherwise be mixed into this study's tables."""
+  mine = {'design': json.loads(json.dumps(dataclasses.asdict(d))),
+          'agnews_test': pathlib.Path(agnews_test_path()).name}
+  path = out / 'design.json'
+  if path.is_file():
+    theirs = json.loads(path.read_text())
+    changed = sorted(k for k in set(mine['design']) | set(theirs.get('design', {}))
+                     if mine['design'].get(k) != theirs.get('design', {}).get(k))
+    if theirs.get('agnews_test') != mine['agnews_test']:
+      changed.append('agnews_test')
+    if changed:
+      raise cli_errors.FlagError(f'--out={out} holds a study of another design (it differs in '
+                                 f'{", ".join(changed)}); choose a new --out')
+    return
+  out.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(mine, indent=2))
 
 
 def main(argv):
@@ -266,12 +316,23 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  check_inputs()
+  d = design_from_flags()
+  check_inputs(d)
   out = pathlib.Path(FLAGS.out)
-  os.makedirs(out, exist_ok=True)
-  rows = gap_study(out)
-  comm = committee_study(out) if FLAGS.committee_size > 0 else None
-  write_outputs(out, rows, comm)
+  claim_out(d, out)
+  manifests, tok = prepare_data(d, out)
+  overlaps = measure_overlaps(d, out, tok)
+  results = gap_study(d, out, tok)
+  rows = encoder_design.gap_rows(d, results, manifests, overlaps)
+  comm = committee_study(d, out, tok)
+  fits = encoder_report.slopes(d, rows)
+  found = encoder_report.findings(d, rows, fits, comm)
+  (out / 'table.md').write_text(encoder_report.table(d, rows, fits, comm, found))
+  (out / 'results.json').write_text(json.dumps(
+      {'design': dataclasses.asdict(d), 'gap': rows, 'committee': comm, 'findings': found,
+       'slopes': [{'task': t, 'against': x, **s} for (t, x), s in sorted(fits.items())]},
+      indent=2))
+  encoder_report.plots(d, rows, comm, out)
   print((out / 'table.md').read_text())
 
 
