@@ -254,6 +254,10 @@ CASES = [
      ['--out={shared}/other_study holds a study of another design', 'seeds'], None),
     ('tiny-encoders-no-wikipedia', T, [*TE, '--corpora=lambada,tinystories'],
      ['--corpora must include wikipedia'], None),
+    ('tiny-encoders-shard-out-of-range', T, [*TE, '--shard=2/2'],
+     ['--shard=2/2: needs 0 <= i < n'], None),
+    ('tiny-encoders-shard-malformed', T, [*TE, '--shard=half'],
+     ['--shard=half: expected i/n'], None),
     ('tiny-encoders-out-is-a-file', T, ['--data_root={shared}/data_root', '--out={shared}/a_file'],
      ['--out={shared}/a_file is a file'], None),
 ]

@@ -13,6 +13,7 @@ fitted to each subset.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 from stlm import cli_errors
@@ -68,14 +69,20 @@ def write_subset(name: str, data_root: str, budget_bytes: int, out_dir: pathlib.
     return json.loads(manifest_path.read_text())
   docs = subset_documents(name, data_root, budget_bytes)
   out_dir.mkdir(parents=True, exist_ok=True)
-  with open(out_dir / 'train.jsonl', 'w', encoding='utf-8') as f:
-    for d in docs:
-      f.write(json.dumps({'text': d}) + '\n')
+  write_atomically(out_dir / 'train.jsonl',
+                   ''.join(json.dumps({'text': d}) + '\n' for d in docs).encode('utf-8'))
   manifest = {'corpus': name, 'source': str(pathlib.Path(data_root) / CORPORA[name][0]),
               'split_by': CORPORA[name][1], 'budget_bytes': budget_bytes, 'documents': len(docs),
               'bytes': sum(len(d.encode('utf-8')) for d in docs)}
-  manifest_path.write_text(json.dumps(manifest, indent=2))
+  write_atomically(manifest_path, json.dumps(manifest, indent=2).encode('utf-8'))   # last
   return manifest
+
+
+def write_atomically(path: pathlib.Path, data: bytes) -> None:
+  """Whole or absent: processes sharing one study folder may write the same file at once."""
+  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
 
 
 def subset_texts(out_dir: pathlib.Path) -> list[str]:
@@ -88,5 +95,5 @@ def fixed_tokenizer(subset_dirs, vocab_size: int, model_path: pathlib.Path) -> s
   if not model_path.is_file():
     texts = [t for d in subset_dirs for t in subset_texts(d)]
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizers.train_sentencepiece(texts, vocab_size, str(model_path))
+    write_atomically(model_path, tokenizers.train_sentencepiece(texts, vocab_size))
   return str(model_path)

@@ -22,6 +22,9 @@ The design (each knob is a flag; --scale sets all of them, and a flag given wins
               or the comparison says it could not. Latency is measured per example.
 Writes <out>/results.json, <out>/table.md (with the three findings) and three plots. Finished
 runs (an export, a result file) are reused, so an interrupted study resumes.
+
+On n cores or hosts, n processes share one --out: the same command with --shard=i/n for
+i = 0..n-1 (each runs its seeds; the last also the deep model), then once without --shard.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ flags.DEFINE_enum('scale', 'cpu', list(encoder_design.SCALES),
 flags.DEFINE_string('agnews_test', 'jointmatch_dev_8000.csv', 'AG News test file: a path, '
                     'or a name in the task folder (the default holds 8,000 labelled rows '
                     'outside train_head.csv).')
+flags.DEFINE_string('shard', '', 'i/n: this process runs only the seeds s with s % n == i '
+                    '(and, when i = n - 1, the deep model), so n processes can share one --out; '
+                    'afterwards one run without --shard adds the committee, tables and plots.')
 _LIST_KNOBS = {'wiki_bytes': int, 'corpora': str, 'finetune_rows': int, 'lr_grid': float,
                'tasks': str}
 _INT_KNOBS = ('vocab_size', 'overlap_bytes', 'seeds', 'pretrain_steps', 'deep_steps',
@@ -184,14 +190,31 @@ def _cached(path: pathlib.Path, fn) -> dict:
     return json.loads(path.read_text())
   rec = fn()
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(rec))
+  encoder_corpora.write_atomically(path, json.dumps(rec).encode('utf-8'))
   return rec
 
 
-def gap_study(d: encoder_design.Design, out: pathlib.Path, tok: str) -> list[dict]:
+def parse_shard(value: str) -> tuple[int, int] | None:
+  if not value:
+    return None
+  try:
+    i, n = (int(x) for x in value.split('/'))
+  except ValueError:
+    raise cli_errors.FlagError(f'--shard={value}: expected i/n, e.g. 0/2') from None
+  if not 0 <= i < n:
+    raise cli_errors.FlagError(f'--shard={value}: needs 0 <= i < n')
+  return i, n
+
+
+def mine(seed: int, shard) -> bool:
+  return shard is None or seed % shard[1] == shard[0]
+
+
+def gap_study(d: encoder_design.Design, out: pathlib.Path, tok: str, shard=None) -> dict:
+  """Every pretrained and scratch fine-tune of the seeds this process runs."""
   from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
   results = {}    # (arm or 'scratch', seed, task, rows) -> record
-  for seed in range(d.seeds):
+  for seed in [s for s in range(d.seeds) if mine(s, shard)]:
     scratch = None
     for arm in encoder_design.arms(d):
       todo = [(t, r) for a, t, r in encoder_design.cells(d) if a == arm]
@@ -231,6 +254,21 @@ def measure_overlaps(d: encoder_design.Design, out: pathlib.Path, tok: str) -> d
 
 # --- committee -----------------------------------------------------------------------------
 
+def committee_arm(d: encoder_design.Design) -> tuple[str, int]:
+  return ('wikipedia', max(d.wiki_bytes))
+
+
+def pretrain_committee_models(d: encoder_design.Design, out: pathlib.Path, tok: str,
+                              shard) -> None:
+  """This shard's part of the committee's pretraining: its member seeds, and the deep model
+  in the last shard."""
+  for s in range(d.committee_size):
+    if mine(s, shard):
+      pretrain(d, d.shallow, committee_arm(d), s, d.pretrain_steps, tok, out)
+  if d.committee_size and shard[0] == shard[1] - 1:
+    pretrain(d, d.deep, committee_arm(d), 0, d.deep_steps, tok, out)
+
+
 def committee_study(d: encoder_design.Design, out: pathlib.Path, tok: str) -> dict | None:
   from stlm.classify import backbone  # pylint: disable=g-import-not-at-top
   from stlm.classify import compare  # pylint: disable=g-import-not-at-top
@@ -240,7 +278,7 @@ def committee_study(d: encoder_design.Design, out: pathlib.Path, tok: str) -> di
   path = out / 'committee.json'
   if path.is_file():
     return json.loads(path.read_text())
-  arm = ('wikipedia', max(d.wiki_bytes))
+  arm = committee_arm(d)
   members = [backbone.load_backbone(pretrain(d, d.shallow, arm, s, d.pretrain_steps, tok, out))
              for s in range(d.committee_size)]
   deep_export = pretrain(d, d.deep, arm, 0, d.deep_steps, tok, out)
@@ -317,12 +355,19 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   d = design_from_flags()
+  parse_shard(FLAGS.shard)
   check_inputs(d)
   out = pathlib.Path(FLAGS.out)
   claim_out(d, out)
   manifests, tok = prepare_data(d, out)
   overlaps = measure_overlaps(d, out, tok)
-  results = gap_study(d, out, tok)
+  shard = parse_shard(FLAGS.shard)
+  results = gap_study(d, out, tok, shard)
+  if shard is not None:
+    pretrain_committee_models(d, out, tok, shard)
+    print(f'shard {FLAGS.shard} finished; once every shard has, run the same command without '
+          '--shard for the committee, the tables and the plots')
+    return
   rows = encoder_design.gap_rows(d, results, manifests, overlaps)
   comm = committee_study(d, out, tok)
   fits = encoder_report.slopes(d, rows)
